@@ -1,0 +1,11 @@
+"""ep_fsdp: expert parallelism composed with FSDP2 for PyTorch Mixture-of-Experts models."""
+
+from .config import MoEConfig
+from .mesh import build_mesh
+
+from .moe import MoE, moe_aux_loss, moe_layers
+from .parallelize import parallelize_moe
+
+__version__ = "0.1.0"
+
+__all__ = ["MoEConfig", "MoE", "moe_aux_loss", "moe_layers", "build_mesh", "parallelize_moe", "__version__"]

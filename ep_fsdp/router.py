@@ -1,0 +1,105 @@
+"""Token-choice top-k router and the load-balancing statistics.
+
+Legend for shape comments: T tokens on this rank, D model dim, E experts, k experts per token.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .config import MoEConfig
+
+__all__ = ["Router", "RouterOutput", "balancing_stats", "balancing_losses"]
+
+
+@dataclass
+class RouterOutput:
+    """What the router decided for each token."""
+
+    weights: torch.Tensor  # [T, k] float32 gate weights of the chosen experts
+    expert_ids: torch.Tensor  # [T, k] int64 chosen expert ids
+    probs: torch.Tensor  # [T, E] float32 per-token distribution over experts (sums to 1)
+    logits: torch.Tensor  # [T, E] float32 router logits after temperature
+
+
+class Router(nn.Module):
+    """Linear gate ``D -> E`` computed in float32, then softmax/sigmoid scores and top-k.
+
+    The gate weight may be held in a lower precision (e.g. under an FSDP mixed-precision policy);
+    the matmul and everything after it run in float32 so that routing decisions do not depend on
+    the parameter dtype.
+    """
+
+    def __init__(self, config: MoEConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.gate = nn.Linear(config.dim, config.num_experts, bias=False)
+        if config.expert_bias:
+            self.register_buffer("expert_bias", torch.zeros(config.num_experts, dtype=torch.float32))
+        else:
+            self.expert_bias: torch.Tensor | None = None
+
+    def forward(self, x: torch.Tensor) -> RouterOutput:  # x: [T, D]
+        cfg = self.config
+        x32 = x.float()  # [T, D]
+        if self.training and cfg.jitter_eps > 0:
+            noise = torch.empty_like(x32).uniform_(1.0 - cfg.jitter_eps, 1.0 + cfg.jitter_eps)
+            x32 = x32 * noise
+        logits = F.linear(x32, self.gate.weight.float())  # [T, E]
+        if cfg.temperature != 1.0:
+            logits = logits / cfg.temperature
+        if cfg.score_func == "softmax":
+            scores = torch.softmax(logits, dim=-1)  # [T, E]
+            probs = scores
+        else:
+            scores = torch.sigmoid(logits)  # [T, E]
+            probs = scores / scores.sum(dim=-1, keepdim=True)
+        select = scores if self.expert_bias is None else scores + self.expert_bias.float()
+        # NOTE: ties are broken by torch.topk; selection uses no gradient, weights come from scores.
+        expert_ids = torch.topk(select, cfg.top_k, dim=-1, sorted=False).indices  # [T, k]
+        weights = scores.gather(-1, expert_ids)  # [T, k]
+        if cfg.renormalize and cfg.top_k > 1:
+            weights = weights / weights.sum(dim=-1, keepdim=True)
+        if cfg.route_scale != 1.0:
+            weights = weights * cfg.route_scale
+        return RouterOutput(weights=weights, expert_ids=expert_ids, probs=probs, logits=logits)
+
+
+def balancing_stats(route: RouterOutput, num_experts: int) -> torch.Tensor:
+    """Additive per-rank statistics of one routing decision, packed in one float64 vector.
+
+    Layout ``[E prob sums | E token counts | z sum | token count]``; summing the vectors of all
+    ranks gives the statistics of the global batch, which :func:`balancing_losses` turns into losses.
+    """
+    counts = torch.bincount(route.expert_ids.reshape(-1), minlength=num_experts)  # [E]
+    z = torch.logsumexp(route.logits, dim=-1)  # [T]
+    return torch.cat(
+        [
+            route.probs.sum(dim=0).double(),  # [E]
+            counts.double(),  # [E]
+            (z * z).sum().double().reshape(1),
+            torch.tensor([route.probs.shape[0]], dtype=torch.float64, device=counts.device),
+        ]
+    )
+
+
+def balancing_losses(stats: torch.Tensor, num_experts: int, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Switch/GShard balancing loss and router z-loss from (global) statistics.
+
+    ``f_i`` is the fraction of the ``T*k`` routed slots that went to expert ``i``, ``P_i`` the mean
+    router probability of expert ``i``; the balancing loss ``E * sum_i f_i * P_i`` is 1 for a
+    perfectly uniform router. The z-loss is ``mean_t logsumexp(logits_t) ** 2``.
+    Returns ``(balance_loss, z_loss)``, float32 scalars.
+    """
+    E = num_experts
+    prob_sum, counts, z_sum, tokens = stats[:E], stats[E : 2 * E], stats[2 * E], stats[2 * E + 1]
+    tokens = tokens.clamp(min=1.0)
+    f = counts / (tokens * top_k)  # [E]
+    p = prob_sum / tokens  # [E]
+    balance = E * (f * p).sum()
+    z_loss = z_sum / tokens
+    return balance.float(), z_loss.float()
