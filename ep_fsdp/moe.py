@@ -34,7 +34,10 @@ class MoE(nn.Module):
     * ``last_balance_loss`` / ``last_z_loss``: detached float32 scalars or ``None``.
     * ``last_aux_loss``: the coefficient-weighted loss *with* gradient, read by
       :func:`ep_fsdp.moe_aux_loss`.
-    * ``last_a2a_bytes``: bytes this rank sent in the two all-to-alls (0 when not parallelized).
+    * ``last_expert_load``: ``[G]`` int64 rows processed by each expert held on this rank
+      (``G = E / ep``); its sum over ep ranks shows the load imbalance.
+    * ``last_a2a_bytes``: bytes this rank sent to other ranks in the two all-to-alls (0 when not
+      parallelized).
 
     Example::
 
@@ -57,6 +60,7 @@ class MoE(nn.Module):
         self.last_balance_loss: torch.Tensor | None = None
         self.last_z_loss: torch.Tensor | None = None
         self.last_aux_loss: torch.Tensor | None = None
+        self.last_expert_load: torch.Tensor | None = None
         self.last_a2a_bytes: int = 0
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -73,12 +77,14 @@ class MoE(nn.Module):
         x_sorted = gather_token_copies(tokens, perm)  # [S, D]
         if self.ep_group is None:
             y_sorted = self.experts(x_sorted, perm.counts)  # [S, D]
+            self.last_expert_load = perm.counts.detach()
             self.last_a2a_bytes = 0
         else:
             plan = ExchangePlan.build(perm.counts, self.ep_group)
             x_local = plan.dispatch(x_sorted, self.ep_group)  # [R, D]
             y_local = self.experts(x_local, plan.local_counts, plan.local_counts_host)  # [R, D]
             y_sorted = plan.gather_back(y_local, self.ep_group)  # [S, D]
+            self.last_expert_load = plan.local_counts.detach()
             row_bytes = cfg.dim * x.element_size()
             self_rank = dist.get_rank(self.ep_group)
             sent = sum(plan.input_splits) - plan.input_splits[self_rank]

@@ -54,7 +54,7 @@ def build(kind: str) -> nn.Module:
             TransformerConfig(vocab_size=64, dim=32, num_layers=2, num_heads=4, num_kv_heads=2,
                               max_seq_len=16, num_dense_layers=1, moe=moe)
         )
-    return TinyMoENet(num_experts=12 if kind == "net12" else 4)
+    return TinyMoENet(num_experts=6 if kind == "net6" else 4)
 
 
 def set_regime(model: nn.Module, regime: str, ep: int) -> None:
@@ -113,7 +113,7 @@ def parity_step(dp_shard: int, ep: int, kind: str, regime: str, seed: int = 0,
     counts = [int(m.last_global_tokens_per_expert.sum()) for _, m in ep_fsdp.moe_layers(model)]
     return {
         "loss": loss_global,
-        "loss_ref": float(loss_ref),
+        "loss_ref": float(loss_ref.detach()),
         "grad": worst(grad_err),
         "param": worst(param_err),
         "names_kept": names_before == [n for n, _ in model.named_parameters()],
@@ -121,6 +121,7 @@ def parity_step(dp_shard: int, ep: int, kind: str, regime: str, seed: int = 0,
             type(m.experts.w1).__name__ == "DTensor" for _, m in ep_fsdp.moe_layers(model)
         ),
         "routed_slots": counts,
+        "rows_received": [int(m.last_expert_load.sum()) for _, m in ep_fsdp.moe_layers(model)],
     }
 
 
@@ -138,5 +139,28 @@ def check(result: dict) -> None:
 def test_training_step_matches_single_process(pools, layout, kind, regime):
     dp_shard, ep = layout
     results = pools(dp_shard * ep).run(parity_step, dp_shard, ep, kind, regime)
+    for r in results:
+        check(r)
+    # Every slot of the global batch was routed, and the regime did what it says.
+    expected_slots = 4 * dp_shard * ep * (8 if kind == "transformer" else 1) * 2
+    assert all(s == expected_slots for s in results[0]["routed_slots"])
+    received = [r["rows_received"] for r in results]  # [rank][layer]
+    assert all(sum(col) == expected_slots for col in zip(*received)), received
+    if regime == "idle_ep_rank" and ep > 1:
+        assert any(all(n == 0 for n in rows) for rows in received), received
+
+
+@pytest.mark.parametrize(
+    "layout,kind,options",
+    [
+        ((2, 2), "transformer", {"ac": True}),
+        ((1, 2), "transformer", {"ac": True, "reshard": False}),
+        ((2, 2), "net6", {}),  # E/ep = 3 local experts, dp_shard = 2: FSDP Shard(1) on experts
+        ((4, 1), "net6", {}),  # 6 local experts over dp_shard = 4: Shard(1)
+    ],
+    ids=["ac", "ac-no-reshard", "shard1-2x2", "shard1-4x1"],
+)
+def test_training_step_parity_options(pools, layout, kind, options):
+    results = pools(layout[0] * layout[1]).run(parity_step, *layout, kind, "random", **options)
     for r in results:
         check(r)

@@ -1,0 +1,185 @@
+"""The MoE layer in one process: numerics against a per-token reference, router options,
+balancing losses, dtypes and config errors."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import ep_fsdp
+from ep_fsdp import experts as experts_mod
+from ep_fsdp.config import MoEConfig
+from ep_fsdp.moe import MoE
+
+
+def naive_moe(layer: MoE, x: torch.Tensor) -> torch.Tensor:
+    """Per-token, per-slot loop written straight from the definition (slow, obviously right)."""
+    cfg = layer.config
+    t = x.reshape(-1, cfg.dim).float()
+    logits = t @ layer.router.gate.weight.float().t() / cfg.temperature
+    scores = logits.softmax(-1) if cfg.score_func == "softmax" else logits.sigmoid()
+    select = scores if layer.router.expert_bias is None else scores + layer.router.expert_bias
+    ids = select.topk(cfg.top_k, dim=-1).indices
+    w = scores.gather(-1, ids)
+    if cfg.renormalize and cfg.top_k > 1:
+        w = w / w.sum(-1, keepdim=True)
+    w = w * cfg.route_scale
+    e = layer.experts
+    out = torch.zeros_like(t)
+    for i in range(t.shape[0]):
+        for j in range(cfg.top_k):
+            k = int(ids[i, j])
+            h = F.silu(e.w1[k].float() @ t[i]) * (e.w3[k].float() @ t[i])
+            out[i] = out[i] + w[i, j] * (e.w2[k].float() @ h)
+    return out.reshape(x.shape)
+
+
+CONFIGS = [
+    dict(score_func="softmax"),
+    dict(score_func="sigmoid", renormalize=False),
+    dict(score_func="softmax", top_k=1, temperature=0.5, route_scale=2.0),
+    dict(score_func="sigmoid", top_k=3, expert_bias=True),
+]
+
+
+@pytest.mark.parametrize("options", CONFIGS, ids=lambda o: "-".join(f"{k}={v}" for k, v in o.items()))
+def test_forward_and_gradients_match_per_token_reference(options):
+    torch.manual_seed(0)
+    cfg = MoEConfig(dim=12, hidden_dim=20, num_experts=5, **{"top_k": 2, **options})
+    layer = MoE(cfg)
+    if cfg.expert_bias:
+        layer.router.expert_bias.copy_(torch.tensor([0.0, 0.3, 0.0, -0.3, 0.1]))
+    x = torch.randn(2, 7, 12, requires_grad=True)
+    y = layer(x)
+    ref = naive_moe(layer, x)
+    torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-6)
+    params = [x, layer.router.gate.weight, layer.experts.w1, layer.experts.w2, layer.experts.w3]
+    g = torch.autograd.grad((y * y).sum(), params)
+    g_ref = torch.autograd.grad((ref * ref).sum(), params)
+    for a, b in zip(g, g_ref):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    assert int(layer.last_tokens_per_expert.sum()) == 14 * cfg.top_k
+
+
+def test_fallback_loop_equals_grouped_mm(monkeypatch):
+    torch.manual_seed(1)
+    layer = MoE(MoEConfig(dim=8, hidden_dim=16, num_experts=6, top_k=2))
+    x = torch.randn(30, 8, requires_grad=True)
+    y1 = layer(x)
+    g1 = torch.autograd.grad(y1.square().sum(), [x, layer.experts.w1])
+    monkeypatch.setitem(experts_mod._GROUPED_MM_WORKS, ("cpu", torch.float32), False)
+    y2 = layer(x)
+    g2 = torch.autograd.grad(y2.square().sum(), [x, layer.experts.w1])
+    torch.testing.assert_close(y1, y2, rtol=1e-6, atol=1e-6)
+    for a, b in zip(g1, g2):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+
+
+def test_experts_without_tokens_get_zero_gradient():
+    torch.manual_seed(2)
+    layer = MoE(MoEConfig(dim=8, hidden_dim=16, num_experts=4, top_k=1, expert_bias=True))
+    layer.router.expert_bias.copy_(torch.tensor([0.0, 0.0, 50.0, 0.0]))  # everything to expert 2
+    layer(torch.randn(10, 8)).sum().backward()
+    grad = layer.experts.w1.grad
+    assert grad is not None
+    assert layer.last_tokens_per_expert.tolist() == [0, 0, 10, 0]
+    assert grad[2].abs().sum() > 0
+    assert torch.count_nonzero(grad[[0, 1, 3]]) == 0
+
+
+def test_bfloat16_close_to_float32():
+    torch.manual_seed(3)
+    layer = MoE(MoEConfig(dim=32, hidden_dim=64, num_experts=4, top_k=2))
+    x = torch.randn(64, 32)
+    y32 = layer(x)
+    y16 = layer.to(torch.bfloat16)(x.bfloat16())
+    assert y16.dtype == torch.bfloat16 and y16.shape == x.shape
+    err = (y16.float() - y32).norm() / y32.norm()
+    assert err < 2e-2, float(err)
+
+
+def test_balancing_losses_match_definition():
+    torch.manual_seed(4)
+    E, k = 4, 2
+    layer = MoE(MoEConfig(dim=8, hidden_dim=8, num_experts=E, top_k=k, aux_loss_coef=0.5, z_loss_coef=0.1))
+    x = torch.randn(50, 8)
+    layer(x)
+    logits = x @ layer.router.gate.weight.t()
+    probs = logits.softmax(-1)
+    ids = probs.topk(k, -1).indices
+    f = torch.bincount(ids.reshape(-1), minlength=E).float() / (50 * k)
+    balance = E * (f * probs.mean(0)).sum()
+    z = torch.logsumexp(logits, -1).square().mean()
+    torch.testing.assert_close(layer.last_balance_loss, balance)
+    torch.testing.assert_close(layer.last_z_loss, z)
+    torch.testing.assert_close(ep_fsdp.moe_aux_loss(layer), 0.5 * balance + 0.1 * z)
+    assert layer.last_global_tokens_per_expert.tolist() == layer.last_tokens_per_expert.tolist()
+
+
+def test_uniform_router_has_unit_balance_loss():
+    layer = MoE(MoEConfig(dim=4, hidden_dim=4, num_experts=4, top_k=2, aux_loss_coef=1.0))
+    torch.nn.init.zeros_(layer.router.gate.weight)
+    layer(torch.randn(8, 4))
+    # all probabilities 1/E; f sums to 1 over experts: E * sum(f / E) == 1
+    torch.testing.assert_close(layer.last_balance_loss, torch.tensor(1.0))
+
+
+def test_aux_loss_sums_layers_and_disabled_is_zero():
+    torch.manual_seed(5)
+    on = MoEConfig(dim=8, hidden_dim=8, num_experts=4, aux_loss_coef=0.1)
+    off = MoEConfig(dim=8, hidden_dim=8, num_experts=4)
+    model = torch.nn.Sequential(MoE(on), MoE(on), MoE(off))
+    model(torch.randn(6, 8))
+    total = ep_fsdp.moe_aux_loss(model)
+    torch.testing.assert_close(total, model[0].last_aux_loss + model[1].last_aux_loss)
+    assert total.requires_grad
+    assert float(ep_fsdp.moe_aux_loss(model[2])) == 0.0
+
+
+def test_jitter_only_while_training():
+    torch.manual_seed(6)
+    layer = MoE(MoEConfig(dim=8, hidden_dim=8, num_experts=4, jitter_eps=0.5))
+    x = torch.randn(40, 8)
+    layer.eval()
+    a, b = layer(x), layer(x)
+    assert torch.equal(a, b)
+    layer.train()
+    assert not torch.equal(layer(x), a)
+
+
+def test_leading_dims_and_wrong_width():
+    layer = MoE(MoEConfig(dim=8, hidden_dim=8, num_experts=2, top_k=1))
+    assert layer(torch.randn(2, 3, 4, 8)).shape == (2, 3, 4, 8)
+    with pytest.raises(ValueError, match=r"MoE input must end in dim=8, got shape \(3, 7\)"):
+        layer(torch.randn(3, 7))
+
+
+@pytest.mark.parametrize(
+    "kwargs,message",
+    [
+        (dict(top_k=0), r"MoEConfig.top_k must be in 1..num_experts=4, got 0; choose top_k between 1 and 4"),
+        (dict(top_k=5), r"MoEConfig.top_k must be in 1..num_experts=4, got 5"),
+        (dict(dim=0), r"MoEConfig.dim must be a positive int, got 0; pass a size such as dim=256"),
+        (dict(hidden_dim=-3), r"MoEConfig.hidden_dim must be a positive int, got -3"),
+        (dict(num_experts=0, top_k=1), r"MoEConfig.num_experts must be a positive int, got 0"),
+        (dict(score_func="relu"), r"MoEConfig.score_func must be one of \('softmax', 'sigmoid'\), got 'relu'; use score_func='softmax'"),
+        (dict(temperature=0.0), r"MoEConfig.temperature must be > 0, got 0.0"),
+        (dict(aux_loss_coef=-1.0), r"MoEConfig.aux_loss_coef must be >= 0, got -1.0; use 0 to disable"),
+        (dict(jitter_eps=1.5), r"MoEConfig.jitter_eps must be in \[0, 1\), got 1.5"),
+    ],
+)
+def test_config_errors_name_field_value_and_fix(kwargs, message):
+    base = dict(dim=8, hidden_dim=16, num_experts=4, top_k=2)
+    with pytest.raises(ValueError, match=message):
+        MoEConfig(**{**base, **kwargs})
+
+
+def test_moe_aux_loss_without_moe_layers():
+    with pytest.raises(ValueError, match="moe_aux_loss found no ep_fsdp.MoE layer in Linear"):
+        ep_fsdp.moe_aux_loss(torch.nn.Linear(2, 2))
+
+
+def test_build_mesh_needs_process_group():
+    with pytest.raises(RuntimeError, match="build_mesh needs an initialized default process group"):
+        ep_fsdp.build_mesh(ep=1)

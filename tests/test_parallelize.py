@@ -1,0 +1,144 @@
+"""parallelize_moe and build_mesh in a 2-rank gloo world: errors, options, mixed precision."""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy
+
+import ep_fsdp
+from dist_pool import worker_mesh
+from ep_fsdp.parallelize import get_layout
+
+
+def _error(fn) -> tuple[str, str]:
+    try:
+        fn()
+    except Exception as e:  # noqa: BLE001
+        return type(e).__name__, str(e)
+    return "no error", ""
+
+
+def _moe_model(num_experts: int) -> nn.Module:
+    cfg = ep_fsdp.MoEConfig(dim=8, hidden_dim=8, num_experts=num_experts, top_k=1)
+    return nn.Sequential(nn.Linear(8, 8), ep_fsdp.MoE(cfg))
+
+
+def error_cases() -> dict[str, tuple[str, str]]:
+    mesh = worker_mesh(1, 2)
+    twice = ep_fsdp.parallelize_moe(_moe_model(4), mesh)
+    return {
+        "ep_not_dividing_world": _error(lambda: ep_fsdp.build_mesh(ep=3)),
+        "product_mismatch": _error(lambda: ep_fsdp.build_mesh(ep=1, dp_shard=3)),
+        "ep_zero": _error(lambda: ep_fsdp.build_mesh(ep=0)),
+        "experts_not_divisible": _error(lambda: ep_fsdp.parallelize_moe(_moe_model(3), mesh)),
+        "no_moe": _error(lambda: ep_fsdp.parallelize_moe(nn.Linear(4, 4), mesh)),
+        "mesh_dims": _error(
+            lambda: ep_fsdp.parallelize_moe(_moe_model(4), init_device_mesh("cpu", (2,), mesh_dim_names=("dp",)))
+        ),
+        "not_a_mesh": _error(lambda: ep_fsdp.parallelize_moe(_moe_model(4), "mesh")),
+        "twice": _error(lambda: ep_fsdp.parallelize_moe(twice, mesh)),
+    }
+
+
+def test_errors_name_the_values_and_the_fix(pools):
+    errors = pools(2).run(error_cases)[0]
+    assert errors["ep_not_dividing_world"] == (
+        "ValueError",
+        "build_mesh: ep=3 does not divide world_size=2; choose ep from the divisors of 2: [1, 2].",
+    )
+    kind, msg = errors["product_mismatch"]
+    assert kind == "ValueError" and "dp_shard=3 * ep=1 = 3 != world_size=2" in msg
+    assert errors["ep_zero"][0] == "ValueError" and "got ep=0" in errors["ep_zero"][1]
+    kind, msg = errors["experts_not_divisible"]
+    assert kind == "ValueError"
+    assert "num_experts=3 of MoE layer '1' is not divisible by ep=2" in msg
+    assert "choose ep from the divisors of 3 or change num_experts to a multiple of 2" in msg
+    kind, msg = errors["no_moe"]
+    assert kind == "ValueError" and "Linear contains no ep_fsdp.MoE layer" in msg
+    kind, msg = errors["mesh_dims"]
+    assert kind == "ValueError"
+    assert "mesh must be 2-D with dims ('dp_shard', 'ep'), got shape (2,) with dims ('dp',)" in msg
+    assert errors["not_a_mesh"][0] == "TypeError" and "got str" in errors["not_a_mesh"][1]
+    kind, msg = errors["twice"]
+    assert kind == "ValueError" and "Sequential is already parallelized" in msg
+
+
+def layout_and_placements(dp_shard: int, ep: int) -> dict:
+    torch.manual_seed(0)
+    cfg = ep_fsdp.MoEConfig(dim=8, hidden_dim=8, num_experts=4, top_k=2)
+    model = nn.Sequential(nn.Linear(8, 8), nn.ModuleList([ep_fsdp.MoE(cfg), nn.Linear(8, 8)]))
+    full_w1 = model[1][0].experts.w1.detach().clone()
+    ep_fsdp.parallelize_moe(model, worker_mesh(dp_shard, ep))
+    layout = get_layout(model)
+    experts = model[1][0].experts
+    sharded_full = experts.w1.full_tensor()
+    experts.unshard()  # FSDP all-gather over dp_shard: what the forward sees
+    unsharded = experts.w1
+    local_block = unsharded.to_local().clone()
+    experts.reshard()
+    g = 4 // ep
+    ep_rank = dist.get_rank() % ep
+    return {
+        "layout": (layout.world_size, layout.dp_shard, layout.ep),
+        "full_ok": torch.equal(sharded_full, full_w1),
+        "unsharded_mesh": tuple(unsharded.device_mesh.mesh_dim_names),
+        "unsharded_placements": [str(p) for p in unsharded.placements],
+        "owns_its_block": torch.equal(local_block, full_w1[ep_rank * g:(ep_rank + 1) * g]),
+        "owners": [layout.expert_owner(e, 4) for e in range(4)],
+        "fsdp": [isinstance(m, FSDPModule) for m in (model, model[1][0], experts, model[1][1], model[0])],
+        "ep_group_size": None if model[1][0].ep_group is None else dist.get_world_size(model[1][0].ep_group),
+    }
+
+
+def test_expert_ownership_and_fsdp_units(pools):
+    for dp_shard, ep in [(1, 2), (2, 1)]:
+        for r in pools(2).run(layout_and_placements, dp_shard, ep):
+            assert r["layout"] == (2, dp_shard, ep)
+            assert r["full_ok"]
+            assert r["unsharded_mesh"] == ("ep",)
+            assert r["unsharded_placements"] == ["S(0)"]
+            assert r["owns_its_block"]
+            assert r["owners"] == [e // (4 // ep) for e in range(4)]
+            # root, experts and ModuleList elements are FSDP units; others are not
+            assert r["fsdp"] == [True, True, True, True, False]
+            assert r["ep_group_size"] == (2 if ep == 2 else None)
+
+
+def mixed_precision_step() -> dict:
+    """bf16 parameters with fp32 gradient reduction on (1, 2): runs, and stays close to fp32."""
+    torch.manual_seed(0)
+    cfg = ep_fsdp.MoEConfig(dim=16, hidden_dim=32, num_experts=4, top_k=2, aux_loss_coef=0.01)
+    model = nn.Sequential(nn.Linear(16, 16), ep_fsdp.MoE(cfg), nn.Linear(16, 16))
+    ref = copy.deepcopy(model)
+    x = torch.randn(2, 32, 16, generator=torch.Generator().manual_seed(1))
+    rank = dist.get_rank()
+    ref_loss = ref(x).square().mean()
+    ep_fsdp.parallelize_moe(
+        model, worker_mesh(1, 2), mp_policy=MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    )
+    out = model(x[rank:rank + 1])
+    loss = out.float().square().mean() + ep_fsdp.moe_aux_loss(model)
+    loss.backward()
+    sent = model[1].last_a2a_bytes
+    t = loss.detach().clone() - ep_fsdp.moe_aux_loss(model).detach()
+    dist.all_reduce(t)
+    return {
+        "out_dtype": str(out.dtype),
+        "grad_dtype": str(model[1].experts.w1.grad.dtype),
+        "loss": float(t) / 2,
+        "ref": float(ref_loss.detach()),
+        "a2a_bytes": sent,
+    }
+
+
+def test_bf16_mixed_precision(pools):
+    for r in pools(2).run(mixed_precision_step):
+        assert r["out_dtype"] == "torch.bfloat16"
+        assert r["grad_dtype"] == "torch.float32"
+        assert abs(r["loss"] - r["ref"]) < 2e-2 * abs(r["ref"]), r
+        assert r["a2a_bytes"] > 0
