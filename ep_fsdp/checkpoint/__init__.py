@@ -1,0 +1,9 @@
+"""Distributed checkpoints that keep expert assignments, reshard on load and speak safetensors.
+
+See ``docs/checkpoint.md`` for the on-disk format.
+"""
+
+from ._dcp import PendingSave, latest, list_checkpoints, load, save
+from ._safetensors import export_safetensors, load_safetensors
+
+__all__ = ["save", "load", "latest", "list_checkpoints", "PendingSave", "export_safetensors", "load_safetensors"]

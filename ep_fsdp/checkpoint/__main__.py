@@ -1,0 +1,73 @@
+"""``python -m ep_fsdp.checkpoint info PATH``: what a checkpoint holds, without loading it."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from ._format import read_metadata
+
+
+def _human(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1024
+    return f"{n:.1f} TiB"
+
+
+def info(path: Path) -> str:
+    meta = read_metadata(path, "info")
+    lay = meta["layout"]
+    lines = [
+        f"checkpoint   {path}",
+        f"step         {meta['step']}",
+        f"created      {meta['created']}",
+        f"saved on     world_size={lay['world_size']} dp_shard={lay['dp_shard']} ep={lay['ep']}"
+        + ("" if lay.get("parallelized", True) else " (unparallelized model)"),
+        f"versions     ep_fsdp {meta['versions']['ep_fsdp']}, torch {meta['versions']['torch']}",
+        f"optimizer    {'yes' if meta['has_optimizer'] else 'no'}",
+        f"extra        ranks {meta['extra_ranks'] or 'none'}",
+    ]
+    params = meta["params"]
+    numel = 0
+    for rec in params.values():
+        n = 1
+        for d in rec["shape"]:
+            n *= d
+        numel += n
+    files = meta["files"]
+    lines.append(
+        f"model        {len(params)} tensors, {numel:,} values; files {len(files)}, "
+        f"{_human(sum(f['bytes'] for f in files.values()))} on disk"
+    )
+    for name, rec in meta["moe_layers"].items():
+        c = rec["config"]
+        owners = ", ".join(f"ep{o['ep_rank']}: {o['experts'][0]}-{o['experts'][1] - 1}" for o in rec["expert_owner"])
+        lines.append(
+            f"moe layer    {name}: E={c['num_experts']} k={c['top_k']} D={c['dim']} H={c['hidden_dim']} "
+            f"{c['score_func']}; experts {owners}"
+        )
+    width = max(len(k) for k in params) if params else 0
+    lines.append("tensors:")
+    for key, rec in params.items():
+        lines.append(f"  {key:<{width}}  {rec['dtype']:<9} {rec['shape']}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m ep_fsdp.checkpoint", description=__doc__)
+    sub = p.add_subparsers(dest="command", required=True)
+    sub.add_parser("info", help="print layout, expert owners, configs, versions and sizes").add_argument("path", type=Path)
+    args = p.parse_args(argv)
+    try:
+        print(info(args.path))
+    except (OSError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,383 @@
+"""Save and load through torch.distributed.checkpoint, with an atomic commit."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import time
+from concurrent.futures import Future
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+import torch.nn as nn
+from torch.distributed.checkpoint.state_dict import (
+    get_model_state_dict,
+    get_state_dict,
+    set_model_state_dict,
+    set_state_dict,
+)
+
+from .. import __version__
+from ..parallelize import get_layout
+from ._format import (
+    FORMAT_VERSION,
+    METADATA_FILE,
+    extra_path,
+    file_crc32,
+    is_complete,
+    moe_layer_records,
+    partial_path,
+    read_metadata,
+    write_json_atomic,
+)
+
+__all__ = ["save", "load", "latest", "list_checkpoints", "PendingSave"]
+
+_ASYNC_GROUP: dist.ProcessGroup | None = None
+
+
+def _rank_world() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _distributed() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def _gather(obj: Any) -> list[Any]:
+    """``all_gather_object`` that also works without a process group."""
+    if not _distributed():
+        return [obj]
+    out: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def _raise_if_any(error: BaseException | None, api: str) -> None:
+    """Make every rank raise if one failed, so no rank is left waiting in a collective."""
+    errors = _gather(None if error is None else f"{type(error).__name__}: {error}")
+    failed = {r: e for r, e in enumerate(errors) if e is not None}
+    if failed:
+        if error is not None and len(failed) == 1:
+            raise error
+        detail = "; ".join(f"rank {r}: {e}" for r, e in sorted(failed.items()))
+        raise RuntimeError(f"{api} failed on rank(s) {sorted(failed)}: {detail}")
+
+
+def _app_state(model: nn.Module, optimizer: torch.optim.Optimizer | None) -> dict[str, Any]:
+    if optimizer is None:
+        return {"model": get_model_state_dict(model)}
+    model_sd, optim_sd = get_state_dict(model, optimizer)
+    return {"model": model_sd, "optim": optim_sd}
+
+
+def _param_records(model_sd: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    return {
+        k: {"shape": list(v.shape), "dtype": str(v.dtype).removeprefix("torch.")}
+        for k, v in model_sd.items()
+        if isinstance(v, torch.Tensor)
+    }
+
+
+def _layout_record(model: nn.Module) -> dict[str, int]:
+    layout = get_layout(model)
+    if layout is None:
+        _, world = _rank_world()
+        return {"world_size": world, "dp_shard": world, "ep": 1, "parallelized": False}
+    return {"world_size": layout.world_size, "dp_shard": layout.dp_shard, "ep": layout.ep, "parallelized": True}
+
+
+class PendingSave:
+    """An asynchronous save in flight. ``wait()`` finishes it and commits it (collective: every
+    rank must call it). Until then the checkpoint is invisible to :func:`latest` and :func:`load`."""
+
+    def __init__(self, future: Future, commit: Any, path: Path) -> None:
+        self._future = future
+        self._commit = commit
+        self.path = path
+        self._result: Path | None = None
+
+    def done(self) -> bool:
+        """Whether the background write has finished (the commit still needs ``wait()``)."""
+        return self._future.done()
+
+    def wait(self) -> Path:
+        """Block until every rank's write finished, then commit; returns the checkpoint path."""
+        if self._result is None:
+            error: BaseException | None = None
+            try:
+                self._future.result()
+            except BaseException as e:  # noqa: BLE001
+                error = e
+            _raise_if_any(error, "save (async)")
+            self._result = self._commit()
+        return self._result
+
+
+def save(
+    path: str | os.PathLike[str],
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer | None = None,
+    *,
+    step: int | None = None,
+    extra: Any = None,
+    keep_last: int | None = None,
+    async_save: bool = False,
+) -> Path | PendingSave:
+    """Save ``model`` (and ``optimizer``) as a distributed checkpoint at ``path``.
+
+    Collective: every rank calls it. Each rank writes only its own shards (DCP); expert weights
+    are stored as global ``[E, ...]`` tensors, so :func:`load` can reshard to any layout. ``extra``
+    (any picklable object: data-loader state, RNG state, scheduler) is saved per rank and handed
+    back to the same rank by :func:`load`.
+
+    The checkpoint is written to ``.NAME.partial`` beside ``path`` and renamed to ``path`` only
+    after every rank finished and the metadata (layout, expert owners, MoE configs, versions,
+    file checksums) is written, so an interrupted save never looks complete.
+
+    Args:
+        path: checkpoint directory to create; must not exist yet (a good checkpoint is never
+            overwritten).
+        step: training step, recorded in the metadata and used to order checkpoints.
+        extra: per-rank picklable object.
+        keep_last: after committing, delete all but the newest ``keep_last`` complete checkpoints
+            in ``path``'s parent directory.
+        async_save: write in a background thread (``dcp.async_save``) after staging the tensors
+            to CPU; returns a :class:`PendingSave` whose ``wait()`` (collective) commits it.
+
+    Returns the committed path, or a :class:`PendingSave` when ``async_save``.
+
+    Example::
+
+        ckpt.save(f"{out}/checkpoints/step_{step:08d}", model, optimizer, step=step,
+                  extra={"rng": torch.get_rng_state()}, keep_last=3)
+    """
+    path = Path(path)
+    rank, world = _rank_world()
+    if keep_last is not None and keep_last < 1:
+        raise ValueError(f"save: keep_last must be >= 1 or None, got {keep_last!r}.")
+    if path.exists():
+        raise FileExistsError(
+            f"save: {path} already exists; checkpoints are never overwritten. Save under a new name "
+            "(e.g. step_{step:08d}) or delete the old one yourself."
+        )
+    tmp = partial_path(path)
+    if rank == 0:
+        if tmp.exists():  # left by an interrupted save: never a valid checkpoint
+            shutil.rmtree(tmp)
+        tmp.mkdir(parents=True)
+    if _distributed():
+        dist.barrier()
+
+    state = _app_state(model, optimizer)
+    params = _param_records(state["model"])
+    layout = _layout_record(model)
+    moe = moe_layer_records(model, layout["ep"])
+
+    error: BaseException | None = None
+    try:
+        if extra is not None:
+            extra_path(tmp, rank).parent.mkdir(exist_ok=True)
+            torch.save(extra, extra_path(tmp, rank))
+    except BaseException as e:  # noqa: BLE001
+        error = e
+    _raise_if_any(error, "save")
+
+    def commit() -> Path:
+        own = sorted(tmp.glob(f"__{rank}_*.distcp"))
+        if extra is not None:
+            own.append(extra_path(tmp, rank))
+        manifest = {str(p.relative_to(tmp)): {"bytes": p.stat().st_size, "crc32": file_crc32(p)} for p in own}
+        manifests = _gather(manifest)
+        if rank == 0:
+            files = {k: v for m in manifests for k, v in m.items()}
+            dcp_meta = tmp / ".metadata"
+            files[".metadata"] = {"bytes": dcp_meta.stat().st_size, "crc32": file_crc32(dcp_meta)}
+            meta = {
+                "format_version": FORMAT_VERSION,
+                "step": step,
+                "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                "layout": layout,
+                "moe_layers": moe,
+                "params": params,
+                "has_optimizer": optimizer is not None,
+                "extra_ranks": [r for r, m in enumerate(manifests) if any(k.startswith("extra/") for k in m)],
+                "files": files,
+                "versions": {"ep_fsdp": __version__, "torch": torch.__version__},
+            }
+            write_json_atomic(tmp / METADATA_FILE, meta)
+            _fsync_dir(tmp)
+            os.rename(tmp, path)
+            _fsync_dir(path.parent)
+            if keep_last is not None:
+                for old in list_checkpoints(path.parent)[:-keep_last]:
+                    if old != path:
+                        shutil.rmtree(old, ignore_errors=True)
+        if _distributed():
+            dist.barrier()
+        return path
+
+    if async_save:
+        future = dcp.async_save(state, checkpoint_id=str(tmp), process_group=_async_group())
+        return PendingSave(future, commit, path)
+    dcp.save(state, checkpoint_id=str(tmp))  # raises on every rank if any rank failed to write
+    return commit()
+
+
+def _async_group() -> dist.ProcessGroup | None:
+    """A gloo group of its own for background saves, so they never interleave with training
+    collectives on the default group."""
+    global _ASYNC_GROUP
+    if not _distributed():
+        return None
+    if _ASYNC_GROUP is None:
+        _ASYNC_GROUP = dist.new_group(backend="gloo")
+    return _ASYNC_GROUP
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _verify_files(path: Path, meta: dict[str, Any], api: str = "load", collective: bool = True) -> None:
+    """Sizes of all files on every rank; CRC32 of a 1/world share of them per rank (of all of them
+    when not ``collective``, e.g. one process reading on its own)."""
+    rank, world = _rank_world() if collective else (0, 1)
+    problems = []
+    for i, (name, rec) in enumerate(sorted(meta["files"].items())):
+        f = path / name
+        if not f.is_file():
+            problems.append(f"{name} is missing")
+            continue
+        size = f.stat().st_size
+        if size != rec["bytes"]:
+            problems.append(f"{name} has {size} bytes, expected {rec['bytes']} (truncated or replaced)")
+        elif i % world == rank and file_crc32(f) != rec["crc32"]:
+            problems.append(f"{name} is corrupted (CRC32 {file_crc32(f):#010x}, expected {rec['crc32']:#010x})")
+    all_problems = sorted({p for ps in (_gather(problems) if collective else [problems]) for p in ps})
+    if all_problems:
+        raise ValueError(
+            f"{api}: checkpoint {path} is damaged: " + "; ".join(all_problems)
+            + ". Nothing was read; use an earlier checkpoint (ep_fsdp.checkpoint.list_checkpoints(root))."
+        )
+
+
+def _check_model_matches(path: Path, meta: dict[str, Any], model_sd: dict[str, Any], model: nn.Module) -> None:
+    saved = meta["params"]
+    expected = _param_records(model_sd)
+    missing = sorted(set(expected) - set(saved))
+    unexpected = sorted(set(saved) - set(expected))
+    shapes = [
+        f"{k}: model {expected[k]['shape']} vs checkpoint {saved[k]['shape']}"
+        for k in sorted(set(expected) & set(saved))
+        if expected[k]["shape"] != saved[k]["shape"]
+    ]
+    moe_now = {name: rec["config"] for name, rec in moe_layer_records(model, 1).items()}
+    moe_saved = {name: rec["config"] for name, rec in meta["moe_layers"].items()}
+    configs = [
+        f"{name}.{field}: model {moe_now[name][field]!r} vs checkpoint {moe_saved[name][field]!r}"
+        for name in sorted(set(moe_now) & set(moe_saved))
+        for field in moe_now[name]
+        if moe_now[name][field] != moe_saved[name].get(field)
+    ]
+    if set(moe_now) != set(moe_saved):
+        configs.append(f"MoE layers: model {sorted(moe_now)} vs checkpoint {sorted(moe_saved)}")
+    if missing or unexpected or shapes or configs:
+        parts = []
+        if missing:
+            parts.append(f"missing from checkpoint: {missing[:8]}{' ...' if len(missing) > 8 else ''}")
+        if unexpected:
+            parts.append(f"not in the model: {unexpected[:8]}{' ...' if len(unexpected) > 8 else ''}")
+        if shapes:
+            parts.append("shape differs: " + "; ".join(shapes[:8]))
+        if configs:
+            parts.append("MoE config differs: " + "; ".join(configs[:8]))
+        raise ValueError(
+            f"load: checkpoint {path} was saved from a different model: " + " | ".join(parts)
+            + f". Build the model with the checkpoint's configuration (python -m ep_fsdp.checkpoint info {path})."
+        )
+
+
+def load(
+    path: str | os.PathLike[str], model: nn.Module, optimizer: torch.optim.Optimizer | None = None
+) -> dict[str, Any]:
+    """Load a checkpoint written by :func:`save` into ``model`` (and ``optimizer``), resharding.
+
+    Works on any layout (any world size, ``dp_shard``, ``ep``) and on a plain unparallelized
+    model in a single process without a process group. Collective when distributed. Before any
+    tensor is read it checks that the checkpoint is complete and undamaged (file sizes and CRC32)
+    and that it comes from the same model (parameter names, shapes, MoE configs); on failure it
+    raises and leaves the model untouched.
+
+    Returns a dict with ``step``, ``extra`` (what this rank saved, or ``None``), ``layout`` (the
+    layout it was saved on), ``moe_layers`` (configs and expert owners), ``versions`` and ``path``.
+
+    Example::
+
+        meta = ckpt.load(ckpt.latest(f"{out}/checkpoints"), model, optimizer)
+        start_step = meta["step"] + 1
+    """
+    path = Path(path)
+    rank, _ = _rank_world()
+    meta = read_metadata(path, "load")
+    if optimizer is not None and not meta["has_optimizer"]:
+        raise ValueError(
+            f"load: checkpoint {path} holds no optimizer state; call load(path, model) without an "
+            "optimizer, or resume from a checkpoint saved with one."
+        )
+    _verify_files(path, meta)
+    state = _app_state(model, optimizer)
+    _check_model_matches(path, meta, state["model"], model)
+    dcp.load(state, checkpoint_id=str(path))
+    if optimizer is None:
+        set_model_state_dict(model, state["model"])
+    else:
+        set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    extra_file = extra_path(path, rank)
+    extra = torch.load(extra_file, weights_only=False) if extra_file.is_file() else None
+    return {
+        "step": meta["step"],
+        "extra": extra,
+        "layout": meta["layout"],
+        "moe_layers": meta["moe_layers"],
+        "versions": meta["versions"],
+        "path": str(path),
+    }
+
+
+def list_checkpoints(root: str | os.PathLike[str]) -> list[Path]:
+    """Complete checkpoints directly under ``root``, oldest first (by step, then name)."""
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    found = []
+    for d in root.iterdir():
+        if d.is_dir() and not d.name.startswith(".") and is_complete(d):
+            try:
+                step = read_metadata(d).get("step")
+            except (ValueError, OSError):
+                continue
+            found.append((step if step is not None else -1, d.name, d))
+    return [d for _, _, d in sorted(found)]
+
+
+def latest(root: str | os.PathLike[str]) -> Path | None:
+    """The newest complete checkpoint under ``root`` (highest step), or ``None``. Partial saves
+    (``.NAME.partial``) and directories without ``ep_fsdp.json`` are never returned."""
+    found = list_checkpoints(root)
+    return found[-1] if found else None
+

@@ -1,0 +1,123 @@
+"""On-disk format of an ep_fsdp checkpoint: names, the metadata record and its checks.
+
+A checkpoint is a directory::
+
+    PATH/
+      .metadata            DCP's index of every tensor shard (written by torch.distributed.checkpoint)
+      __R_0.distcp         tensor bytes written by rank R (one file per rank)
+      extra/rank_R.pt      what rank R passed as ``extra`` (pickled with torch.save), if anything
+      ep_fsdp.json         our metadata; written last: its presence marks the checkpoint complete
+
+It is written as ``.PATH.partial`` next to PATH and renamed to PATH only after every rank finished.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import zlib
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import torch
+
+__all__ = [
+    "METADATA_FILE",
+    "FORMAT_VERSION",
+    "partial_path",
+    "extra_path",
+    "read_metadata",
+    "moe_layer_records",
+    "file_crc32",
+    "write_json_atomic",
+    "is_complete",
+]
+
+METADATA_FILE = "ep_fsdp.json"
+FORMAT_VERSION = 1
+
+
+def partial_path(path: Path) -> Path:
+    """Where a checkpoint bound for ``path`` is written before it is committed."""
+    return path.with_name(f".{path.name}.partial")
+
+
+def extra_path(path: Path, rank: int) -> Path:
+    return path / "extra" / f"rank_{rank:05d}.pt"
+
+
+def is_complete(path: Path) -> bool:
+    return (path / METADATA_FILE).is_file() and (path / ".metadata").is_file()
+
+
+def read_metadata(path: str | os.PathLike[str], api: str = "load") -> dict[str, Any]:
+    """Read ``ep_fsdp.json``; clear errors for a missing, partial or foreign directory."""
+    path = Path(path)
+    if not path.exists():
+        partial = partial_path(path)
+        hint = (
+            f" A partial save exists at {partial}: that save did not finish; resume from an earlier "
+            "checkpoint (ep_fsdp.checkpoint.latest(root))."
+            if partial.exists()
+            else " Check the path, or find the newest complete one with ep_fsdp.checkpoint.latest(root)."
+        )
+        raise FileNotFoundError(f"{api}: checkpoint {path} does not exist.{hint}")
+    if not path.is_dir():
+        raise NotADirectoryError(f"{api}: checkpoint path {path} is a file; pass the checkpoint directory.")
+    meta_file = path / METADATA_FILE
+    if not meta_file.is_file():
+        has_shards = any(path.glob("*.distcp")) or (path / ".metadata").exists()
+        what = (
+            "is incomplete: tensor files are there but ep_fsdp.json, written last on commit, is missing "
+            "(the save was interrupted)"
+            if has_shards
+            else "is not an ep_fsdp checkpoint (no ep_fsdp.json)"
+        )
+        raise ValueError(
+            f"{api}: {path} {what}; load an earlier complete checkpoint "
+            "(ep_fsdp.checkpoint.latest(root) finds the newest)."
+        )
+    try:
+        meta = json.loads(meta_file.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{api}: {meta_file} is corrupted ({e}); load an earlier checkpoint.") from None
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise ValueError(
+            f"{api}: {path} has format_version={meta.get('format_version')!r}, this ep_fsdp reads "
+            f"{FORMAT_VERSION}; use the ep_fsdp version that wrote it ({meta.get('versions')})."
+        )
+    return meta
+
+
+def moe_layer_records(model: torch.nn.Module, ep: int) -> dict[str, dict[str, Any]]:
+    """For every MoE layer: its config and which ep rank owns which experts."""
+    from ..moe import moe_layers
+
+    records = {}
+    for name, layer in moe_layers(model):
+        E = layer.config.num_experts
+        G = E // ep
+        records[name] = {
+            "config": asdict(layer.config),
+            "expert_owner": [{"ep_rank": r, "experts": [r * G, (r + 1) * G]} for r in range(ep)],
+        }
+    return records
+
+
+def file_crc32(path: Path, chunk: int = 1 << 24) -> int:
+    crc = 0
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            crc = zlib.crc32(block, crc)
+    return crc
+
+
+def write_json_atomic(path: Path, obj: Any) -> None:
+    """Write JSON to ``path`` via a temporary file, fsync, rename."""
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=1, sort_keys=True)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)

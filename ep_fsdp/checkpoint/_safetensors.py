@@ -1,0 +1,231 @@
+"""Hugging Face-style safetensors export of a checkpoint, and a sliced load into a parallelized model.
+
+Key mapping: an MoE layer at module path ``P`` stores ``P.experts.w1 [E, H, D]``,
+``P.experts.w3 [E, H, D]`` and ``P.experts.w2 [E, D, H]``; expert ``j`` is exported as
+``P.experts.{j}.gate_proj.weight [H, D]``, ``P.experts.{j}.up_proj.weight [H, D]`` and
+``P.experts.{j}.down_proj.weight [D, H]``. Every other tensor keeps its name.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import struct
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed.checkpoint as dcp
+import torch.nn as nn
+from safetensors import safe_open
+from torch.distributed.tensor import DTensor
+from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+from ..moe import moe_layers
+from ._dcp import _verify_files
+from ._format import read_metadata
+
+__all__ = ["export_safetensors", "load_safetensors", "expert_key_map", "INDEX_FILE"]
+
+INDEX_FILE = "model.safetensors.index.json"
+_PROJ = {"w1": "gate_proj", "w3": "up_proj", "w2": "down_proj"}
+_DTYPES = {
+    "float32": "F32", "bfloat16": "BF16", "float16": "F16", "float64": "F64", "int64": "I64",
+    "int32": "I32", "int16": "I16", "int8": "I8", "uint8": "U8", "bool": "BOOL",
+}
+
+
+def expert_key_map(layer_names: list[str], num_experts: dict[str, int]) -> dict[str, list[str]]:
+    """``{"P.experts.w1": ["P.experts.0.gate_proj.weight", ...], ...}`` for every MoE layer ``P``."""
+    out = {}
+    for p in layer_names:
+        for w, proj in _PROJ.items():
+            out[f"{p}.experts.{w}"] = [f"{p}.experts.{j}.{proj}.weight" for j in range(num_experts[p])]
+    return out
+
+
+def _plan(meta: dict[str, Any], max_shard_bytes: int) -> list[list[tuple[str, list[tuple[str, list[int]]]]]]:
+    """Group source tensors into output files: ``[[(source_key, [(out_name, shape)])]]``."""
+    layers = meta["moe_layers"]
+    experts = expert_key_map(list(layers), {p: r["config"]["num_experts"] for p, r in layers.items()})
+    shards: list[list[tuple[str, list[tuple[str, list[int]]]]]] = [[]]
+    size = 0
+    for key, rec in meta["params"].items():
+        shape = rec["shape"]
+        nbytes = torch.empty((), dtype=getattr(torch, rec["dtype"])).element_size()
+        for d in shape:
+            nbytes *= d
+        outs = [(name, shape[1:]) for name in experts[key]] if key in experts else [(key, shape)]
+        if shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append((key, outs))
+        size += nbytes
+    return shards
+
+
+def _read_tensor(checkpoint: Path, key: str, rec: dict[str, Any]) -> torch.Tensor:
+    """Read one global tensor from the DCP checkpoint in this process (no process group)."""
+    target = torch.empty(rec["shape"], dtype=getattr(torch, rec["dtype"]))
+    dcp.load({"model": {key: target}}, checkpoint_id=str(checkpoint), no_dist=True)
+    return target
+
+
+def export_safetensors(
+    checkpoint_path: str | os.PathLike[str],
+    out_dir: str | os.PathLike[str],
+    *,
+    max_shard_bytes: int = 2 * 1024**3,
+) -> Path:
+    """Export the model weights of a checkpoint to a Hugging Face-style safetensors directory.
+
+    Runs in one process, with or without a training world. Tensors are read from the checkpoint
+    and written one at a time (peak memory about the largest tensor), into files
+    ``model-0000i-of-0000N.safetensors`` of at most ``max_shard_bytes`` (a single larger tensor
+    gets its own file) plus ``model.safetensors.index.json``. Values are copied bit for bit and
+    every expert of every layer is written (see the module docstring for the names).
+
+    The directory is built as ``.NAME.partial`` and renamed when complete; an existing
+    ``out_dir`` is never touched.
+
+    Example::
+
+        export_safetensors("runs/x/checkpoints/step_00000100", "runs/x/hf")
+    """
+    checkpoint_path, out_dir = Path(checkpoint_path), Path(out_dir)
+    meta = read_metadata(checkpoint_path, "export_safetensors")
+    if out_dir.exists():
+        raise FileExistsError(
+            f"export_safetensors: {out_dir} already exists; choose a new directory or remove it first."
+        )
+    _verify_files(checkpoint_path, meta, "export_safetensors", collective=False)
+    plan = _plan(meta, max_shard_bytes)
+    tmp = out_dir.with_name(f".{out_dir.name}.partial")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    weight_map: dict[str, str] = {}
+    total = 0
+    for i, shard in enumerate(plan):
+        fname = f"model-{i + 1:05d}-of-{len(plan):05d}.safetensors"
+        total += _write_file(tmp / fname, shard, checkpoint_path, meta)
+        for _, outs in shard:
+            weight_map.update({name: fname for name, _ in outs})
+    index = {
+        "metadata": {
+            "total_size": total,
+            "ep_fsdp_step": meta["step"],
+            "ep_fsdp_source": str(checkpoint_path),
+        },
+        "weight_map": dict(sorted(weight_map.items())),
+    }
+    (tmp / INDEX_FILE).write_text(json.dumps(index, indent=2))
+    os.rename(tmp, out_dir)
+    return out_dir
+
+
+def _write_file(
+    path: Path, shard: list[tuple[str, list[tuple[str, list[int]]]]], checkpoint: Path, meta: dict[str, Any]
+) -> int:
+    header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
+    offset = 0
+    for key, outs in shard:
+        rec = meta["params"][key]
+        itemsize = torch.empty((), dtype=getattr(torch, rec["dtype"])).element_size()
+        for name, shape in outs:
+            n = itemsize
+            for d in shape:
+                n *= d
+            header[name] = {"dtype": _DTYPES[rec["dtype"]], "shape": shape, "data_offsets": [offset, offset + n]}
+            offset += n
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)  # data starts 8-byte aligned
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(raw)))
+        f.write(raw)
+        for key, outs in shard:
+            tensor = _read_tensor(checkpoint, key, meta["params"][key])
+            pieces = [tensor[j] for j in range(len(outs))] if len(outs) > 1 or outs[0][0] != key else [tensor]
+            for piece in pieces:
+                f.write(piece.contiguous().view(torch.uint8).numpy().tobytes())
+            del tensor, pieces
+        f.flush()
+        os.fsync(f.fileno())
+    return offset
+
+
+def load_safetensors(model: nn.Module, directory: str | os.PathLike[str]) -> None:
+    """Load a safetensors directory (as written by :func:`export_safetensors`) into ``model``.
+
+    Works on a parallelized model (any layout) and on a plain one. Each rank reads only the
+    slices it holds (``safe_open(...).get_slice``): the rows of its FSDP shard of dense tensors
+    and, for experts, only experts of its own ep block, so no rank materialises foreign experts.
+    Raises ``ValueError`` listing missing/unexpected names or shape differences before loading.
+    """
+    directory = Path(directory)
+    index_file = directory / INDEX_FILE
+    if index_file.is_file():
+        weight_map: dict[str, str] = json.loads(index_file.read_text())["weight_map"]
+    elif (directory / "model.safetensors").is_file():
+        with safe_open(directory / "model.safetensors", framework="pt") as f:
+            weight_map = {k: "model.safetensors" for k in f.keys()}
+    else:
+        raise FileNotFoundError(
+            f"load_safetensors: {directory} has neither {INDEX_FILE} nor model.safetensors; "
+            "pass a directory written by export_safetensors."
+        )
+    layers = moe_layers(model)
+    experts = expert_key_map([n for n, _ in layers], {n: m.config.num_experts for n, m in layers})
+    state = model.state_dict()
+    expected = [name for key in state for name in experts.get(key, [key])]
+    missing = sorted(set(expected) - set(weight_map))
+    unexpected = sorted(set(weight_map) - set(expected))
+    if missing or unexpected:
+        raise ValueError(
+            f"load_safetensors: {directory} does not match the model: missing {missing[:8]}, "
+            f"unexpected {unexpected[:8]}; export from a checkpoint of this model."
+        )
+    handles: dict[str, Any] = {}
+    try:
+        def slice_of(name: str) -> Any:
+            fname = weight_map[name]
+            if fname not in handles:
+                handles[fname] = safe_open(directory / fname, framework="pt")
+            return handles[fname].get_slice(name)
+
+        with torch.no_grad():
+            for key, value in state.items():
+                _load_one(key, value, experts.get(key), slice_of)
+    finally:
+        handles.clear()
+
+
+def _load_one(key: str, value: torch.Tensor, expert_names: list[str] | None, slice_of: Any) -> None:
+    if isinstance(value, DTensor):
+        local = value.to_local()
+        shape, offset = compute_local_shape_and_global_offset(value.shape, value.device_mesh, value.placements)
+    else:
+        local, shape, offset = value, tuple(value.shape), (0,) * value.dim()
+    global_shape = tuple(value.shape)
+    if expert_names is None:
+        sl = slice_of(key)
+        if tuple(sl.get_shape()) != global_shape:
+            raise ValueError(
+                f"load_safetensors: {key} has shape {tuple(sl.get_shape())} in the files, model expects "
+                f"{global_shape}; export from a checkpoint of this model."
+            )
+        index = tuple(slice(o, o + s) for o, s in zip(offset, shape))
+        local.copy_(sl[index] if index else sl[:])
+        return
+    rows = []
+    for j in range(offset[0], offset[0] + shape[0]):  # only experts held here
+        sl = slice_of(expert_names[j])
+        if tuple(sl.get_shape()) != global_shape[1:]:
+            raise ValueError(
+                f"load_safetensors: {expert_names[j]} has shape {tuple(sl.get_shape())} in the files, "
+                f"model expects {global_shape[1:]}; export from a checkpoint of this model."
+            )
+        rows.append(sl[offset[1]:offset[1] + shape[1], offset[2]:offset[2] + shape[2]])
+    if rows:
+        local.copy_(torch.stack(rows))

@@ -1,0 +1,254 @@
+"""Distributed checkpoints: resharding matrix (parameters and optimizer state, bitwise), exact
+resume, per-rank extra state, atomic commit, damaged and foreign checkpoints, the info command."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+
+import ep_fsdp.checkpoint as ckpt
+from ckpt_utils import bitwise_diff, capture, make_model, make_parallel, train_step
+
+SOURCE_LAYOUT = (2, 2)
+
+
+def save_source(root: str) -> None:
+    """(2, 2): two steps, save after step 1 (async) and after step 2 (sync), then a third step."""
+    model, opt = make_parallel(*SOURCE_LAYOUT)
+    rank = dist.get_rank()
+    losses = [train_step(model, opt, 1)]
+    pending = ckpt.save(f"{root}/step_1", model, opt, step=1, extra={"rank": rank, "tag": "one"}, async_save=True)
+    assert pending.wait() == Path(f"{root}/step_1")
+    losses.append(train_step(model, opt, 2))
+    ckpt.save(f"{root}/step_2", model, opt, step=2, extra={"rank": rank, "rng": torch.get_rng_state()})
+    state = capture(model, opt)
+    losses.append(train_step(model, opt, 3))
+    if rank == 0:
+        torch.save({"state": state, "losses": losses}, f"{root}/reference.pt")
+
+
+def load_into_layout(root: str, dp_shard: int, ep: int) -> dict:
+    model, opt = make_parallel(dp_shard, ep, seed=123)  # different init: everything must come from disk
+    meta = ckpt.load(f"{root}/step_2", model, opt)
+    ref = torch.load(f"{root}/reference.pt")
+    diff = bitwise_diff(capture(model, opt), ref["state"])
+    loss3 = train_step(model, opt, 3)
+    return {"diff": diff, "meta_step": meta["step"], "layout": meta["layout"], "extra": meta["extra"],
+            "loss3": loss3, "ref_loss3": ref["losses"][2]}
+
+
+@pytest.fixture(scope="module")
+def source(pools, tmp_path_factory) -> str:
+    root = str(tmp_path_factory.mktemp("ckpt"))
+    pools(4).run(save_source, root)
+    return root
+
+
+def test_source_checkpoints_are_complete(source):
+    assert ckpt.list_checkpoints(source) == [Path(source, "step_1"), Path(source, "step_2")]
+    assert ckpt.latest(source) == Path(source, "step_2")
+    meta = json.loads(Path(source, "step_2", "ep_fsdp.json").read_text())
+    assert meta["layout"] == {"world_size": 4, "dp_shard": 2, "ep": 2, "parallelized": True}
+    owners = meta["moe_layers"]["layers.1.feed_forward"]["expert_owner"]
+    assert owners == [{"ep_rank": 0, "experts": [0, 4]}, {"ep_rank": 1, "experts": [4, 8]}]
+    assert meta["params"]["layers.1.feed_forward.experts.w1"]["shape"] == [8, 48, 32]
+    assert meta["versions"]["torch"] == torch.__version__
+    assert sorted(meta["extra_ranks"]) == [0, 1, 2, 3]
+    assert not any(p.name.endswith(".partial") for p in Path(source).iterdir())
+
+
+@pytest.mark.parametrize("layout", [(2, 2), (1, 4), (4, 1), (1, 2), (2, 1), (1, 1)], ids=lambda l: f"dp{l[0]}xep{l[1]}")
+def test_load_reshards_bitwise(pools, source, layout):
+    results = pools(layout[0] * layout[1]).run(load_into_layout, source, *layout)
+    for rank, r in enumerate(results):
+        assert r["diff"] == [], f"rank {rank}: differs after load: {r['diff'][:5]}"
+        assert r["meta_step"] == 2
+        assert r["layout"]["world_size"] == 4 and r["layout"]["ep"] == 2
+        if layout[0] * layout[1] == 4:
+            assert r["extra"]["rank"] == rank  # each rank gets its own extra back
+        if layout == SOURCE_LAYOUT:
+            assert r["loss3"] == r["ref_loss3"]  # resumed training is bitwise the same
+        else:
+            assert abs(r["loss3"] - r["ref_loss3"]) <= 1e-5 * abs(r["ref_loss3"])
+
+
+def test_load_into_plain_model_without_process_group(source):
+    assert not dist.is_initialized()
+    model = make_model(seed=7)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
+    meta = ckpt.load(Path(source, "step_2"), model, opt)
+    ref = torch.load(Path(source, "reference.pt"))
+    assert bitwise_diff(capture(model, opt), ref["state"]) == []
+    assert meta["extra"]["rank"] == 0
+    assert torch.equal(meta["extra"]["rng"], ckpt.load(Path(source, "step_2"), make_model())["extra"]["rng"])
+
+
+def test_async_checkpoint_loads(source):
+    model = make_model(seed=9)
+    meta = ckpt.load(Path(source, "step_1"), model)
+    assert meta["step"] == 1 and meta["extra"] == {"rank": 0, "tag": "one"}
+
+
+def test_info_command(source):
+    out = subprocess.run(
+        [sys.executable, "-m", "ep_fsdp.checkpoint", "info", str(Path(source, "step_2"))],
+        capture_output=True, text=True, check=True,
+    ).stdout
+    assert "saved on     world_size=4 dp_shard=2 ep=2" in out
+    assert "step         2" in out
+    assert "moe layer    layers.1.feed_forward: E=8 k=2 D=32 H=48 softmax; experts ep0: 0-3, ep1: 4-7" in out
+    assert f"torch {torch.__version__}" in out
+    assert re.search(r"layers\.1\.feed_forward\.experts\.w1\s+float32\s+\[8, 48, 32\]", out)
+    assert "on disk" in out
+
+
+def failing_save(root: str, where: str) -> str:
+    """A save that fails on rank 1 (during the tensor write or the extra write)."""
+    model, opt = make_parallel(1, 2)
+    train_step(model, opt, 1)
+    ckpt.save(f"{root}/good", model, opt, step=1)
+    import torch.distributed.checkpoint.filesystem as fs
+
+    from ep_fsdp.checkpoint import _dcp
+
+    if dist.get_rank() == 1:
+        if where == "tensors":
+            original = fs.FileSystemWriter.write_data
+
+            def broken(self, plan, planner):
+                raise OSError("disk full (injected)")
+
+            fs.FileSystemWriter.write_data = broken
+        else:
+            original = _dcp.torch.save
+
+            def broken(*a, **k):
+                raise OSError("disk full (injected)")
+
+            _dcp.torch.save = broken
+    try:
+        ckpt.save(f"{root}/bad", model, opt, step=2, extra={"x": 1})
+    except BaseException as e:  # noqa: BLE001 - DCP's CheckpointException is a BaseException
+        return f"{type(e).__name__}: {e}"
+    finally:
+        if dist.get_rank() == 1:
+            if where == "tensors":
+                fs.FileSystemWriter.write_data = original
+            else:
+                _dcp.torch.save = original
+    return "no error"
+
+
+@pytest.mark.parametrize("where", ["tensors", "extra"])
+def test_failed_save_leaves_latest_on_previous(pools, tmp_path, where):
+    results = pools(2).run(failing_save, str(tmp_path), where)
+    assert all("disk full (injected)" in r for r in results), results
+    assert ckpt.latest(tmp_path) == tmp_path / "good"
+    assert not (tmp_path / "bad").exists()
+    with pytest.raises(FileNotFoundError, match=r"A partial save exists at .*\.bad\.partial: that save did not finish"):
+        ckpt.load(tmp_path / "bad", make_model())
+
+
+def test_killed_save_leaves_no_checkpoint(tmp_path):
+    """A single-process save SIGKILLed while writing tensors."""
+    script = f"""
+import os, signal, sys
+sys.path.insert(0, {str(Path(__file__).parent)!r})
+import torch.distributed.checkpoint.filesystem as fs
+import ep_fsdp.checkpoint as ckpt
+from ckpt_utils import make_model
+model = make_model()
+ckpt.save({str(tmp_path / 'good')!r}, model, step=1)
+original = fs.FileSystemWriter.write_data
+def dying(self, plan, planner):
+    fut = original(self, plan, planner)
+    fut.wait()
+    os.kill(os.getpid(), signal.SIGKILL)
+fs.FileSystemWriter.write_data = dying
+ckpt.save({str(tmp_path / 'killed')!r}, model, step=2)
+"""
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == -9, proc.stderr
+    assert (tmp_path / ".killed.partial").exists()  # tensors were written...
+    assert ckpt.latest(tmp_path) == tmp_path / "good"  # ...but the checkpoint never became visible
+    # a new save to the same name replaces the debris and succeeds
+    ckpt.save(tmp_path / "killed", make_model(), step=2)
+    assert ckpt.latest(tmp_path) == tmp_path / "killed"
+
+
+def test_keep_last_prunes_old_checkpoints(tmp_path):
+    model = make_model()
+    for step in range(1, 5):
+        ckpt.save(tmp_path / f"step_{step}", model, step=step, keep_last=2)
+    assert [p.name for p in ckpt.list_checkpoints(tmp_path)] == ["step_3", "step_4"]
+
+
+def test_never_overwrites(tmp_path):
+    model = make_model()
+    ckpt.save(tmp_path / "a", model, step=1)
+    before = sorted(os.listdir(tmp_path / "a"))
+    with pytest.raises(FileExistsError, match="already exists; checkpoints are never overwritten"):
+        ckpt.save(tmp_path / "a", model, step=2)
+    assert sorted(os.listdir(tmp_path / "a")) == before
+
+
+def test_bad_inputs_give_clear_errors(tmp_path):
+    model = make_model()
+    ckpt.save(tmp_path / "ok", model, step=1)
+    with pytest.raises(FileNotFoundError, match=r"checkpoint .*nope does not exist\. Check the path"):
+        ckpt.load(tmp_path / "nope", model)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="is not an ep_fsdp checkpoint"):
+        ckpt.load(tmp_path / "empty", model)
+    with pytest.raises(ValueError, match="holds no optimizer state"):
+        ckpt.load(tmp_path / "ok", model, torch.optim.AdamW(model.parameters()))
+
+
+def test_incomplete_checkpoint_is_refused(tmp_path):
+    model = make_model()
+    ckpt.save(tmp_path / "x", model, step=1)
+    os.remove(tmp_path / "x" / "ep_fsdp.json")
+    with pytest.raises(ValueError, match="is incomplete: tensor files are there but ep_fsdp.json"):
+        ckpt.load(tmp_path / "x", model)
+    assert ckpt.latest(tmp_path) is None
+
+
+def test_truncated_and_corrupted_files_are_detected(tmp_path):
+    model = make_model()
+    ckpt.save(tmp_path / "t", model, step=1)
+    shard = next((tmp_path / "t").glob("*.distcp"))
+    data = shard.read_bytes()
+    shard.write_bytes(data[: len(data) // 2])
+    fresh = make_model(seed=5)
+    before = {k: v.clone() for k, v in fresh.state_dict().items()}
+    with pytest.raises(ValueError, match=r"is damaged: __0_0\.distcp has \d+ bytes, expected \d+ \(truncated"):
+        ckpt.load(tmp_path / "t", fresh)
+    assert all(torch.equal(before[k], v) for k, v in fresh.state_dict().items())  # untouched
+    shard.write_bytes(data[:100] + bytes([data[100] ^ 0xFF]) + data[101:])
+    with pytest.raises(ValueError, match=r"__0_0\.distcp is corrupted \(CRC32"):
+        ckpt.load(tmp_path / "t", fresh)
+
+
+def test_checkpoint_of_another_model_is_refused(tmp_path):
+    ckpt.save(tmp_path / "e8", make_model(num_experts=8), step=1)
+    with pytest.raises(ValueError) as info:
+        ckpt.load(tmp_path / "e8", make_model(num_experts=4))
+    msg = str(info.value)
+    assert "was saved from a different model" in msg
+    assert "layers.1.feed_forward.experts.w1: model [4, 48, 32] vs checkpoint [8, 48, 32]" in msg
+    assert "layers.1.feed_forward.num_experts: model 4 vs checkpoint 8" in msg
+    assert "python -m ep_fsdp.checkpoint info" in msg
+    from ep_fsdp.models import MoETransformer, TransformerConfig
+
+    deeper = MoETransformer(TransformerConfig(vocab_size=64, dim=32, num_layers=3, num_heads=4, max_seq_len=16,
+                                              num_dense_layers=1, moe=make_model().config.moe))
+    with pytest.raises(ValueError, match=r"missing from checkpoint: \['layers\.2\."):
+        ckpt.load(tmp_path / "e8", deeper)
