@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
 
 import ep_fsdp
+import ep_fsdp.checkpoint as ckpt
 from dist_pool import worker_mesh
 from ep_fsdp.models import MoETransformer, TransformerConfig
 from parity_utils import full
@@ -62,6 +65,32 @@ def capture(model: torch.nn.Module, opt: torch.optim.Optimizer | None) -> dict[s
 
 def bitwise_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> list[str]:
     """Names whose tensors differ in any bit (or exist on one side only)."""
-    names = sorted(set(a) | set(b))
-    return [n for n in names if n not in a or n not in b or a[n].shape != b[n].shape
-            or a[n].dtype != b[n].dtype or not torch.equal(a[n].view(-1).view(torch.uint8) if a[n].dtype.is_floating_point else a[n], b[n].view(-1).view(torch.uint8) if b[n].dtype.is_floating_point else b[n])]
+
+    def bits(t: torch.Tensor) -> torch.Tensor:
+        return t.reshape(-1).view(torch.uint8) if t.dtype.is_floating_point else t
+
+    return [
+        n for n in sorted(set(a) | set(b))
+        if n not in a or n not in b or a[n].shape != b[n].shape or a[n].dtype != b[n].dtype
+        or not torch.equal(bits(a[n]), bits(b[n]))
+    ]
+
+
+SOURCE_LAYOUT = (2, 2)
+
+
+def save_source(root: str) -> None:
+    """(2, 2): two steps, save after step 1 (async) and after step 2 (sync), then a third step."""
+    model, opt = make_parallel(*SOURCE_LAYOUT)
+    rank = dist.get_rank()
+    losses = [train_step(model, opt, 1)]
+    pending = ckpt.save(f"{root}/step_1", model, opt, step=1, extra={"rank": rank, "tag": "one"}, async_save=True)
+    assert pending.wait() == Path(f"{root}/step_1")
+    losses.append(train_step(model, opt, 2))
+    ckpt.save(f"{root}/step_2", model, opt, step=2, extra={"rank": rank, "rng": torch.get_rng_state()})
+    state = capture(model, opt)
+    losses.append(train_step(model, opt, 3))
+    if rank == 0:
+        torch.save({"state": state, "losses": losses}, f"{root}/reference.pt")
+
+

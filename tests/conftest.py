@@ -6,6 +6,7 @@ from collections.abc import Callable, Iterator
 
 import pytest
 
+from ckpt_utils import save_source
 from dist_pool import WorkerPool
 
 
@@ -23,3 +24,12 @@ def pools() -> Iterator[Callable[[int], WorkerPool]]:
     yield get
     for pool in live.values():
         pool.close()
+
+
+@pytest.fixture(scope="session")
+def source(pools, tmp_path_factory) -> str:
+    """Checkpoints saved on (dp_shard, ep) = (2, 2) after steps 1 (async) and 2, plus
+    ``reference.pt`` with the global state after step 2 and the losses of steps 1-3."""
+    root = str(tmp_path_factory.mktemp("ckpt"))
+    pools(4).run(save_source, root)
+    return root

@@ -15,25 +15,7 @@ import torch
 import torch.distributed as dist
 
 import ep_fsdp.checkpoint as ckpt
-from ckpt_utils import bitwise_diff, capture, make_model, make_parallel, train_step
-
-SOURCE_LAYOUT = (2, 2)
-
-
-def save_source(root: str) -> None:
-    """(2, 2): two steps, save after step 1 (async) and after step 2 (sync), then a third step."""
-    model, opt = make_parallel(*SOURCE_LAYOUT)
-    rank = dist.get_rank()
-    losses = [train_step(model, opt, 1)]
-    pending = ckpt.save(f"{root}/step_1", model, opt, step=1, extra={"rank": rank, "tag": "one"}, async_save=True)
-    assert pending.wait() == Path(f"{root}/step_1")
-    losses.append(train_step(model, opt, 2))
-    ckpt.save(f"{root}/step_2", model, opt, step=2, extra={"rank": rank, "rng": torch.get_rng_state()})
-    state = capture(model, opt)
-    losses.append(train_step(model, opt, 3))
-    if rank == 0:
-        torch.save({"state": state, "losses": losses}, f"{root}/reference.pt")
-
+from ckpt_utils import SOURCE_LAYOUT, bitwise_diff, capture, make_model, make_parallel, train_step
 
 def load_into_layout(root: str, dp_shard: int, ep: int) -> dict:
     model, opt = make_parallel(dp_shard, ep, seed=123)  # different init: everything must come from disk
@@ -43,13 +25,6 @@ def load_into_layout(root: str, dp_shard: int, ep: int) -> dict:
     loss3 = train_step(model, opt, 3)
     return {"diff": diff, "meta_step": meta["step"], "layout": meta["layout"], "extra": meta["extra"],
             "loss3": loss3, "ref_loss3": ref["losses"][2]}
-
-
-@pytest.fixture(scope="module")
-def source(pools, tmp_path_factory) -> str:
-    root = str(tmp_path_factory.mktemp("ckpt"))
-    pools(4).run(save_source, root)
-    return root
 
 
 def test_source_checkpoints_are_complete(source):

@@ -145,14 +145,17 @@ def _write_file(
         f.write(struct.pack("<Q", len(raw)))
         f.write(raw)
         for key, outs in shard:
-            tensor = _read_tensor(checkpoint, key, meta["params"][key])
-            pieces = [tensor[j] for j in range(len(outs))] if len(outs) > 1 or outs[0][0] != key else [tensor]
-            for piece in pieces:
-                f.write(piece.contiguous().view(torch.uint8).numpy().tobytes())
-            del tensor, pieces
+            # NOTE: one tensor in memory at a time; it is freed before the next one is read.
+            _write_tensor(f, _read_tensor(checkpoint, key, meta["params"][key]), split=outs[0][0] != key)
         f.flush()
         os.fsync(f.fileno())
     return offset
+
+
+def _write_tensor(f: Any, tensor: torch.Tensor, split: bool) -> None:
+    """Write the bytes of ``tensor`` (of each ``tensor[j]`` in order when ``split``)."""
+    for piece in tensor.unbind(0) if split else (tensor,):
+        f.write(piece.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
 
 
 def load_safetensors(model: nn.Module, directory: str | os.PathLike[str]) -> None:
@@ -183,8 +186,9 @@ def load_safetensors(model: nn.Module, directory: str | os.PathLike[str]) -> Non
     unexpected = sorted(set(weight_map) - set(expected))
     if missing or unexpected:
         raise ValueError(
-            f"load_safetensors: {directory} does not match the model: missing {missing[:8]}, "
-            f"unexpected {unexpected[:8]}; export from a checkpoint of this model."
+            f"load_safetensors: {directory} does not match the model: {len(missing)} tensors missing "
+            f"(e.g. {missing[:4]}), {len(unexpected)} unexpected (e.g. {unexpected[:4]}); "
+            "export from a checkpoint of this model."
         )
     handles: dict[str, Any] = {}
     try:
