@@ -1,0 +1,101 @@
+"""Checkpoint save/load throughput against plain file I/O of the same bytes, in the same run.
+
+    torchrun --nproc-per-node 4 recipes/benchmarks/checkpoint.py --dir /tmp/ckpt_bench
+
+Builds the reference MoE transformer at about ``--size-gb`` GB of float32 parameters, parallelizes
+it on (dp_shard, ep) = (world/ep, ep), then alternates, ``--repeats`` times:
+``ep_fsdp.checkpoint.save`` / ``load`` of the model, and each rank writing (with fsync) and reading
+back its own local shards with plain ``open``/``write``/``readinto``. Rank 0 prints medians, GB/s
+and the ratio (checkpoint time / plain time). The OS page cache serves the reads of both.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import shutil
+import statistics
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+import ep_fsdp
+import ep_fsdp.checkpoint as ckpt
+from ep_fsdp.models import MoETransformer, TransformerConfig
+
+
+def local_tensors(model: torch.nn.Module) -> list[torch.Tensor]:
+    return [(p.to_local() if hasattr(p, "to_local") else p).detach() for p in model.parameters()]
+
+
+def plain_write(path: Path, tensors: list[torch.Tensor]) -> None:
+    with open(path, "wb") as f:
+        for t in tensors:
+            f.write(t.contiguous().numpy().data)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def plain_read(path: Path, tensors: list[torch.Tensor]) -> None:
+    with open(path, "rb") as f:
+        for t in tensors:
+            f.readinto(t.numpy().data)
+
+
+def timed(fn) -> float:
+    dist.barrier()
+    start = time.perf_counter()
+    fn()
+    dist.barrier()
+    return time.perf_counter() - start
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--dir", type=Path, default=Path("/tmp/ep_fsdp_ckpt_bench"))
+    p.add_argument("--size-gb", type=float, default=1.0)
+    p.add_argument("--ep", type=int, default=2)
+    p.add_argument("--repeats", type=int, default=3)
+    args = p.parse_args()
+    dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=600))
+    rank, world = dist.get_rank(), dist.get_world_size()
+    torch.set_num_threads(1)
+    # experts dominate: 4 MoE layers of E=16 experts, D=1024; H sized to reach size_gb
+    layers, E, D = 4, 16, 1024
+    H = max(64, int(args.size_gb * 1e9 / 4 / (layers * E * 3 * D)) // 64 * 64)
+    moe = ep_fsdp.MoEConfig(dim=D, hidden_dim=H, num_experts=E, top_k=2)
+    cfg = TransformerConfig(vocab_size=256, dim=D, num_layers=layers, num_heads=8, max_seq_len=64, moe=moe)
+    torch.manual_seed(0)
+    model = MoETransformer(cfg)
+    ep_fsdp.parallelize_moe(model, ep_fsdp.build_mesh(ep=args.ep))
+    total_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    tensors = local_tensors(model)
+    if rank == 0:
+        shutil.rmtree(args.dir, ignore_errors=True)
+        args.dir.mkdir(parents=True)
+    dist.barrier()
+    times: dict[str, list[float]] = {"save": [], "plain write": [], "load": [], "plain read": []}
+    for i in range(args.repeats):
+        path = args.dir / f"ckpt_{i}"
+        plain = args.dir / f"plain_{i}_rank{rank}.bin"
+        times["save"].append(timed(lambda: ckpt.save(path, model, step=i)))
+        times["plain write"].append(timed(lambda: plain_write(plain, tensors)))
+        times["load"].append(timed(lambda: ckpt.load(path, model)))
+        times["plain read"].append(timed(lambda: plain_read(plain, tensors)))
+    if rank == 0:
+        gb = total_bytes / 1e9
+        print(f"model {gb:.2f} GB float32 ({E} experts x {layers} layers, D={D}, H={H}), world={world}, "
+              f"ep={args.ep}, dir={args.dir}, medians of {args.repeats}")
+        print(f"{'operation':<8}{'ep_fsdp s':>11}{'GB/s':>8}{'plain s':>10}{'GB/s':>8}{'ratio':>8}")
+        for ours, ref in (("save", "plain write"), ("load", "plain read")):
+            a, b = statistics.median(times[ours]), statistics.median(times[ref])
+            print(f"{ours:<8}{a:>11.2f}{gb / a:>8.2f}{b:>10.2f}{gb / b:>8.2f}{a / b:>7.2f}x")
+        shutil.rmtree(args.dir, ignore_errors=True)
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
