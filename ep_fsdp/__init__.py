@@ -1,11 +1,22 @@
 """ep_fsdp: expert parallelism composed with FSDP2 for PyTorch Mixture-of-Experts models."""
 
 from .config import MoEConfig
+from .grad import clip_grad_norm_
 from .mesh import build_mesh
-
 from .moe import MoE, moe_aux_loss, moe_layers
+from .metrics import routing_stats
 from .parallelize import parallelize_moe
 
 __version__ = "0.1.0"
 
-__all__ = ["MoEConfig", "MoE", "moe_aux_loss", "moe_layers", "build_mesh", "parallelize_moe", "__version__"]
+__all__ = [
+    "MoEConfig",
+    "MoE",
+    "moe_aux_loss",
+    "moe_layers",
+    "build_mesh",
+    "parallelize_moe",
+    "clip_grad_norm_",
+    "routing_stats",
+    "__version__",
+]

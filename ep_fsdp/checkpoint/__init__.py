@@ -4,6 +4,16 @@ See ``docs/checkpoint.md`` for the on-disk format.
 """
 
 from ._dcp import PendingSave, latest, list_checkpoints, load, save
+from ._format import read_metadata
 from ._safetensors import export_safetensors, load_safetensors
 
-__all__ = ["save", "load", "latest", "list_checkpoints", "PendingSave", "export_safetensors", "load_safetensors"]
+__all__ = [
+    "save",
+    "load",
+    "latest",
+    "list_checkpoints",
+    "read_metadata",
+    "PendingSave",
+    "export_safetensors",
+    "load_safetensors",
+]

@@ -34,7 +34,7 @@ from ._format import (
     write_json_atomic,
 )
 
-__all__ = ["save", "load", "latest", "list_checkpoints", "PendingSave"]
+__all__ = ["save", "load", "latest", "list_checkpoints", "PendingSave", "read_metadata"]
 
 _ASYNC_GROUP: dist.ProcessGroup | None = None
 
@@ -128,6 +128,7 @@ def save(
     extra: Any = None,
     keep_last: int | None = None,
     async_save: bool = False,
+    metadata: dict[str, Any] | None = None,
 ) -> Path | PendingSave:
     """Save ``model`` (and ``optimizer``) as a distributed checkpoint at ``path``.
 
@@ -147,6 +148,8 @@ def save(
         extra: per-rank picklable object.
         keep_last: after committing, delete all but the newest ``keep_last`` complete checkpoints
             in ``path``'s parent directory.
+        metadata: JSON-serialisable information (e.g. the training config) stored from rank 0 in
+            ``ep_fsdp.json`` under ``"user"``; read it back with :func:`read_metadata`.
         async_save: write in a background thread (``dcp.async_save``) after staging the tensors
             to CPU; returns a :class:`PendingSave` whose ``wait()`` (collective) commits it.
 
@@ -209,6 +212,7 @@ def save(
                 "extra_ranks": [r for r, m in enumerate(manifests) if any(k.startswith("extra/") for k in m)],
                 "files": files,
                 "versions": {"ep_fsdp": __version__, "torch": torch.__version__},
+                "user": metadata,
             }
             write_json_atomic(tmp / METADATA_FILE, meta)
             _fsync_dir(tmp)
@@ -225,7 +229,8 @@ def save(
     if async_save:
         future = dcp.async_save(state, checkpoint_id=str(tmp), process_group=_async_group())
         return PendingSave(future, commit, path)
-    dcp.save(state, checkpoint_id=str(tmp))  # raises on every rank if any rank failed to write
+    # raises on every rank if any rank failed to write
+    dcp.save(state, checkpoint_id=str(tmp), no_dist=not _distributed())
     return commit()
 
 
@@ -342,7 +347,7 @@ def load(
     _verify_files(path, meta)
     state = _app_state(model, optimizer)
     _check_model_matches(path, meta, state["model"], model)
-    dcp.load(state, checkpoint_id=str(path))
+    dcp.load(state, checkpoint_id=str(path), no_dist=not _distributed())
     if optimizer is None:
         set_model_state_dict(model, state["model"])
     else:

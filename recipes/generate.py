@@ -1,0 +1,69 @@
+"""Sample text from a training checkpoint in one process (no torchrun), to see what the model learned.
+
+    python recipes/generate.py --output-dir outputs/tiny --prompt "def " --max-new-tokens 300
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import ep_fsdp.checkpoint as ckpt  # noqa: E402
+from train import build_model  # noqa: E402
+from train_config import from_dict  # noqa: E402
+
+
+@torch.no_grad()
+def sample(model: torch.nn.Module, prompt: bytes, max_new_tokens: int, temperature: float, top_k: int,
+           seed: int) -> bytes:
+    """Byte-level sampling with temperature and top-k; the context is cut to max_seq_len."""
+    g = torch.Generator().manual_seed(seed)
+    tokens = list(prompt) or [10]
+    limit = model.config.max_seq_len
+    for _ in range(max_new_tokens):
+        x = torch.tensor([tokens[-limit:]])
+        logits = model(x)[0, -1]  # [V]
+        if temperature <= 0:
+            nxt = int(logits.argmax())
+        else:
+            logits = logits / temperature
+            if top_k > 0:
+                kth = torch.topk(logits, min(top_k, logits.numel())).values[-1]
+                logits = logits.masked_fill(logits < kth, float("-inf"))
+            nxt = int(torch.multinomial(torch.softmax(logits, -1), 1, generator=g))
+        tokens.append(nxt)
+    return bytes(tokens)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--checkpoint", type=Path)
+    src.add_argument("--output-dir", type=Path, help="use the newest checkpoint of this training run")
+    p.add_argument("--prompt", default="def ")
+    p.add_argument("--max-new-tokens", type=int, default=200)
+    p.add_argument("--temperature", type=float, default=0.8)
+    p.add_argument("--top-k", type=int, default=40)
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args()
+    path = args.checkpoint or ckpt.latest(args.output_dir / "checkpoints")
+    if path is None:
+        p.error(f"no complete checkpoint under {args.output_dir / 'checkpoints'}")
+    user = ckpt.read_metadata(path).get("user") or {}
+    if "train_config" not in user:
+        p.error(f"{path} does not record the training config; it was not written by recipes/train.py")
+    cfg = from_dict(user["train_config"])
+    model = build_model(cfg, torch.device("cpu"))
+    meta = ckpt.load(path, model)  # a plain model in one process: the checkpoint reshards to it
+    model.eval()
+    text = sample(model, args.prompt.encode(), args.max_new_tokens, args.temperature, args.top_k, args.seed)
+    print(f"# {path} (step {meta['step']})")
+    print(text.decode("utf-8", errors="replace"))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,312 @@
+"""Train the reference MoE language model with expert parallelism + FSDP2 (launch with torchrun).
+
+    torchrun --nproc-per-node 4 recipes/train.py --config recipes/configs/tiny.toml --output-dir outputs/tiny
+
+Running the same command again resumes from the newest complete checkpoint in
+<output-dir>/checkpoints/ (on the same layout or another one). See docs/recipes.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import math
+import os
+import resource
+import sys
+import time
+import warnings
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch.distributed.fsdp import MixedPrecisionPolicy
+
+warnings.filterwarnings("ignore", message=".*set_vital.*")  # torchdata 0.11 with torch 2.13
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import ep_fsdp  # noqa: E402
+import ep_fsdp.checkpoint as ckpt  # noqa: E402
+from ep_fsdp.data import WindowDataset, build_loader, stdlib_corpus  # noqa: E402
+from ep_fsdp.models import MoETransformer, TransformerConfig  # noqa: E402
+from train_config import JobConfig, load_config  # noqa: E402
+
+
+def parse_args(argv: list[str] | None = None) -> tuple[JobConfig, Path, int | None]:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", type=Path, default=Path(__file__).resolve().parent / "configs" / "tiny.toml")
+    p.add_argument("--output-dir", type=Path, default=Path("outputs/tiny"))
+    p.add_argument("--steps", type=int, help="train.steps")
+    p.add_argument("--ep", type=int, help="parallel.ep")
+    p.add_argument("--dp-shard", type=int, help="parallel.dp_shard (default world // ep)")
+    p.add_argument("--seed", type=int, help="train.seed")
+    p.add_argument("--log-every", type=int, help="log.log_every")
+    p.add_argument("--checkpoint-every", type=int, help="checkpoint.every")
+    p.add_argument("--stop-after", type=int, metavar="N",
+                   help="leave after N steps in this run (e.g. a time-limited allocation), saving a checkpoint; "
+                        "the schedule still targets train.steps and the next run resumes")
+    p.add_argument("--set", action="append", default=[], metavar="TABLE.KEY=VALUE",
+                   help="override any config key, e.g. --set train.lr=1e-3 (repeatable)")
+    args = p.parse_args(argv)
+    overrides = list(args.set)
+    for flag, key in (("steps", "train.steps"), ("ep", "parallel.ep"), ("dp_shard", "parallel.dp_shard"),
+                      ("seed", "train.seed"), ("log_every", "log.log_every"),
+                      ("checkpoint_every", "checkpoint.every")):
+        if getattr(args, flag) is not None:
+            overrides.append(f"{key}={getattr(args, flag)}")
+    return load_config(args.config, overrides), args.output_dir, args.stop_after
+
+
+# ----------------------------------------------------------------------------------------- setup
+def setup_distributed() -> torch.device:
+    """cuda + nccl when available, else cpu + gloo; torchrun provides the rendezvous."""
+    if torch.cuda.is_available():
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        torch.cuda.set_device(device)
+        backend = "nccl"
+    else:
+        device, backend = torch.device("cpu"), "gloo"
+    dist.init_process_group(backend, timeout=datetime.timedelta(seconds=300))
+    return device
+
+
+def build_model(cfg: JobConfig, device: torch.device) -> MoETransformer:
+    m = cfg.model
+    moe = ep_fsdp.MoEConfig(dim=m.dim, **asdict(m.moe))
+    tcfg = TransformerConfig(
+        vocab_size=m.vocab_size, dim=m.dim, num_layers=m.num_layers, num_heads=m.num_heads,
+        num_kv_heads=m.num_kv_heads, max_seq_len=m.max_seq_len, num_dense_layers=m.num_dense_layers,
+        dense_hidden_dim=m.dense_hidden_dim, moe=moe,
+    )
+    torch.manual_seed(cfg.train.seed)  # the same initial weights on every rank
+    with torch.device(device):
+        return MoETransformer(tcfg)
+
+
+def lr_lambda(cfg: JobConfig):
+    """Linear warmup to lr, then cosine decay to lr * min_lr_ratio at the last step."""
+    t = cfg.train
+
+    def f(step: int) -> float:  # step = optimizer steps taken so far
+        if step < t.warmup_steps:
+            return (step + 1) / t.warmup_steps
+        progress = min(1.0, (step - t.warmup_steps) / max(1, t.steps - t.warmup_steps))
+        return t.min_lr_ratio + (1 - t.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return f
+
+
+class Metrics:
+    """Rank 0's console line, metrics.jsonl and (when installed) TensorBoard."""
+
+    def __init__(self, out: Path, rank: int) -> None:
+        self.rank = rank
+        self.file = None
+        self.tb = None
+        if rank == 0:
+            out.mkdir(parents=True, exist_ok=True)
+            self.file = open(out / "metrics.jsonl", "a")
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self.tb = SummaryWriter(str(out / "tensorboard"))
+            except ImportError:
+                pass
+
+    def write(self, record: dict[str, Any]) -> None:
+        if self.file is None:
+            return
+        self.file.write(json.dumps(record) + "\n")
+        self.file.flush()
+        if self.tb is not None:
+            for k, v in record.items():
+                if isinstance(v, (int, float)) and k != "step":
+                    self.tb.add_scalar(k, v, record["step"])
+
+    def close(self) -> None:
+        if self.file is not None:
+            self.file.close()
+        if self.tb is not None:
+            self.tb.close()
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+
+
+def global_mean(values: list[float], device: torch.device) -> list[float]:
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return (t / dist.get_world_size()).tolist()
+
+
+def global_max(value: float, device: torch.device) -> float:
+    t = torch.tensor([value], dtype=torch.float64, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return float(t)
+
+
+@torch.no_grad()
+def validate(model: torch.nn.Module, val_set: WindowDataset, cfg: JobConfig, device: torch.device) -> float:
+    """Mean loss over the first ``val_batches`` global batches of the validation split."""
+    model.eval()
+    rank, world = dist.get_rank(), dist.get_world_size()
+    per_rank = cfg.train.global_batch_size // world // cfg.train.grad_accum_steps
+    losses = []
+    for b in range(cfg.log.val_batches):
+        first = (b * world + rank) * per_rank
+        idx = [i % len(val_set) for i in range(first, first + per_rank)]
+        x = torch.stack([val_set[i][0] for i in idx]).to(device)
+        y = torch.stack([val_set[i][1] for i in idx]).to(device)
+        losses.append(float(F.cross_entropy(model(x).flatten(0, 1), y.flatten())))
+    model.train()
+    return global_mean([sum(losses) / len(losses)], device)[0]
+
+
+# ----------------------------------------------------------------------------------------- main
+def main(argv: list[str] | None = None) -> None:
+    cfg, out, stop_after = parse_args(argv)
+    device = setup_distributed()
+    rank, world = dist.get_rank(), dist.get_world_size()
+    t = cfg.train
+    ep = cfg.parallel.ep
+    mesh = ep_fsdp.build_mesh(ep=ep, dp_shard=cfg.parallel.dp_shard or None, device_type=device.type)
+    if t.global_batch_size % (world * t.grad_accum_steps) != 0:
+        raise ValueError(
+            f"train.global_batch_size={t.global_batch_size} must be divisible by world_size * grad_accum_steps "
+            f"= {world} * {t.grad_accum_steps}; change one of them."
+        )
+
+    # model, optimizer, schedule
+    model = build_model(cfg, device)
+    mp = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+          if t.mixed_precision == "bf16" else None)
+    ep_fsdp.parallelize_moe(model, mesh, mp_policy=mp, activation_checkpointing=t.activation_checkpointing)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=t.lr, betas=t.betas, weight_decay=t.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
+
+    # data: every rank builds the (small) corpus and reads its own slice of each global batch
+    train_tokens, val_tokens = stdlib_corpus(cfg.data.max_bytes or None, cfg.data.val_fraction)
+    train_set, val_set = WindowDataset(train_tokens, t.seq_len), WindowDataset(val_tokens, t.seq_len)
+    micro_batch_global = t.global_batch_size // t.grad_accum_steps
+    loader = build_loader(train_set, micro_batch_global, rank, world, seed=t.seed)
+
+    # resume
+    ckpt_dir = out / "checkpoints"
+    start_step = 0
+    resume = ckpt.latest(ckpt_dir)
+    if resume is not None:
+        meta = ckpt.load(resume, model, optimizer)
+        start_step = meta["step"]
+        extra = meta["extra"]
+        same_layout = meta["layout"]["world_size"] == world and meta["layout"]["ep"] == ep and extra is not None
+        if same_layout:
+            scheduler.load_state_dict(extra["scheduler"])
+            loader.load_state_dict(extra["loader"])
+            torch.set_rng_state(extra["rng_cpu"])
+            if device.type == "cuda" and extra.get("rng_cuda") is not None:
+                torch.cuda.set_rng_state(extra["rng_cuda"], device)
+        else:
+            # NOTE: a new layout has other ranks, so per-rank state does not carry over. The
+            # sampler's state is layout-independent (global batches consumed) and the schedule is a
+            # function of the step, so both are rebuilt from the step.
+            loader.batch_sampler.consumed = start_step * t.grad_accum_steps
+            scheduler.last_epoch = start_step
+            for group, base_lr in zip(optimizer.param_groups, scheduler.base_lrs):
+                group["lr"] = base_lr * lr_lambda(cfg)(start_step)
+        if rank == 0:
+            old = meta["layout"]
+            print(f"resumed from {resume} at step {start_step} (saved on world={old['world_size']} "
+                  f"dp_shard={old['dp_shard']} ep={old['ep']}; now world={world} "
+                  f"dp_shard={mesh['dp_shard'].size()} ep={ep})", flush=True)
+
+    metrics = Metrics(out, rank)
+    if rank == 0:
+        n_params = sum(p.numel() for p in model.parameters())
+        (out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=1))
+        print(f"ep_fsdp train: world={world} dp_shard={mesh['dp_shard'].size()} ep={ep} device={device.type} "
+              f"params={n_params / 1e6:.2f}M experts/layer={cfg.model.moe.num_experts} "
+              f"corpus={len(train_tokens) / 1e6:.1f}MB train / {len(val_tokens) / 1e6:.2f}MB val "
+              f"steps {start_step}->{t.steps}", flush=True)
+
+    pending: list[ckpt.PendingSave] = []
+
+    def save(step: int) -> None:
+        while pending:  # the previous asynchronous save must be committed first
+            pending.pop().wait()
+        extra = {
+            "scheduler": scheduler.state_dict(),
+            "loader": loader.state_dict(),
+            "rng_cpu": torch.get_rng_state(),
+            "rng_cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
+        }
+        result = ckpt.save(ckpt_dir / f"step_{step:08d}", model, optimizer, step=step, extra=extra,
+                           keep_last=cfg.checkpoint.keep_last, metadata={"train_config": cfg.to_dict()},
+                           async_save=cfg.checkpoint.async_save)
+        if isinstance(result, ckpt.PendingSave):
+            pending.append(result)
+
+    data_iter = iter(loader)
+    tokens_per_step = t.global_batch_size * t.seq_len
+    last_step = t.steps if stop_after is None else min(t.steps, start_step + stop_after)
+    for step in range(start_step + 1, last_step + 1):
+        step_start = time.perf_counter()
+        task_sum = aux_sum = 0.0
+        for _ in range(t.grad_accum_steps):
+            x, y = (v.to(device) for v in next(data_iter))
+            logits = model(x)
+            task = F.cross_entropy(logits.flatten(0, 1), y.flatten())
+            aux = ep_fsdp.moe_aux_loss(model)
+            ((task + aux) / t.grad_accum_steps).backward()
+            task_sum += float(task.detach())
+            aux_sum += float(aux.detach())
+        grad_norm = float(ep_fsdp.clip_grad_norm_(model.parameters(), t.max_grad_norm))
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+
+        if step % cfg.log.log_every == 0 or step == t.steps or step == start_step + 1:
+            layers = ep_fsdp.moe_layers(model)
+            # per-layer means of the last micro-batch's global balancing and z losses
+            balance = sum(float(m.last_balance_loss or 0.0) for _, m in layers) / len(layers)
+            z = sum(float(m.last_z_loss or 0.0) for _, m in layers) / len(layers)
+            loss, aux_mean = global_mean([task_sum / t.grad_accum_steps, aux_sum / t.grad_accum_steps], device)
+            routing = ep_fsdp.routing_stats(model)
+            step_time = time.perf_counter() - step_start
+            mem = global_max(peak_memory_mb(device), device)
+            record: dict[str, Any] = {
+                "step": step, "loss": loss, "aux_loss": aux_mean, "balance_loss": balance, "z_loss": z,
+                "lr": scheduler.get_last_lr()[0], "grad_norm": grad_norm,
+                "tokens_per_s": tokens_per_step / step_time, "step_time_s": step_time,
+                "load_imbalance": max(r["imbalance"] for r in routing.values()),
+                "a2a_bytes": sum(r["a2a_bytes"] for r in routing.values()),
+                "peak_memory_mb": mem,
+                "expert_utilization": {k: v["utilization"] for k, v in routing.items()},
+            }
+            if step % cfg.log.val_every == 0 or step == t.steps:
+                record["val_loss"] = validate(model, val_set, cfg, device)
+            if rank == 0:
+                metrics.write(record)
+                val = f"  val {record['val_loss']:.4f}" if "val_loss" in record else ""
+                print(f"step {step:5d}/{t.steps}  loss {loss:.4f}{val}  lr {record['lr']:.2e}  "
+                      f"{record['tokens_per_s']:,.0f} tok/s  {step_time * 1e3:.0f} ms  "
+                      f"bal {balance:.3f}  z {z:.3f}  imb {record['load_imbalance']:.2f}  "
+                      f"mem {mem:.0f} MB", flush=True)
+        if step % cfg.checkpoint.every == 0 or step == last_step:
+            save(step)
+    while pending:
+        pending.pop().wait()
+    if rank == 0 and start_step >= t.steps:
+        print(f"nothing to do: the newest checkpoint is already at step {start_step} of {t.steps}", flush=True)
+    metrics.close()
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()

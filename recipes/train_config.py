@@ -1,0 +1,174 @@
+"""The training job's configuration: dataclasses (one source of truth, validated) read from TOML.
+
+A TOML file has one table per dataclass below (``[model]``, ``[model.moe]``, ``[train]``,
+``[parallel]``, ``[data]``, ``[log]``, ``[checkpoint]``); any key can be overridden on the command
+line with ``--set table.key=value`` (the value is parsed as TOML: ``--set train.lr=1e-3``,
+``--set train.mixed_precision='"bf16"'`` or ``--set train.mixed_precision=bf16``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+
+@dataclass
+class MoEFields:
+    """``[model.moe]``: the MoE feed-forward (its dim is the model's)."""
+
+    hidden_dim: int = 128
+    num_experts: int = 8
+    top_k: int = 2
+    score_func: str = "softmax"
+    renormalize: bool = True
+    aux_loss_coef: float = 0.01
+    z_loss_coef: float = 0.001
+    jitter_eps: float = 0.0
+
+
+@dataclass
+class ModelFields:
+    """``[model]``: the reference MoE transformer."""
+
+    vocab_size: int = 256
+    dim: int = 128
+    num_layers: int = 4
+    num_heads: int = 4
+    num_kv_heads: int = 2
+    max_seq_len: int = 256
+    num_dense_layers: int = 1
+    dense_hidden_dim: int = 256
+    moe: MoEFields = field(default_factory=MoEFields)
+
+
+@dataclass
+class TrainFields:
+    """``[train]``: optimisation."""
+
+    steps: int = 300
+    global_batch_size: int = 16  # sequences per optimizer step, over all ranks and micro-batches
+    seq_len: int = 128
+    grad_accum_steps: int = 1
+    lr: float = 3e-3
+    min_lr_ratio: float = 0.1
+    warmup_steps: int = 20
+    weight_decay: float = 0.1
+    betas: tuple[float, float] = (0.9, 0.95)
+    max_grad_norm: float = 1.0
+    seed: int = 0
+    mixed_precision: str = "none"  # "none" | "bf16"
+    activation_checkpointing: bool = False
+
+    def __post_init__(self) -> None:
+        if self.mixed_precision not in ("none", "bf16"):
+            raise ValueError(f"train.mixed_precision must be 'none' or 'bf16', got {self.mixed_precision!r}.")
+        for name in ("steps", "global_batch_size", "seq_len", "grad_accum_steps"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"train.{name} must be >= 1, got {getattr(self, name)!r}.")
+        if self.warmup_steps < 0 or not 0 <= self.min_lr_ratio <= 1:
+            raise ValueError("train.warmup_steps must be >= 0 and train.min_lr_ratio in [0, 1].")
+        self.betas = tuple(self.betas)  # type: ignore[assignment]
+
+
+@dataclass
+class ParallelFields:
+    """``[parallel]``: the ("dp_shard", "ep") mesh; dp_shard 0 means world // ep."""
+
+    ep: int = 1
+    dp_shard: int = 0
+
+
+@dataclass
+class DataFields:
+    """``[data]``: the standard-library corpus."""
+
+    max_bytes: int = 4_000_000
+    val_fraction: float = 0.05
+
+
+@dataclass
+class LogFields:
+    """``[log]``: what rank 0 prints and writes to metrics.jsonl."""
+
+    log_every: int = 10
+    val_every: int = 50
+    val_batches: int = 4
+
+
+@dataclass
+class CheckpointFields:
+    """``[checkpoint]``: when to save under <output-dir>/checkpoints/."""
+
+    every: int = 50
+    keep_last: int = 3
+    async_save: bool = False
+
+
+@dataclass
+class JobConfig:
+    model: ModelFields = field(default_factory=ModelFields)
+    train: TrainFields = field(default_factory=TrainFields)
+    parallel: ParallelFields = field(default_factory=ParallelFields)
+    data: DataFields = field(default_factory=DataFields)
+    log: LogFields = field(default_factory=LogFields)
+    checkpoint: CheckpointFields = field(default_factory=CheckpointFields)
+
+    def __post_init__(self) -> None:
+        if self.train.seq_len > self.model.max_seq_len:
+            raise ValueError(
+                f"train.seq_len={self.train.seq_len} exceeds model.max_seq_len={self.model.max_seq_len}; "
+                "lower one or raise the other."
+            )
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _build(cls: type, values: dict[str, Any], where: str) -> Any:
+    names = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - set(names))
+    if unknown:
+        raise ValueError(f"config: unknown key(s) {unknown} in [{where}]; valid keys: {sorted(names)}.")
+    kwargs = {}
+    for key, value in values.items():
+        f = names[key]
+        nested = f.default_factory if f.default_factory is not dataclasses.MISSING else None  # type: ignore[misc]
+        if dataclasses.is_dataclass(nested):
+            if not isinstance(value, dict):
+                raise ValueError(f"config: [{where}.{key}] must be a table, got {value!r}.")
+            kwargs[key] = _build(nested, value, f"{where}.{key}" if where else key)
+        else:
+            kwargs[key] = value
+    return cls(**kwargs)
+
+
+def _parse_override(item: str) -> tuple[list[str], Any]:
+    if "=" not in item:
+        raise ValueError(f"--set expects table.key=value, got {item!r}.")
+    key, raw = item.split("=", 1)
+    try:
+        value = tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw  # a bare word: take it as a string
+    return key.strip().split("."), value
+
+
+def load_config(path: str | Path | None, overrides: list[str] = ()) -> JobConfig:
+    """Read a TOML config (or the defaults when ``path`` is None) and apply ``table.key=value``
+    overrides; raises ``ValueError`` naming unknown keys and bad values."""
+    data: dict[str, Any] = tomllib.loads(Path(path).read_text()) if path else {}
+    for item in overrides:
+        keys, value = _parse_override(item)
+        node = data
+        for k in keys[:-1]:
+            node = node.setdefault(k, {})
+        node[keys[-1]] = value
+    return _build(JobConfig, data, "")
+
+
+def from_dict(data: dict[str, Any]) -> JobConfig:
+    """Rebuild a config saved with ``JobConfig.to_dict`` (e.g. from a checkpoint's metadata)."""
+    return _build(JobConfig, data, "")
