@@ -2,6 +2,7 @@
 
 from .config import MoEConfig
 from .grad import clip_grad_norm_
+from .launch import init_distributed
 from .mesh import build_mesh
 from .moe import MoE, moe_aux_loss, moe_layers
 from .metrics import routing_stats
@@ -14,6 +15,7 @@ __all__ = [
     "MoE",
     "moe_aux_loss",
     "moe_layers",
+    "init_distributed",
     "build_mesh",
     "parallelize_moe",
     "clip_grad_norm_",

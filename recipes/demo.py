@@ -9,8 +9,6 @@ some noise), so the loss visibly falls within a few dozen steps. Rank 0 prints o
 from __future__ import annotations
 
 import argparse
-import datetime
-import os
 import time
 
 import torch
@@ -42,12 +40,9 @@ def main() -> None:
     p.add_argument("--lr", type=float, default=3e-3)
     args = p.parse_args()
 
-    backend = "nccl" if torch.cuda.is_available() else "gloo"
-    dist.init_process_group(backend, timeout=datetime.timedelta(seconds=120))
+    device = ep_fsdp.init_distributed()
+    backend = dist.get_backend()
     rank, world = dist.get_rank(), dist.get_world_size()
-    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if backend == "nccl" else torch.device("cpu")
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
     mesh = ep_fsdp.build_mesh(ep=args.ep)
 
     torch.manual_seed(0)  # same initial weights on every rank

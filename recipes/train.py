@@ -9,10 +9,8 @@ Running the same command again resumes from the newest complete checkpoint in
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import math
-import os
 import resource
 import sys
 import time
@@ -61,18 +59,6 @@ def parse_args(argv: list[str] | None = None) -> tuple[JobConfig, Path, int | No
 
 
 # ----------------------------------------------------------------------------------------- setup
-def setup_distributed() -> torch.device:
-    """cuda + nccl when available, else cpu + gloo; torchrun provides the rendezvous."""
-    if torch.cuda.is_available():
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-        torch.cuda.set_device(device)
-        backend = "nccl"
-    else:
-        device, backend = torch.device("cpu"), "gloo"
-    dist.init_process_group(backend, timeout=datetime.timedelta(seconds=300))
-    return device
-
-
 def build_model(cfg: JobConfig, device: torch.device) -> MoETransformer:
     m = cfg.model
     moe = ep_fsdp.MoEConfig(dim=m.dim, **asdict(m.moe))
@@ -171,7 +157,7 @@ def validate(model: torch.nn.Module, val_set: WindowDataset, cfg: JobConfig, dev
 # ----------------------------------------------------------------------------------------- main
 def main(argv: list[str] | None = None) -> None:
     cfg, out, stop_after = parse_args(argv)
-    device = setup_distributed()
+    device = ep_fsdp.init_distributed()
     rank, world = dist.get_rank(), dist.get_world_size()
     t = cfg.train
     ep = cfg.parallel.ep

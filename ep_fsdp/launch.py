@@ -1,0 +1,52 @@
+"""Process-group start-up under torchrun, restarts included."""
+
+from __future__ import annotations
+
+import datetime
+import os
+
+import torch
+import torch.distributed as dist
+
+__all__ = ["init_distributed"]
+
+
+def init_distributed(timeout: datetime.timedelta = datetime.timedelta(minutes=5)) -> torch.device:
+    """Initialise the default process group from torchrun's environment; return this rank's device.
+
+    CUDA + NCCL when a GPU is available (the device is ``cuda:LOCAL_RANK``), else CPU + gloo.
+
+    NOTE: with torch 2.13, a job restarted by ``torchrun --max-restarts`` re-uses the agent's store
+    without a per-attempt prefix, so gloo's rendezvous reads the dead attempt's addresses and
+    hangs. The store is therefore opened here and prefixed with ``TORCHELASTIC_RESTART_COUNT``.
+
+    Example::
+
+        device = ep_fsdp.init_distributed()      # under torchrun
+        mesh = ep_fsdp.build_mesh(ep=2)
+    """
+    if torch.cuda.is_available():
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        torch.cuda.set_device(device)
+        backend = "nccl"
+    else:
+        device, backend = torch.device("cpu"), "gloo"
+    missing = [k for k in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT") if k not in os.environ]
+    if missing:
+        raise RuntimeError(
+            f"init_distributed: environment variables {missing} are not set; launch with torchrun "
+            "(e.g. torchrun --nproc-per-node 4 script.py)."
+        )
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    agent_store = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+    store = dist.TCPStore(
+        os.environ["MASTER_ADDR"],
+        int(os.environ["MASTER_PORT"]),
+        world,
+        is_master=not agent_store and rank == 0,
+        timeout=timeout,
+    )
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    store = dist.PrefixStore(f"ep_fsdp/attempt_{attempt}", store)
+    dist.init_process_group(backend, store=store, rank=rank, world_size=world, timeout=timeout)
+    return device
