@@ -1,0 +1,119 @@
+"""clip_grad_norm_ and routing_stats against the single-process model; data split and sampler."""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+import ep_fsdp
+from dist_pool import worker_mesh
+from ep_fsdp.data import GlobalBatchSampler, WindowDataset, build_loader, stdlib_corpus
+from parity_utils import REL_TOL, full, rel_err, worst
+from test_parity import build
+
+
+def clip_parity(dp_shard: int, ep: int, norm_type: float) -> dict:
+    torch.manual_seed(0)
+    model = build("transformer")
+    ref = copy.deepcopy(model)
+    rank, world = dist.get_rank(), dist.get_world_size()
+    g = torch.Generator().manual_seed(1)
+    tokens = torch.randint(0, 64, (4 * world, 9), generator=g)
+    x, y = tokens[:, :-1], tokens[:, 1:]
+
+    def loss(m, xs, ys):
+        return F.cross_entropy(m(xs).flatten(0, 1), ys.flatten()) + ep_fsdp.moe_aux_loss(m)
+
+    loss(ref, x, y).backward()
+    ref_norm = torch.nn.utils.clip_grad_norm_(ref.parameters(), 0.05, norm_type=norm_type)
+    ep_fsdp.parallelize_moe(model, worker_mesh(dp_shard, ep))
+    per = x.shape[0] // world
+    loss(model, x[rank * per:(rank + 1) * per], y[rank * per:(rank + 1) * per]).backward()
+    norm = ep_fsdp.clip_grad_norm_(model.parameters(), 0.05, norm_type=norm_type)
+    ref_grads = {n: p.grad for n, p in ref.named_parameters()}
+    errors = {n: rel_err(full(p.grad), ref_grads[n]) for n, p in model.named_parameters()}
+    stats = ep_fsdp.routing_stats(model)
+    layer = ep_fsdp.moe_layers(ref)[0][1]
+    ref_util = (layer.last_tokens_per_expert.double() / layer.last_tokens_per_expert.sum()).tolist()
+    return {"norm": float(norm), "ref_norm": float(ref_norm), "grad": worst(errors),
+            "util": stats["layers.1.feed_forward"]["utilization"], "ref_util": ref_util,
+            "imbalance": stats["layers.1.feed_forward"]["imbalance"],
+            "a2a": stats["layers.1.feed_forward"]["a2a_bytes"]}
+
+
+@pytest.mark.parametrize("layout", [(2, 2), (1, 4), (4, 1)], ids=lambda l: f"dp{l[0]}xep{l[1]}")
+@pytest.mark.parametrize("norm_type", [2.0, math.inf], ids=["l2", "inf"])
+def test_clip_grad_norm_matches_single_process(pools, layout, norm_type):
+    for r in pools(4).run(clip_parity, *layout, norm_type):
+        assert abs(r["norm"] - r["ref_norm"]) <= REL_TOL * r["ref_norm"], r
+        assert r["ref_norm"] > 0.05  # clipping really happened
+        assert r["grad"][1] <= REL_TOL, r["grad"]
+        assert np.allclose(r["util"], r["ref_util"], rtol=0, atol=1e-12)
+        assert r["imbalance"] >= 1.0
+        assert (r["a2a"] > 0) == (layout[1] > 1)
+
+
+def test_clip_grad_norm_single_process_equals_torch():
+    torch.manual_seed(0)
+    a = build("net")
+    b = copy.deepcopy(a)
+    x = torch.randn(6, 8)
+    for m in (a, b):
+        m(x).square().sum().backward()
+    n1 = ep_fsdp.clip_grad_norm_(a.parameters(), 0.1)
+    n2 = torch.nn.utils.clip_grad_norm_(b.parameters(), 0.1)
+    torch.testing.assert_close(n1, n2)
+    for p, q in zip(a.parameters(), b.parameters()):
+        torch.testing.assert_close(p.grad, q.grad)
+    with pytest.raises(ValueError, match="max_norm must be > 0, got 0"):
+        ep_fsdp.clip_grad_norm_(a.parameters(), 0)
+
+
+def test_corpus_is_real_and_split_deterministically():
+    train, val = stdlib_corpus(max_bytes=300_000, val_fraction=0.1)
+    train2, val2 = stdlib_corpus(max_bytes=300_000, val_fraction=0.1)
+    assert np.array_equal(train, train2) and np.array_equal(val, val2)
+    assert len(train) >= 300_000 and len(val) > 10_000
+    text = bytes(train[:100_000]).decode("utf-8", errors="replace")
+    assert "def " in text and "import " in text
+    assert bytes(val[:2000]) not in bytes(train)  # different files
+
+
+def test_sampler_state_is_layout_independent():
+    """Two ranks of a 2-rank world together read exactly the global batches one rank reads alone."""
+    ds = WindowDataset(np.arange(10_000, dtype=np.int64) % 256, seq_len=7)
+    single = GlobalBatchSampler(len(ds), 8, rank=0, world=1, seed=3)
+    pair = [GlobalBatchSampler(len(ds), 8, rank=r, world=2, seed=3) for r in range(2)]
+    it1, it2 = iter(single), [iter(s) for s in pair]
+    for _ in range(5):
+        assert next(it1) == next(it2[0]) + next(it2[1])
+    # resume the pair from the single sampler's state: the next global batch matches
+    state = single.state_dict()
+    resumed = [GlobalBatchSampler(len(ds), 8, rank=r, world=2, seed=3) for r in range(2)]
+    for s in resumed:
+        s.load_state_dict(state)
+    assert next(it1) == next(iter(resumed[0])) + next(iter(resumed[1]))
+    # epochs roll over with a new order, forever
+    many = [next(it1) for _ in range(single.batches_per_epoch + 2)]
+    assert all(len(b) == 8 for b in many)
+
+
+def test_loader_state_round_trip():
+    ds = WindowDataset(np.arange(5_000, dtype=np.int64) % 256, seq_len=15)
+    loader = build_loader(ds, 4, rank=1, world=2, seed=0)
+    it = iter(loader)
+    next(it), next(it)
+    state = loader.state_dict()
+    expected = next(it)
+    again = build_loader(ds, 4, rank=1, world=2, seed=0)
+    again.load_state_dict(state)
+    got = next(iter(again))
+    assert torch.equal(got[0], expected[0]) and torch.equal(got[1], expected[1])
+    with pytest.raises(ValueError, match="global_batch=5 is not divisible by world=2"):
+        build_loader(ds, 5, rank=0, world=2)
