@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import time
+import warnings
+from collections.abc import Iterator
 from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
@@ -230,8 +233,17 @@ def save(
         future = dcp.async_save(state, checkpoint_id=str(tmp), process_group=_async_group())
         return PendingSave(future, commit, path)
     # raises on every rank if any rank failed to write
-    dcp.save(state, checkpoint_id=str(tmp), no_dist=not _distributed())
+    with _quiet_single_process():
+        dcp.save(state, checkpoint_id=str(tmp), no_dist=not _distributed())
     return commit()
+
+
+@contextlib.contextmanager
+def _quiet_single_process() -> Iterator[None]:
+    """DCP warns that it assumes a single process when there is no process group: we mean it."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
+        yield
 
 
 def _async_group() -> dist.ProcessGroup | None:
@@ -347,7 +359,8 @@ def load(
     _verify_files(path, meta)
     state = _app_state(model, optimizer)
     _check_model_matches(path, meta, state["model"], model)
-    dcp.load(state, checkpoint_id=str(path), no_dist=not _distributed())
+    with _quiet_single_process():
+        dcp.load(state, checkpoint_id=str(path), no_dist=not _distributed())
     if optimizer is None:
         set_model_state_dict(model, state["model"])
     else:

@@ -23,7 +23,7 @@ from torch.distributed.tensor import DTensor
 from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
 from ..moe import moe_layers
-from ._dcp import _verify_files
+from ._dcp import _quiet_single_process, _verify_files
 from ._format import read_metadata
 
 __all__ = ["export_safetensors", "load_safetensors", "expert_key_map", "INDEX_FILE"]
@@ -68,7 +68,8 @@ def _plan(meta: dict[str, Any], max_shard_bytes: int) -> list[list[tuple[str, li
 def _read_tensor(checkpoint: Path, key: str, rec: dict[str, Any]) -> torch.Tensor:
     """Read one global tensor from the DCP checkpoint in this process (no process group)."""
     target = torch.empty(rec["shape"], dtype=getattr(torch, rec["dtype"]))
-    dcp.load({"model": {key: target}}, checkpoint_id=str(checkpoint), no_dist=True)
+    with _quiet_single_process():
+        dcp.load({"model": {key: target}}, checkpoint_id=str(checkpoint), no_dist=True)
     return target
 
 
