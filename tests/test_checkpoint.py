@@ -221,6 +221,10 @@ def test_checkpoint_of_another_model_is_refused(tmp_path):
     assert "layers.1.feed_forward.experts.w1: model [4, 48, 32] vs checkpoint [8, 48, 32]" in msg
     assert "layers.1.feed_forward.num_experts: model 4 vs checkpoint 8" in msg
     assert "python -m ep_fsdp.checkpoint info" in msg
+    with pytest.raises(ValueError) as info:
+        ckpt.load(tmp_path / "e8", make_model(dim=64))
+    assert "layers.0.attention.wq.weight: model [64, 64] vs checkpoint [32, 32]" in str(info.value)
+    assert "layers.1.feed_forward.dim: model 64 vs checkpoint 32" in str(info.value)
     from ep_fsdp.models import MoETransformer, TransformerConfig
 
     deeper = MoETransformer(TransformerConfig(vocab_size=64, dim=32, num_layers=3, num_heads=4, max_seq_len=16,

@@ -6,6 +6,8 @@ import argparse
 import sys
 from pathlib import Path
 
+import torch
+
 from ._format import read_metadata
 
 
@@ -52,7 +54,10 @@ def info(path: Path) -> str:
     width = max(len(k) for k in params) if params else 0
     lines.append("tensors:")
     for key, rec in params.items():
-        lines.append(f"  {key:<{width}}  {rec['dtype']:<9} {rec['shape']}")
+        n = torch.empty((), dtype=getattr(torch, rec["dtype"])).element_size()
+        for d in rec["shape"]:
+            n *= d
+        lines.append(f"  {key:<{width}}  {rec['dtype']:<9} {str(rec['shape']):<16} {_human(n):>10}")
     return "\n".join(lines)
 
 

@@ -320,7 +320,7 @@ def _check_model_matches(path: Path, meta: dict[str, Any], model_sd: dict[str, A
         if unexpected:
             parts.append(f"not in the model: {unexpected[:8]}{' ...' if len(unexpected) > 8 else ''}")
         if shapes:
-            parts.append("shape differs: " + "; ".join(shapes[:8]))
+            parts.append(f"shape differs ({len(shapes)} tensors): " + "; ".join(shapes[:8]))
         if configs:
             parts.append("MoE config differs: " + "; ".join(configs[:8]))
         raise ValueError(
