@@ -32,9 +32,11 @@ class MoEConfig:
         aux_loss_coef: weight of the Switch/GShard load-balancing loss ``E * sum_i f_i * P_i``;
             0 disables it.
         z_loss_coef: weight of the router z-loss ``mean(logsumexp(logits) ** 2)``; 0 disables it.
-        expert_bias: register a ``router.expert_bias`` buffer ``[E]`` that is added to the scores
-            for expert *selection only* (DeepSeek-V3 auxiliary-loss-free balancing); the gate
-            weights are taken from the unbiased scores.
+        expert_bias: register a ``router.expert_bias`` buffer ``[E]`` (zeros) that is added to
+            the scores for expert *selection only*, as in DeepSeek-V3's auxiliary-loss-free
+            balancing; the gate weights come from the unbiased scores. The buffer is the user's to
+            update (e.g. from ``last_global_tokens_per_expert``, identically on every rank); it is
+            saved in checkpoints.
 
     Example::
 

@@ -122,14 +122,18 @@ class GlobalBatchSampler:
             yield order[start:start + self.per_rank].tolist()
 
     def state_dict(self) -> dict[str, Any]:
-        return {"consumed": self.consumed, "seed": self.seed}
+        return {"consumed": self.consumed, "seed": self.seed, "global_batch": self.global_batch,
+                "num_samples": self.num_samples}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        if state["seed"] != self.seed:
-            raise ValueError(
-                f"GlobalBatchSampler: checkpoint was made with data seed {state['seed']}, this run uses "
-                f"{self.seed}; resume with the same seed."
-            )
+        """Restore the position; the seed, global batch and data size must be those it was saved with."""
+        for key in ("seed", "global_batch", "num_samples"):
+            if key in state and state[key] != getattr(self, key):
+                raise ValueError(
+                    f"GlobalBatchSampler: the saved data position was made with {key}={state[key]}, this "
+                    f"run has {key}={getattr(self, key)}; resume with the same data settings (same seed, "
+                    "global batch size, seq_len and corpus) or start a new run."
+                )
         self.consumed = int(state["consumed"])
 
 

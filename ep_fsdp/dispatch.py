@@ -53,7 +53,10 @@ def sort_by_expert(expert_ids: torch.Tensor, num_experts: int) -> Permutation:
     sort_idx = torch.argsort(flat, stable=True)  # [S]
     inverse = torch.empty_like(sort_idx)
     inverse[sort_idx] = torch.arange(sort_idx.numel(), device=sort_idx.device)  # [S]
-    counts = torch.bincount(flat, minlength=num_experts)  # [E]
+    # NOTE: scatter_add, not bincount: bincount syncs with the host on CUDA to size its output.
+    counts = torch.zeros(num_experts, dtype=torch.long, device=flat.device).scatter_add_(
+        0, flat, torch.ones_like(flat)
+    )  # [E]
     return Permutation(sort_idx=sort_idx, inverse=inverse, counts=counts, top_k=expert_ids.shape[-1])
 
 

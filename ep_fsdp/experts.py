@@ -17,9 +17,9 @@ from torch.distributed.tensor import DTensor
 from .comm import scale_grad
 from .config import MoEConfig
 
-__all__ = ["GroupedExperts", "grouped_linear"]
+__all__ = ["GroupedExperts", "grouped_linear", "use_grouped_mm"]
 
-# (device type, dtype) -> whether torch.nn.functional.grouped_mm ran there.
+# (device type, dtype) -> forced choice of grouped_mm (True) or the per-expert loop (False).
 _GROUPED_MM_WORKS: dict[tuple[str, torch.dtype], bool] = {}
 
 
@@ -53,6 +53,20 @@ def _loop_linear(x: torch.Tensor, w: torch.Tensor, counts: list[int]) -> torch.T
     return torch.cat([chunk @ w[g].t() for g, chunk in enumerate(chunks)], dim=0)  # [N, M]
 
 
+def use_grouped_mm(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether ``grouped_mm`` takes this (device, dtype): CPU in any float dtype; CUDA in bfloat16
+    on sm90+ (its fast path; other CUDA cases take torch's own per-group fallback, so the loop
+    below is as good and avoids its host syncs). Override with ``_GROUPED_MM_WORKS``."""
+    key = (device.type, dtype)
+    if key in _GROUPED_MM_WORKS:
+        return _GROUPED_MM_WORKS[key]
+    if not hasattr(F, "grouped_mm"):
+        return False
+    if device.type == "cuda":
+        return dtype == torch.bfloat16 and torch.cuda.get_device_capability(device) >= (9, 0)
+    return device.type == "cpu"
+
+
 def grouped_linear(
     x: torch.Tensor, w: torch.Tensor, counts: torch.Tensor, counts_host: list[int] | None = None
 ) -> torch.Tensor:
@@ -62,21 +76,13 @@ def grouped_linear(
         x: ``[N, K]`` rows sorted by expert.
         w: ``[G, M, K]`` one ``M x K`` matrix per expert.
         counts: ``[G]`` rows per expert (on x's device), ``sum == N``.
-        counts_host: the same counts as a Python list, if the caller already has them (saves a
-            device-to-host copy on the fallback path).
+        counts_host: the same counts as a Python list; required by the per-expert loop (used
+            where ``grouped_mm`` does not run), computed here if missing.
     Returns ``[N, M]``.
     """
-    key = (x.device.type, x.dtype)
-    if _GROUPED_MM_WORKS.get(key, True):
+    if use_grouped_mm(x.device, x.dtype):
         offs = torch.cumsum(counts, dim=0, dtype=torch.int32)  # [G]
-        try:
-            return _GroupedLinear.apply(x, w, offs)
-        except RuntimeError:
-            if key in _GROUPED_MM_WORKS:
-                raise
-            _GROUPED_MM_WORKS[key] = False
-        else:
-            _GROUPED_MM_WORKS[key] = True
+        return _GroupedLinear.apply(x, w, offs)
     return _loop_linear(x, w, counts_host if counts_host is not None else counts.tolist())
 
 
@@ -126,6 +132,8 @@ class GroupedExperts(nn.Module):
             counts_host: optional host copy of ``counts``.
         Returns ``[N, D]`` in x's dtype.
         """
+        if counts_host is None and not use_grouped_mm(x.device, x.dtype):
+            counts_host = counts.tolist()  # once for both matmuls
         w1, w3, w2 = self.local_weights()  # [G, H, D], [G, H, D], [G, D, H]
         w1, w3, w2 = w1.to(x.dtype), w3.to(x.dtype), w2.to(x.dtype)
         w13 = torch.cat([w1, w3], dim=1)  # [G, 2H, D]

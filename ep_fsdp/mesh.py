@@ -49,8 +49,9 @@ def build_mesh(*, ep: int, dp_shard: int | None = None, device_type: str | None 
     if dp_shard * ep != world:
         raise ValueError(
             f"build_mesh: dp_shard * ep must equal world_size, got dp_shard={dp_shard} * ep={ep} = "
-            f"{dp_shard * ep} != world_size={world}; use dp_shard={world // ep if world % ep == 0 else '?'} "
-            f"or launch {dp_shard * ep} processes."
+            f"{dp_shard * ep} != world_size={world}; "
+            + (f"use dp_shard={world // ep}" if world % ep == 0 else f"choose ep from the divisors of {world}: {_divisors(world)}")
+            + f", or launch {dp_shard * ep} processes."
         )
     if device_type is None:
         device_type = "cuda" if torch.cuda.is_available() else "cpu"
@@ -65,9 +66,9 @@ def check_mesh(mesh: object, api: str = "parallelize_moe") -> DeviceMesh:
             "build one with ep_fsdp.build_mesh(ep=...)."
         )
     names = tuple(mesh.mesh_dim_names or ())
-    if mesh.ndim != 2 or set(names) != set(MESH_DIMS):
+    if mesh.ndim != 2 or names != MESH_DIMS:
         raise ValueError(
-            f"{api}: mesh must be 2-D with dims {MESH_DIMS}, got shape {tuple(mesh.shape)} with dims "
+            f"{api}: mesh must be 2-D with dims {MESH_DIMS} in that order, got shape {tuple(mesh.shape)} with dims "
             f"{names or None}; build it with ep_fsdp.build_mesh(ep=...) or "
             f"init_device_mesh(device, (dp_shard, ep), mesh_dim_names={MESH_DIMS})."
         )

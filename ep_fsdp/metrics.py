@@ -9,7 +9,6 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from .moe import moe_layers
-from .parallelize import get_layout
 
 __all__ = ["routing_stats"]
 
@@ -18,7 +17,8 @@ def routing_stats(model: nn.Module) -> dict[str, dict[str, Any]]:
     """Per MoE layer, from the most recent forward, over all ranks (collective when distributed):
 
     * ``utilization``: fraction of the routed slots that went to each expert (sums to 1);
-    * ``imbalance``: max / mean rows processed per ep rank (1.0 is perfectly even);
+    * ``imbalance``: max / mean over ranks of the rows each rank's experts processed (1.0 is
+      perfectly even; the busiest rank sets the step time);
     * ``a2a_bytes``: bytes all ranks sent to other ranks in the layer's two all-to-alls.
 
     Example::
@@ -31,28 +31,34 @@ def routing_stats(model: nn.Module) -> dict[str, dict[str, Any]]:
         raise ValueError(f"routing_stats: {type(model).__name__} contains no ep_fsdp.MoE layer.")
     if any(m.last_tokens_per_expert is None for _, m in layers):
         raise RuntimeError("routing_stats: run a forward pass first; no routing has been recorded yet.")
-    layout = get_layout(model)
-    ep = layout.ep if layout is not None else 1
     device = layers[0][1].last_tokens_per_expert.device
+    # per layer: [E counts | a2a bytes | rows processed by this rank's experts]
     packed = torch.cat(
-        [torch.cat([m.last_tokens_per_expert.double(), torch.tensor([float(m.last_a2a_bytes)], dtype=torch.float64, device=device)])
-         for _, m in layers]
-    )  # [layers * (E + 1)]
+        [
+            torch.cat([
+                m.last_tokens_per_expert.double(),
+                torch.full((1,), float(m.last_a2a_bytes), dtype=torch.float64, device=device),
+                m.last_expert_load.sum().double().reshape(1),
+            ])
+            for _, m in layers
+        ]
+    )
+    ends = torch.tensor([m.config.num_experts + 2 for _, m in layers]).cumsum(0).tolist()  # per-layer ends
+    loads = packed[[e - 1 for e in ends]].clone()  # [layers] this rank's rows
     group = layers[0][1].stats_group  # all ranks of the mesh (None in a single process)
+    world = 1
     if group is not None:
+        world = dist.get_world_size(group)
         dist.all_reduce(packed, group=group)
+        dist.all_reduce(loads, op=dist.ReduceOp.MAX, group=group)
     out: dict[str, dict[str, Any]] = {}
-    offset = 0
-    for name, m in layers:
+    for i, (name, m) in enumerate(layers):
         E = m.config.num_experts
-        counts = packed[offset:offset + E]
-        a2a = packed[offset + E]
-        offset += E + 1
-        per_rank = counts.view(ep, E // ep).sum(dim=1)  # [ep]
-        total = counts.sum().clamp(min=1.0)
+        row = packed[ends[i] - E - 2:ends[i]]
+        counts, a2a, mean_load = row[:E], row[E], row[E + 1] / world
         out[name] = {
-            "utilization": (counts / total).tolist(),
-            "imbalance": float(per_rank.max() / per_rank.mean().clamp(min=1e-12)),
+            "utilization": (counts / counts.sum().clamp(min=1.0)).tolist(),
+            "imbalance": float(loads[i] / mean_load) if mean_load > 0 else 1.0,
             "a2a_bytes": int(a2a),
         }
     return out

@@ -13,7 +13,7 @@ from .comm import all_reduce_sum
 from .config import MoEConfig
 from .dispatch import ExchangePlan, combine, gather_token_copies, scatter_to_slots, sort_by_expert
 from .experts import GroupedExperts
-from .router import Router, balancing_losses, balancing_stats
+from .router import Router, RouterOutput, balancing_losses, balancing_stats
 
 __all__ = ["MoE", "moe_aux_loss", "moe_layers"]
 
@@ -72,8 +72,8 @@ class MoE(nn.Module):
             )
         tokens = x.reshape(-1, cfg.dim)  # [T, D]
         route = self.router(tokens)  # weights [T, k], expert_ids [T, k]
-        self._record_balancing(route)
         perm = sort_by_expert(route.expert_ids, cfg.num_experts)  # counts [E]
+        self._record_balancing(route, perm.counts)
         x_sorted = gather_token_copies(tokens, perm)  # [S, D]
         if self.ep_group is None:
             y_sorted = self.experts(x_sorted, perm.counts)  # [S, D]
@@ -94,16 +94,14 @@ class MoE(nn.Module):
         out = combine(y_slots, route.weights)  # [T, D]
         return out.reshape(x.shape)
 
-    def _record_balancing(self, route) -> None:  # route: RouterOutput
+    def _record_balancing(self, route: RouterOutput, counts: torch.Tensor) -> None:
         cfg = self.config
-        self.last_tokens_per_expert = torch.bincount(
-            route.expert_ids.reshape(-1).detach(), minlength=cfg.num_experts
-        )
+        self.last_tokens_per_expert = counts.detach()
         if cfg.aux_loss_coef == 0 and cfg.z_loss_coef == 0:
             self.last_global_tokens_per_expert = None
             self.last_balance_loss = self.last_z_loss = self.last_aux_loss = None
             return
-        stats = balancing_stats(route, cfg.num_experts)  # [2E + 2] float64
+        stats = balancing_stats(route, counts)  # [2E + 2] float64
         if self.stats_group is not None:
             stats = all_reduce_sum(stats, self.stats_group)
         balance, z_loss = balancing_losses(stats, cfg.num_experts, cfg.top_k)

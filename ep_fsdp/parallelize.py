@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import torch
 import torch.distributed as dist
 import torch.nn as nn
 from torch.distributed._composable.checkpoint_activation import checkpoint as checkpoint_module
@@ -63,8 +64,9 @@ def parallelize_moe(
        ranks so the auxiliary losses are those of the global batch.
     2. Optional activation checkpointing of each block (composable, parameter names unchanged).
     3. FSDP2 ``fully_shard``: each MoE layer's ``experts`` over ``dp_shard`` (``Shard(0)`` of the
-       local expert block when ``dp_shard`` divides ``E/ep``, else ``Shard(1)``); each block over
-       all ranks; the root last.
+       local expert block when ``dp_shard`` divides ``E/ep``, else ``Shard(1)``); under a
+       low-precision ``mp_policy`` each ``router`` over all ranks with float32 parameters; each
+       block over all ranks; the root last.
 
     Every parameter's gradient equals the gradient of the global-batch mean loss when each rank
     backpropagates the mean loss over its own tokens (plus :func:`ep_fsdp.moe_aux_loss`): expert
@@ -141,10 +143,18 @@ def parallelize_moe(
         fully_shard(module, mesh=on, mp_policy=mp_policy, reshard_after_forward=reshard_after_forward, **kwargs)
         fsdp_modules.append(module)  # type: ignore[arg-type]
 
+    low_precision = mp_policy.param_dtype not in (None, torch.float32)
+    router_policy = MixedPrecisionPolicy(param_dtype=torch.float32, reduce_dtype=mp_policy.reduce_dtype)
     for _, layer in layers:
         local_experts = layer.config.num_experts // ep
         placement = Shard(0) if local_experts % dp_shard == 0 else Shard(1)
         shard(layer.experts, dp_mesh, shard_placement_fn=lambda _p, pl=placement: pl)
+        if low_precision:
+            # NOTE: routing decisions must not see a bfloat16 gate weight: the router gets its
+            # own unit whose parameters stay float32 (one small extra all-gather per layer).
+            fully_shard(layer.router, mesh=all_mesh, mp_policy=router_policy,
+                        reshard_after_forward=reshard_after_forward)
+            fsdp_modules.append(layer.router)  # type: ignore[arg-type]
     # Children before parents: reverse module order puts nested blocks first.
     for _, block in reversed(blocks):
         if not isinstance(block, FSDPModule):

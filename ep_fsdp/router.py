@@ -29,9 +29,9 @@ class RouterOutput:
 class Router(nn.Module):
     """Linear gate ``D -> E`` computed in float32, then softmax/sigmoid scores and top-k.
 
-    The gate weight may be held in a lower precision (e.g. under an FSDP mixed-precision policy);
-    the matmul and everything after it run in float32 so that routing decisions do not depend on
-    the parameter dtype.
+    The matmul and everything after it run in float32. Under a bfloat16 mixed-precision policy
+    :func:`ep_fsdp.parallelize_moe` gives each router its own FSDP unit with float32 parameters,
+    so routing decisions use the float32 gate weight.
     """
 
     def __init__(self, config: MoEConfig) -> None:
@@ -69,20 +69,21 @@ class Router(nn.Module):
         return RouterOutput(weights=weights, expert_ids=expert_ids, probs=probs, logits=logits)
 
 
-def balancing_stats(route: RouterOutput, num_experts: int) -> torch.Tensor:
+def balancing_stats(route: RouterOutput, counts: torch.Tensor) -> torch.Tensor:
     """Additive per-rank statistics of one routing decision, packed in one float64 vector.
+
+    ``counts`` is ``[E]``, the routed slots per expert.
 
     Layout ``[E prob sums | E token counts | z sum | token count]``; summing the vectors of all
     ranks gives the statistics of the global batch, which :func:`balancing_losses` turns into losses.
     """
-    counts = torch.bincount(route.expert_ids.reshape(-1), minlength=num_experts)  # [E]
     z = torch.logsumexp(route.logits, dim=-1)  # [T]
     return torch.cat(
         [
             route.probs.sum(dim=0).double(),  # [E]
             counts.double(),  # [E]
             (z * z).sum().double().reshape(1),
-            torch.tensor([route.probs.shape[0]], dtype=torch.float64, device=counts.device),
+            torch.full((1,), float(route.probs.shape[0]), dtype=torch.float64, device=counts.device),
         ]
     )
 

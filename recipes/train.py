@@ -73,7 +73,7 @@ def build_model(cfg: JobConfig, device: torch.device) -> MoETransformer:
 
 
 def lr_lambda(cfg: JobConfig):
-    """Linear warmup to lr, then cosine decay to lr * min_lr_ratio at the last step."""
+    """Linear warmup to lr, then cosine decay towards lr * min_lr_ratio (reached after the last step)."""
     t = cfg.train
 
     def f(step: int) -> float:  # step = optimizer steps taken so far
@@ -185,7 +185,11 @@ def main(argv: list[str] | None = None) -> None:
     # resume
     ckpt_dir = out / "checkpoints"
     start_step = 0
-    resume = ckpt.latest(ckpt_dir)
+    # rank 0 decides, so that every rank resumes from the same checkpoint (directory listings
+    # may differ across nodes on a network file system)
+    choice = [ckpt.latest(ckpt_dir) if rank == 0 else None]
+    dist.broadcast_object_list(choice, src=0)
+    resume = choice[0]
     if resume is not None:
         meta = ckpt.load(resume, model, optimizer)
         start_step = meta["step"]
@@ -201,7 +205,7 @@ def main(argv: list[str] | None = None) -> None:
             # NOTE: a new layout has other ranks, so per-rank state does not carry over. The
             # sampler's state is layout-independent (global batches consumed) and the schedule is a
             # function of the step, so both are rebuilt from the step.
-            loader.batch_sampler.consumed = start_step * t.grad_accum_steps
+            loader.batch_sampler.load_state_dict({"consumed": start_step * t.grad_accum_steps})
             scheduler.last_epoch = start_step
             for group, base_lr in zip(optimizer.param_groups, scheduler.base_lrs):
                 group["lr"] = base_lr * lr_lambda(cfg)(start_step)
@@ -256,7 +260,8 @@ def main(argv: list[str] | None = None) -> None:
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
 
-        if step % cfg.log.log_every == 0 or step == t.steps or step == start_step + 1:
+        is_val_step = step % cfg.log.val_every == 0 or step == t.steps
+        if step % cfg.log.log_every == 0 or is_val_step or step == start_step + 1:
             layers = ep_fsdp.moe_layers(model)
             # per-layer means of the last micro-batch's global balancing and z losses
             balance = sum(float(m.last_balance_loss or 0.0) for _, m in layers) / len(layers)
@@ -274,7 +279,7 @@ def main(argv: list[str] | None = None) -> None:
                 "peak_memory_mb": mem,
                 "expert_utilization": {k: v["utilization"] for k, v in routing.items()},
             }
-            if step % cfg.log.val_every == 0 or step == t.steps:
+            if is_val_step:
                 record["val_loss"] = validate(model, val_set, cfg, device)
             if rank == 0:
                 metrics.write(record)

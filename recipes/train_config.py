@@ -80,6 +80,10 @@ class ParallelFields:
     ep: int = 1
     dp_shard: int = 0
 
+    def __post_init__(self) -> None:
+        if self.ep < 1 or self.dp_shard < 0:
+            raise ValueError(f"parallel.ep must be >= 1 and parallel.dp_shard >= 0, got {self.ep}, {self.dp_shard}.")
+
 
 @dataclass
 class DataFields:
@@ -91,11 +95,16 @@ class DataFields:
 
 @dataclass
 class LogFields:
-    """``[log]``: what rank 0 prints and writes to metrics.jsonl."""
+    """``[log]``: what rank 0 prints and writes to metrics.jsonl (validation steps are logged too)."""
 
     log_every: int = 10
     val_every: int = 50
     val_batches: int = 4
+
+    def __post_init__(self) -> None:
+        for name in ("log_every", "val_every", "val_batches"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"log.{name} must be >= 1, got {getattr(self, name)!r}.")
 
 
 @dataclass
@@ -105,6 +114,11 @@ class CheckpointFields:
     every: int = 50
     keep_last: int = 3
     async_save: bool = False
+
+    def __post_init__(self) -> None:
+        for name in ("every", "keep_last"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"checkpoint.{name} must be >= 1, got {getattr(self, name)!r}.")
 
 
 @dataclass
@@ -141,8 +155,33 @@ def _build(cls: type, values: dict[str, Any], where: str) -> Any:
                 raise ValueError(f"config: [{where}.{key}] must be a table, got {value!r}.")
             kwargs[key] = _build(nested, value, f"{where}.{key}" if where else key)
         else:
-            kwargs[key] = value
+            kwargs[key] = _typed(value, f.default, f"{where}.{key}" if where else key)
     return cls(**kwargs)
+
+
+def _typed(value: Any, default: Any, name: str) -> Any:
+    """Check ``value`` against the type of the field's default (bool, int, float, str, tuple)."""
+    kind = type(default)
+    if kind is bool:
+        if isinstance(value, str) and value.lower() in ("true", "false"):
+            return value.lower() == "true"
+        ok = isinstance(value, bool)
+    elif kind is int:
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    elif kind is float:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        value = float(value) if ok else value
+    elif kind is tuple:
+        ok = isinstance(value, (list, tuple))
+        value = tuple(value) if ok else value
+    else:
+        ok = isinstance(value, kind)
+    if not ok:
+        raise ValueError(
+            f"config: {name} must be of type {kind.__name__} (like {default!r}), got {value!r}; "
+            "TOML writes booleans as true/false and strings in quotes."
+        )
+    return value
 
 
 def _parse_override(item: str) -> tuple[list[str], Any]:

@@ -231,3 +231,23 @@ def test_checkpoint_of_another_model_is_refused(tmp_path):
                                               num_dense_layers=1, moe=make_model().config.moe))
     with pytest.raises(ValueError, match=r"missing from checkpoint: \['layers\.2\."):
         ckpt.load(tmp_path / "e8", deeper)
+
+
+def test_refused_load_leaves_optimizer_untouched_and_coefficients_may_change(tmp_path):
+    saved = make_model(num_experts=8)
+    ckpt.save(tmp_path / "e8", saved, torch.optim.AdamW(saved.parameters()), step=1)
+    other = make_model(num_experts=4)
+    opt = torch.optim.AdamW(other.parameters())
+    with pytest.raises(ValueError, match="saved from a different model"):
+        ckpt.load(tmp_path / "e8", other, opt)
+    assert len(opt.state) == 0  # no state was created by the refused load
+    # routing options and loss coefficients are not part of the model's identity
+    from dataclasses import replace
+
+    from ep_fsdp.models import MoETransformer
+
+    base = make_model()
+    cfg = replace(base.config, moe=replace(base.config.moe, aux_loss_coef=0.5, top_k=3, z_loss_coef=0.0))
+    tuned = MoETransformer(cfg)
+    assert ckpt.load(tmp_path / "e8", tuned)["step"] == 1
+    assert torch.equal(tuned.layers[1].feed_forward.experts.w1, base.layers[1].feed_forward.experts.w1)

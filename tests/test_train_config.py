@@ -40,3 +40,22 @@ def test_overrides_are_typed():
 def test_bad_config_errors(override, message):
     with pytest.raises(ValueError, match=message):
         load_config(CONFIGS[0], [override])
+
+
+@pytest.mark.parametrize(
+    "override,message",
+    [
+        ("checkpoint.async_save=maybe", r"checkpoint.async_save must be of type bool"),
+        ("train.steps=1.5", r"train.steps must be of type int \(like 300\), got 1.5"),
+        ("log.log_every=0", r"log.log_every must be >= 1, got 0"),
+        ("checkpoint.keep_last=0", r"checkpoint.keep_last must be >= 1, got 0"),
+    ],
+)
+def test_values_are_type_checked(override, message):
+    with pytest.raises(ValueError, match=message):
+        load_config(CONFIGS[0], [override])
+
+
+def test_python_style_booleans_are_understood():
+    assert load_config(CONFIGS[0], ["checkpoint.async_save=False"]).checkpoint.async_save is False
+    assert load_config(CONFIGS[0], ["checkpoint.async_save=True"]).checkpoint.async_save is True

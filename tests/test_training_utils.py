@@ -115,5 +115,8 @@ def test_loader_state_round_trip():
     again.load_state_dict(state)
     got = next(iter(again))
     assert torch.equal(got[0], expected[0]) and torch.equal(got[1], expected[1])
+    other = build_loader(ds, 8, rank=1, world=2, seed=0)
+    with pytest.raises(ValueError, match="saved data position was made with global_batch=4, this run has global_batch=8"):
+        other.load_state_dict(state)
     with pytest.raises(ValueError, match="global_batch=5 is not divisible by world=2"):
         build_loader(ds, 5, rank=0, world=2)

@@ -167,25 +167,29 @@ def save(
     rank, world = _rank_world()
     if keep_last is not None and keep_last < 1:
         raise ValueError(f"save: keep_last must be >= 1 or None, got {keep_last!r}.")
-    if path.exists():
+    # Every rank must take the same decision (a stale directory cache on one node must not split
+    # the ranks), so the existence check and the preparation are agreed through collectives.
+    if any(_gather(path.exists())):
         raise FileExistsError(
             f"save: {path} already exists; checkpoints are never overwritten. Save under a new name "
             "(e.g. step_{step:08d}) or delete the old one yourself."
         )
     tmp = partial_path(path)
+    error: BaseException | None = None
     if rank == 0:
-        if tmp.exists():  # left by an interrupted save: never a valid checkpoint
-            shutil.rmtree(tmp)
-        tmp.mkdir(parents=True)
-    if _distributed():
-        dist.barrier()
+        try:
+            if tmp.exists():  # left by an interrupted save: never a valid checkpoint
+                shutil.rmtree(tmp)
+            tmp.mkdir(parents=True)
+        except BaseException as e:  # noqa: BLE001
+            error = e
+    _raise_if_any(error, "save")
 
     state = _app_state(model, optimizer)
     params = _param_records(state["model"])
     layout = _layout_record(model)
     moe = moe_layer_records(model, layout["ep"])
 
-    error: BaseException | None = None
     try:
         if extra is not None:
             extra_path(tmp, rank).parent.mkdir(exist_ok=True)
@@ -195,39 +199,51 @@ def save(
     _raise_if_any(error, "save")
 
     def commit() -> Path:
-        own = sorted(tmp.glob(f"__{rank}_*.distcp"))
-        if extra is not None:
-            own.append(extra_path(tmp, rank))
-        manifest = {str(p.relative_to(tmp)): {"bytes": p.stat().st_size, "crc32": file_crc32(p)} for p in own}
+        # NOTE: every phase reports its failure through a collective, so no rank is left waiting.
+        manifest: dict[str, dict[str, int]] = {}
+        error: BaseException | None = None
+        try:
+            own = sorted(tmp.glob(f"__{rank}_*.distcp"))
+            if extra is not None:
+                own.append(extra_path(tmp, rank))
+            manifest = {str(p.relative_to(tmp)): {"bytes": p.stat().st_size, "crc32": file_crc32(p)} for p in own}
+        except BaseException as e:  # noqa: BLE001
+            error = e
         manifests = _gather(manifest)
+        _raise_if_any(error, "save")
         if rank == 0:
-            files = {k: v for m in manifests for k, v in m.items()}
-            dcp_meta = tmp / ".metadata"
-            files[".metadata"] = {"bytes": dcp_meta.stat().st_size, "crc32": file_crc32(dcp_meta)}
-            meta = {
-                "format_version": FORMAT_VERSION,
-                "step": step,
-                "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-                "layout": layout,
-                "moe_layers": moe,
-                "params": params,
-                "has_optimizer": optimizer is not None,
-                "extra_ranks": [r for r, m in enumerate(manifests) if any(k.startswith("extra/") for k in m)],
-                "files": files,
-                "versions": {"ep_fsdp": __version__, "torch": torch.__version__},
-                "user": metadata,
-            }
-            write_json_atomic(tmp / METADATA_FILE, meta)
-            _fsync_dir(tmp)
-            os.rename(tmp, path)
-            _fsync_dir(path.parent)
-            if keep_last is not None:
-                for old in list_checkpoints(path.parent)[:-keep_last]:
-                    if old != path:
-                        shutil.rmtree(old, ignore_errors=True)
-        if _distributed():
-            dist.barrier()
+            try:
+                _write_metadata_and_rename(manifests)
+            except BaseException as e:  # noqa: BLE001
+                error = e
+        _raise_if_any(error, "save")
         return path
+
+    def _write_metadata_and_rename(manifests: list[dict[str, dict[str, int]]]) -> None:
+        files = {k: v for m in manifests for k, v in m.items()}
+        dcp_meta = tmp / ".metadata"
+        files[".metadata"] = {"bytes": dcp_meta.stat().st_size, "crc32": file_crc32(dcp_meta)}
+        meta = {
+            "format_version": FORMAT_VERSION,
+            "step": step,
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "layout": layout,
+            "moe_layers": moe,
+            "params": params,
+            "has_optimizer": optimizer is not None,
+            "extra_ranks": [r for r, m in enumerate(manifests) if any(k.startswith("extra/") for k in m)],
+            "files": files,
+            "versions": {"ep_fsdp": __version__, "torch": torch.__version__},
+            "user": metadata,
+        }
+        write_json_atomic(tmp / METADATA_FILE, meta)
+        _fsync_dir(tmp)
+        os.rename(tmp, path)
+        _fsync_dir(path.parent)
+        if keep_last is not None:
+            for old in list_checkpoints(path.parent)[:-keep_last]:
+                if old != path:
+                    shutil.rmtree(old, ignore_errors=True)
 
     if async_save:
         future = dcp.async_save(state, checkpoint_id=str(tmp), process_group=_async_group())
@@ -283,8 +299,8 @@ def _verify_files(path: Path, meta: dict[str, Any], api: str = "load", collectiv
         size = f.stat().st_size
         if size != rec["bytes"]:
             problems.append(f"{name} has {size} bytes, expected {rec['bytes']} (truncated or replaced)")
-        elif i % world == rank and file_crc32(f) != rec["crc32"]:
-            problems.append(f"{name} is corrupted (CRC32 {file_crc32(f):#010x}, expected {rec['crc32']:#010x})")
+        elif i % world == rank and (crc := file_crc32(f)) != rec["crc32"]:
+            problems.append(f"{name} is corrupted (CRC32 {crc:#010x}, expected {rec['crc32']:#010x})")
     all_problems = sorted({p for ps in (_gather(problems) if collective else [problems]) for p in ps})
     if all_problems:
         raise ValueError(
@@ -303,8 +319,10 @@ def _check_model_matches(path: Path, meta: dict[str, Any], model_sd: dict[str, A
         for k in sorted(set(expected) & set(saved))
         if expected[k]["shape"] != saved[k]["shape"]
     ]
-    moe_now = {name: rec["config"] for name, rec in moe_layer_records(model, 1).items()}
-    moe_saved = {name: rec["config"] for name, rec in meta["moe_layers"].items()}
+    # Only fields that shape tensors must agree; routing options and loss coefficients may change.
+    structural = ("dim", "hidden_dim", "num_experts", "expert_bias")
+    moe_now = {n: {f: r["config"][f] for f in structural} for n, r in moe_layer_records(model, 1).items()}
+    moe_saved = {n: {f: r["config"].get(f) for f in structural} for n, r in meta["moe_layers"].items()}
     configs = [
         f"{name}.{field}: model {moe_now[name][field]!r} vs checkpoint {moe_saved[name][field]!r}"
         for name in sorted(set(moe_now) & set(moe_saved))
@@ -357,8 +375,10 @@ def load(
             "optimizer, or resume from a checkpoint saved with one."
         )
     _verify_files(path, meta)
+    # NOTE: checked on the model's state dict alone: building the optimizer's state dict would
+    # initialise an empty optimizer's state, which a refused load must not do.
+    _check_model_matches(path, meta, get_model_state_dict(model), model)
     state = _app_state(model, optimizer)
-    _check_model_matches(path, meta, state["model"], model)
     with _quiet_single_process():
         dcp.load(state, checkpoint_id=str(path), no_dist=not _distributed())
     if optimizer is None:

@@ -166,13 +166,16 @@ class MoETransformer(nn.Module):
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        """Small-normal init for embeddings and projections (std 0.02, output scaled by depth)."""
+        """Small-normal init (std 0.02) for embeddings, router gates and input projections, dense
+        and expert alike; output projections (attention ``wo``, SwiGLU ``w2``) scaled by depth."""
         nn.init.normal_(self.tok_embeddings.weight, std=0.02)
+        out_std = 0.02 / math.sqrt(2 * self.config.num_layers)
         for name, p in self.named_parameters():
-            if name.endswith(("wq.weight", "wk.weight", "wv.weight", "w1.weight", "w3.weight")):
+            if name.endswith(("wq.weight", "wk.weight", "wv.weight", "w1.weight", "w3.weight",
+                              "experts.w1", "experts.w3", "router.gate.weight")):
                 nn.init.normal_(p, std=0.02)
-            elif name.endswith(("wo.weight", "w2.weight")):
-                nn.init.normal_(p, std=0.02 / math.sqrt(2 * self.config.num_layers))
+            elif name.endswith(("wo.weight", "w2.weight", "experts.w2")):
+                nn.init.normal_(p, std=out_std)
         nn.init.normal_(self.output.weight, std=self.config.dim**-0.5)
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
