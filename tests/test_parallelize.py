@@ -40,6 +40,11 @@ def error_cases() -> dict[str, tuple[str, str]]:
         "mesh_dims": _error(
             lambda: ep_fsdp.parallelize_moe(_moe_model(4), init_device_mesh("cpu", (2,), mesh_dim_names=("dp",)))
         ),
+        "mesh_order": _error(
+            lambda: ep_fsdp.parallelize_moe(
+                _moe_model(4), init_device_mesh("cpu", (2, 1), mesh_dim_names=("ep", "dp_shard"))
+            )
+        ),
         "not_a_mesh": _error(lambda: ep_fsdp.parallelize_moe(_moe_model(4), "mesh")),
         "twice": _error(lambda: ep_fsdp.parallelize_moe(twice, mesh)),
     }
@@ -62,7 +67,9 @@ def test_errors_name_the_values_and_the_fix(pools):
     assert kind == "ValueError" and "Linear contains no ep_fsdp.MoE layer" in msg
     kind, msg = errors["mesh_dims"]
     assert kind == "ValueError"
-    assert "mesh must be 2-D with dims ('dp_shard', 'ep'), got shape (2,) with dims ('dp',)" in msg
+    assert "mesh must be 2-D with dims ('dp_shard', 'ep') in that order, got shape (2,) with dims ('dp',)" in msg
+    kind, msg = errors["mesh_order"]
+    assert kind == "ValueError" and "in that order, got shape (2, 1) with dims ('ep', 'dp_shard')" in msg
     assert errors["not_a_mesh"][0] == "TypeError" and "got str" in errors["not_a_mesh"][1]
     kind, msg = errors["twice"]
     assert kind == "ValueError" and "Sequential is already parallelized" in msg

@@ -98,7 +98,9 @@ def parity_step(dp_shard: int, ep: int, kind: str, regime: str, seed: int = 0,
     loss_ref, _ = loss_fn(ref, x, y)
     loss_ref.backward()
     grads_ref = {n: p.grad.clone() for n, p in ref.named_parameters()}
-    opt_kwargs = dict(lr=1e-2, weight_decay=0.1)
+    # NOTE: AdamW normalises each gradient element, so float reordering in near-zero gradients is
+    # amplified by lr; 1e-3 still moves parameters by ~5%, far above the tolerance.
+    opt_kwargs = dict(lr=1e-3, weight_decay=0.1)
     torch.optim.AdamW(ref.parameters(), **opt_kwargs).step()
 
     ep_fsdp.parallelize_moe(model, mesh, activation_checkpointing=ac, reshard_after_forward=reshard)
