@@ -54,7 +54,7 @@ def _loop_linear(x: torch.Tensor, w: torch.Tensor, counts: list[int]) -> torch.T
 
 
 def use_grouped_mm(device: torch.device, dtype: torch.dtype) -> bool:
-    """Whether ``grouped_mm`` takes this (device, dtype): CPU in any float dtype; CUDA in bfloat16
+    """Whether ``grouped_mm`` takes this (device, dtype): CPU in float32/bfloat16/float16; CUDA in bfloat16
     on sm90+ (its fast path; other CUDA cases take torch's own per-group fallback, so the loop
     below is as good and avoids its host syncs). Override with ``_GROUPED_MM_WORKS``."""
     key = (device.type, dtype)
@@ -64,7 +64,7 @@ def use_grouped_mm(device: torch.device, dtype: torch.dtype) -> bool:
         return False
     if device.type == "cuda":
         return dtype == torch.bfloat16 and torch.cuda.get_device_capability(device) >= (9, 0)
-    return device.type == "cpu"
+    return device.type == "cpu" and dtype in (torch.float32, torch.bfloat16, torch.float16)
 
 
 def grouped_linear(

@@ -18,6 +18,17 @@ from .router import Router, RouterOutput, balancing_losses, balancing_stats
 __all__ = ["MoE", "moe_aux_loss", "moe_layers"]
 
 
+class _GraphSlot:
+    """Holds a tensor that is part of the autograd graph (the last aux loss). A module holding such
+    a tensor directly could not be deep-copied or pickled, so the slot copies as empty."""
+
+    def __init__(self) -> None:
+        self.value: torch.Tensor | None = None
+
+    def __reduce__(self) -> tuple[type, tuple]:
+        return (_GraphSlot, ())
+
+
 class MoE(nn.Module):
     """Token-choice top-k Mixture-of-Experts feed-forward layer with SwiGLU experts.
 
@@ -59,9 +70,18 @@ class MoE(nn.Module):
         self.last_global_tokens_per_expert: torch.Tensor | None = None
         self.last_balance_loss: torch.Tensor | None = None
         self.last_z_loss: torch.Tensor | None = None
-        self.last_aux_loss: torch.Tensor | None = None
+        self._aux_slot = _GraphSlot()
         self.last_expert_load: torch.Tensor | None = None
         self.last_a2a_bytes: int = 0
+
+    @property
+    def last_aux_loss(self) -> torch.Tensor | None:
+        """Coefficient-weighted balancing + z loss of the last forward, with gradient (or None)."""
+        return self._aux_slot.value
+
+    @last_aux_loss.setter
+    def last_aux_loss(self, value: torch.Tensor | None) -> None:
+        self._aux_slot.value = value
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         cfg = self.config

@@ -76,6 +76,14 @@ def test_fallback_loop_equals_grouped_mm(monkeypatch):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
 
 
+def test_float64_takes_the_loop_path():
+    torch.manual_seed(7)
+    layer = MoE(MoEConfig(dim=8, hidden_dim=16, num_experts=4, top_k=2)).double()
+    x = torch.randn(20, 8, dtype=torch.float64)
+    assert not experts_mod.use_grouped_mm(x.device, torch.float64)
+    torch.testing.assert_close(layer(x), naive_moe(layer, x).double())
+
+
 def test_experts_without_tokens_get_zero_gradient():
     torch.manual_seed(2)
     layer = MoE(MoEConfig(dim=8, hidden_dim=16, num_experts=4, top_k=1, expert_bias=True))
@@ -135,6 +143,19 @@ def test_aux_loss_sums_layers_and_disabled_is_zero():
     torch.testing.assert_close(total, model[0].last_aux_loss + model[1].last_aux_loss)
     assert total.requires_grad
     assert float(ep_fsdp.moe_aux_loss(model[2])) == 0.0
+
+
+def test_module_can_be_copied_after_forward():
+    import copy
+    import pickle
+
+    layer = MoE(MoEConfig(dim=8, hidden_dim=8, num_experts=4, aux_loss_coef=0.1))
+    layer(torch.randn(6, 8))
+    assert layer.last_aux_loss is not None and layer.last_aux_loss.requires_grad
+    clone = copy.deepcopy(layer)
+    assert clone.last_aux_loss is None and layer.last_aux_loss is not None
+    assert torch.equal(clone.experts.w1, layer.experts.w1)
+    assert pickle.loads(pickle.dumps(layer)).last_aux_loss is None
 
 
 def test_jitter_only_while_training():
