@@ -12,6 +12,7 @@ import torch.nn as nn
 from .comm import all_reduce_sum
 from .config import MoEConfig
 from .dispatch import ExchangePlan, combine, gather_token_copies, scatter_to_slots, sort_by_expert
+from .dispatch_dedup import dedup_exchange
 from .experts import GroupedExperts
 from .router import Router, RouterOutput, balancing_losses, balancing_stats
 
@@ -66,6 +67,9 @@ class MoE(nn.Module):
         # share one global batch (balancing statistics).
         self.ep_group: dist.ProcessGroup | None = None
         self.stats_group: dist.ProcessGroup | None = None
+        # Send a token once per ep rank even when several of its experts live there (see
+        # dispatch_dedup.py); set by parallelize_moe.
+        self.dedup_tokens: bool = True
         self.last_tokens_per_expert: torch.Tensor | None = None
         self.last_global_tokens_per_expert: torch.Tensor | None = None
         self.last_balance_loss: torch.Tensor | None = None
@@ -94,6 +98,12 @@ class MoE(nn.Module):
         route = self.router(tokens)  # weights [T, k], expert_ids [T, k]
         perm = sort_by_expert(route.expert_ids, cfg.num_experts)  # counts [E]
         self._record_balancing(route, perm.counts)
+        if self.ep_group is not None and self.dedup_tokens:
+            out, load, self.last_a2a_bytes = dedup_exchange(
+                tokens, route.expert_ids, route.weights, cfg.num_experts, self.ep_group, self.experts
+            )
+            self.last_expert_load = load.detach()
+            return out.reshape(x.shape)
         x_sorted = gather_token_copies(tokens, perm)  # [S, D]
         if self.ep_group is None:
             y_sorted = self.experts(x_sorted, perm.counts)  # [S, D]

@@ -53,6 +53,7 @@ def parallelize_moe(
     reshard_after_forward: bool = True,
     activation_checkpointing: bool = False,
     block_filter: Callable[[str, nn.Module, nn.Module | None], bool] | None = None,
+    dedup_tokens: bool = True,
 ) -> nn.Module:
     """Apply expert parallelism and FSDP2 to every :class:`ep_fsdp.MoE` in ``model``, in place.
 
@@ -83,6 +84,9 @@ def parallelize_moe(
         activation_checkpointing: recompute each block's activations in the backward pass.
         block_filter: ``(name, module, parent) -> bool`` choosing the FSDP blocks; default: every
             element of an ``nn.ModuleList`` (:func:`default_block_filter`).
+        dedup_tokens: send each token at most once to each ep rank, with the gate weights, and
+            combine a token's experts of one rank on that rank (fewer bytes when k > 1); ``False``
+            sends one row per (token, expert).
 
     Returns:
         ``model`` itself, now an ``FSDPModule``.
@@ -126,6 +130,7 @@ def parallelize_moe(
         _shard_experts(layer, ep_mesh)
         layer.ep_group = ep_mesh.get_group() if ep > 1 else None
         layer.stats_group = all_mesh.get_group() if world > 1 else None
+        layer.dedup_tokens = dedup_tokens
 
     named = dict(model.named_modules())
     blocks = [

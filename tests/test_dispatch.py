@@ -80,3 +80,36 @@ def test_received_expert_order_groups_by_local_expert():
 def test_received_expert_order_empty():
     index, inverse = received_expert_order(torch.tensor([0, 0, 0, 0]), ep=2, num_rows=0)
     assert index.numel() == 0 and inverse.numel() == 0
+
+
+def dedup_plan_case() -> dict:
+    """Run on 2 ranks: E = 4 experts, ep = 2 (G = 2), T = 3 / 2 tokens, k = 2."""
+    import torch.distributed as dist
+
+    from dist_pool import worker_mesh
+    from ep_fsdp.dispatch_dedup import DedupPlan
+
+    group = worker_mesh(1, 2)["ep"].get_group()
+    ids = {0: [[0, 1], [1, 2], [3, 2]], 1: [[2, 3], [0, 3]]}[dist.get_rank()]
+    plan = DedupPlan.build(torch.tensor(ids), num_experts=4, group=group)
+    return {
+        "order": plan.order.tolist(),
+        "unique_token": plan.unique_token.tolist(),
+        "row_in_chunk": plan.row_in_chunk.tolist(),
+        "sizes": (plan.rows_send, plan.slots_send, plan.rows_recv, plan.slots_recv),
+    }
+
+
+def test_dedup_plan_hand_worked(pools):
+    r0, r1 = pools(2).run(dedup_plan_case)
+    # rank 0: destinations [[0,0],[0,1],[1,1]]; pairs (d0,t0) slots 0,1; (d0,t1) slot 2;
+    # (d1,t1) slot 3; (d1,t2) slots 4,5: 4 rows instead of 6 token copies
+    assert r0["order"] == [0, 1, 2, 3, 4, 5]
+    assert r0["unique_token"] == [0, 1, 1, 2]
+    assert r0["row_in_chunk"] == [0, 0, 1, 0, 1, 1]
+    assert r0["sizes"] == ([2, 2], [3, 3], [2, 1], [3, 1])
+    # rank 1: destinations [[1,1],[0,1]]; pairs (d0,t1) slot 2; (d1,t0) slots 0,1; (d1,t1) slot 3
+    assert r1["order"] == [2, 0, 1, 3]
+    assert r1["unique_token"] == [1, 0, 1]
+    assert r1["row_in_chunk"] == [0, 0, 0, 1]
+    assert r1["sizes"] == ([1, 2], [1, 3], [2, 2], [3, 3])

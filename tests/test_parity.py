@@ -84,7 +84,7 @@ def loss_fn(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.T
 
 
 def parity_step(dp_shard: int, ep: int, kind: str, regime: str, seed: int = 0,
-                ac: bool = False, reshard: bool = True) -> dict:
+                ac: bool = False, reshard: bool = True, dedup: bool = True) -> dict:
     """One step on the parallel and on the reference model; returns errors (run on every rank)."""
     mesh = worker_mesh(dp_shard, ep)
     rank, world = dist.get_rank(), dist.get_world_size()
@@ -103,7 +103,8 @@ def parity_step(dp_shard: int, ep: int, kind: str, regime: str, seed: int = 0,
     opt_kwargs = dict(lr=1e-3, weight_decay=0.1)
     torch.optim.AdamW(ref.parameters(), **opt_kwargs).step()
 
-    ep_fsdp.parallelize_moe(model, mesh, activation_checkpointing=ac, reshard_after_forward=reshard)
+    ep_fsdp.parallelize_moe(model, mesh, activation_checkpointing=ac, reshard_after_forward=reshard,
+                            dedup_tokens=dedup)
     per = x.shape[0] // world
     loss, _ = loss_fn(model, x[rank * per:(rank + 1) * per], y[rank * per:(rank + 1) * per])
     loss.backward()
@@ -124,6 +125,7 @@ def parity_step(dp_shard: int, ep: int, kind: str, regime: str, seed: int = 0,
         ),
         "routed_slots": counts,
         "rows_received": [int(m.last_expert_load.sum()) for _, m in ep_fsdp.moe_layers(model)],
+        "a2a_bytes": sum(m.last_a2a_bytes for _, m in ep_fsdp.moe_layers(model)),
     }
 
 
@@ -159,10 +161,29 @@ def test_training_step_matches_single_process(pools, layout, kind, regime):
         ((1, 2), "transformer", {"ac": True, "reshard": False}),
         ((2, 2), "net6", {}),  # E/ep = 3 local experts, dp_shard = 2: FSDP Shard(1) on experts
         ((4, 1), "net6", {}),  # 6 local experts over dp_shard = 4: Shard(1)
+        ((2, 2), "transformer", {"dedup": False}),  # one row per (token, expert)
+        ((1, 4), "net", {"dedup": False}),
+        ((1, 2), "transformer", {"dedup": False, "ac": True}),
     ],
-    ids=["ac", "ac-no-reshard", "shard1-2x2", "shard1-4x1"],
+    ids=["ac", "ac-no-reshard", "shard1-2x2", "shard1-4x1", "plain-2x2", "plain-1x4", "plain-ac-1x2"],
 )
 def test_training_step_parity_options(pools, layout, kind, options):
     results = pools(layout[0] * layout[1]).run(parity_step, *layout, kind, "random", **options)
     for r in results:
         check(r)
+
+
+@pytest.mark.parametrize("regime", ["random", "idle_ep_rank"])
+def test_dedup_and_plain_exchange_agree(pools, regime):
+    """Same step with and without deduplication: the same numbers; and half the bytes when both
+    experts of every token live on one rank (idle_ep_rank routes every token to experts 0 and 1)."""
+    pool = pools(4)
+    dedup = pool.run(parity_step, 1, 4, "transformer", regime)
+    plain = pool.run(parity_step, 1, 4, "transformer", regime, dedup=False)
+    for a, b in zip(dedup, plain):
+        check(a)
+        check(b)
+        assert abs(a["loss"] - b["loss"]) <= REL_TOL * abs(b["loss"])
+    if regime == "idle_ep_rank":
+        sent_dedup, sent_plain = sum(r["a2a_bytes"] for r in dedup), sum(r["a2a_bytes"] for r in plain)
+        assert sent_dedup < 0.6 * sent_plain, (sent_dedup, sent_plain)
