@@ -10,6 +10,7 @@ next call starts a fresh one.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import os
 import socket
@@ -126,10 +127,8 @@ class WorkerPool:
     def close(self) -> None:
         self.broken = True
         for q in self._tasks:
-            try:
+            with contextlib.suppress(Exception):  # a queue of a dead worker may be closed
                 q.put(None)
-            except Exception:  # noqa: BLE001
-                pass
         for p in self._procs:
             p.join(timeout=5)
             if p.is_alive():
