@@ -22,6 +22,7 @@ from .comm import all_to_all_rows
 
 __all__ = [
     "Permutation",
+    "expert_counts",
     "sort_by_expert",
     "gather_token_copies",
     "scatter_to_slots",
@@ -43,20 +44,29 @@ class Permutation:
     top_k: int
 
 
-def sort_by_expert(expert_ids: torch.Tensor, num_experts: int) -> Permutation:
+def expert_counts(expert_ids: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """Routed slots per expert, ``[T, k] -> [E]`` int64, without a host synchronisation.
+
+    NOTE: scatter_add, not bincount: bincount syncs with the host on CUDA to size its output.
+    """
+    flat = expert_ids.reshape(-1)  # [S]
+    return torch.zeros(num_experts, dtype=torch.long, device=flat.device).scatter_add_(
+        0, flat, torch.ones_like(flat)
+    )
+
+
+def sort_by_expert(expert_ids: torch.Tensor, num_experts: int, counts: torch.Tensor | None = None) -> Permutation:
     """Stable sort of the (token, slot) pairs by expert id.
 
     ``expert_ids`` is ``[T, k]``. Ties keep token order, so expert ``e``'s rows are its tokens in
-    ascending token order.
+    ascending token order. ``counts`` (from :func:`expert_counts`) is computed if not given.
     """
     flat = expert_ids.reshape(-1)  # [S]
     sort_idx = torch.argsort(flat, stable=True)  # [S]
     inverse = torch.empty_like(sort_idx)
     inverse[sort_idx] = torch.arange(sort_idx.numel(), device=sort_idx.device)  # [S]
-    # NOTE: scatter_add, not bincount: bincount syncs with the host on CUDA to size its output.
-    counts = torch.zeros(num_experts, dtype=torch.long, device=flat.device).scatter_add_(
-        0, flat, torch.ones_like(flat)
-    )  # [E]
+    if counts is None:
+        counts = expert_counts(expert_ids, num_experts)  # [E]
     return Permutation(sort_idx=sort_idx, inverse=inverse, counts=counts, top_k=expert_ids.shape[-1])
 
 

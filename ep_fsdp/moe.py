@@ -11,7 +11,14 @@ import torch.nn as nn
 
 from .comm import all_reduce_sum
 from .config import MoEConfig
-from .dispatch import ExchangePlan, combine, gather_token_copies, scatter_to_slots, sort_by_expert
+from .dispatch import (
+    ExchangePlan,
+    combine,
+    expert_counts,
+    gather_token_copies,
+    scatter_to_slots,
+    sort_by_expert,
+)
 from .dispatch_dedup import dedup_exchange
 from .experts import GroupedExperts
 from .router import Router, RouterOutput, balancing_losses, balancing_stats
@@ -96,14 +103,15 @@ class MoE(nn.Module):
             )
         tokens = x.reshape(-1, cfg.dim)  # [T, D]
         route = self.router(tokens)  # weights [T, k], expert_ids [T, k]
-        perm = sort_by_expert(route.expert_ids, cfg.num_experts)  # counts [E]
-        self._record_balancing(route, perm.counts)
+        counts = expert_counts(route.expert_ids, cfg.num_experts)  # [E]
+        self._record_balancing(route, counts)
         if self.ep_group is not None and self.dedup_tokens:
             out, load, self.last_a2a_bytes = dedup_exchange(
                 tokens, route.expert_ids, route.weights, cfg.num_experts, self.ep_group, self.experts
             )
             self.last_expert_load = load.detach()
             return out.reshape(x.shape)
+        perm = sort_by_expert(route.expert_ids, cfg.num_experts, counts)  # only the plain paths sort
         x_sorted = gather_token_copies(tokens, perm)  # [S, D]
         if self.ep_group is None:
             y_sorted = self.experts(x_sorted, perm.counts)  # [S, D]

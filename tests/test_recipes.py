@@ -10,13 +10,14 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import pytest
+
+from dist_pool import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 STEPS = 16
@@ -128,14 +129,8 @@ def test_killed_worker_restarts_and_finishes_with_the_same_loss(reference, tmp_p
     assert losses(tmp_path)[STEPS] == losses(reference)[STEPS]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_two_agent_multi_node_launch(tmp_path):
-    port = _free_port()
+    port = free_port()
     launcher = ["--nnodes", "2", "--nproc-per-node", "1", "--rdzv-backend", "c10d",
                 "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", "ep_fsdp_test"]
     cmd = torchrun(*launcher, str(ROOT / "recipes" / "train.py"), "--output-dir", str(tmp_path), *FAST,
