@@ -4,7 +4,8 @@ from .config import MoEConfig
 from .grad import clip_grad_norm_
 from .launch import init_distributed
 from .mesh import build_mesh
-from .moe import MoE, moe_aux_loss, moe_layers
+from .moe import MoE, moe_aux_loss, moe_layers, set_aux_loss_scale
+from .placement import ExpertPlacement
 from .metrics import routing_stats
 from .parallelize import parallelize_moe
 
@@ -15,6 +16,8 @@ __all__ = [
     "MoE",
     "moe_aux_loss",
     "moe_layers",
+    "set_aux_loss_scale",
+    "ExpertPlacement",
     "init_distributed",
     "build_mesh",
     "parallelize_moe",

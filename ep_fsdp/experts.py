@@ -14,10 +14,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.distributed.tensor import DTensor
 
-from .comm import scale_grad
 from .config import MoEConfig
 
-__all__ = ["GroupedExperts", "grouped_linear", "use_grouped_mm"]
+__all__ = ["GroupedExperts", "grouped_linear", "swiglu", "use_grouped_mm"]
 
 # (device type, dtype) -> forced choice of grouped_mm (True) or the per-expert loop (False).
 _GROUPED_MM_WORKS: dict[tuple[str, torch.dtype], bool] = {}
@@ -28,22 +27,60 @@ class _GroupedLinear(torch.autograd.Function):
 
     NOTE: written out by hand because the autograd formula of ``grouped_mm`` fails on CPU in
     torch 2.13 ("Invalid strides/sizes"), while the three forward-style calls below all run.
+    NOTE: no zero-length contraction is ever issued: with no rows at all the weight gradient is
+    zeros without a kernel call, and experts with no rows get exact zeros (upstream reports say
+    some CUDA kernels fail on, or return garbage for, empty groups).
     """
 
     @staticmethod
-    def forward(ctx: Any, x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
-        # x: [N, K], w: [G, M, K], offs: [G] int32 cumulative row ends -> [N, M]
-        ctx.save_for_backward(x, w, offs)
+    def forward(ctx: Any, x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        # x: [N, K], w: [G, M, K], offs: [G] int32 cumulative row ends, counts: [G] -> [N, M]
+        ctx.save_for_backward(x, w, offs, counts)
+        if x.shape[0] == 0:
+            return x.new_empty(0, w.shape[1])
         return F.grouped_mm(x, w.transpose(-2, -1), offs=offs)
 
     @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None, None]:
-        x, w, offs = ctx.saved_tensors
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None, None, None]:
+        x, w, offs, counts = ctx.saved_tensors
+        if x.shape[0] == 0:
+            grad_x = x.new_zeros(x.shape) if ctx.needs_input_grad[0] else None
+            grad_w = torch.zeros_like(w) if ctx.needs_input_grad[1] else None
+            return grad_x, grad_w, None, None
         grad = grad.contiguous()  # [N, M]
         grad_x = F.grouped_mm(grad, w, offs=offs) if ctx.needs_input_grad[0] else None  # [N, K]
-        # [M, N] x [N, K] grouped over N -> [G, M, K]; empty groups give zeros.
-        grad_w = F.grouped_mm(grad.t(), x, offs=offs) if ctx.needs_input_grad[1] else None
-        return grad_x, grad_w, None
+        grad_w = None
+        if ctx.needs_input_grad[1]:
+            grad_w = F.grouped_mm(grad.t(), x, offs=offs)  # [M, N] x [N, K] grouped over N -> [G, M, K]
+            empty = (counts == 0).view(-1, 1, 1)  # [G, 1, 1]
+            grad_w = torch.where(empty, torch.zeros((), dtype=grad_w.dtype, device=grad_w.device), grad_w)
+        return grad_x, grad_w, None, None
+
+
+class _SwiGLU(torch.autograd.Function):
+    """``silu(gate) * up`` that saves only its two inputs (the pre-activations) for the backward.
+
+    NOTE: autograd would also keep ``silu(gate)``, one more ``[N, H]`` tensor per layer.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        ctx.save_for_backward(gate, up)
+        return F.silu(gate) * up  # [N, H]
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        gate, up = ctx.saved_tensors
+        g32, gate32 = grad.float(), gate.float()
+        sig = torch.sigmoid(gate32)  # [N, H]
+        grad_up = g32 * gate32 * sig
+        grad_gate = g32 * up.float() * sig * (1.0 + gate32 * (1.0 - sig))
+        return grad_gate.to(gate.dtype), grad_up.to(up.dtype)
+
+
+def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """``silu(gate) * up`` (``[N, H]`` each), saving only ``gate`` and ``up`` for the backward."""
+    return _SwiGLU.apply(gate, up)
 
 
 def _loop_linear(x: torch.Tensor, w: torch.Tensor, counts: list[int]) -> torch.Tensor:
@@ -82,7 +119,7 @@ def grouped_linear(
     """
     if use_grouped_mm(x.device, x.dtype):
         offs = torch.cumsum(counts, dim=0, dtype=torch.int32)  # [G]
-        return _GroupedLinear.apply(x, w, offs)
+        return _GroupedLinear.apply(x, w, offs, counts)
     return _loop_linear(x, w, counts_host if counts_host is not None else counts.tolist())
 
 
@@ -102,9 +139,6 @@ class GroupedExperts(nn.Module):
         self.w1 = nn.Parameter(torch.empty(E, H, D))
         self.w3 = nn.Parameter(torch.empty(E, H, D))
         self.w2 = nn.Parameter(torch.empty(E, D, H))
-        # Gradient factor applied to the local weights (set by parallelize_moe to 1/ep; see
-        # docs/architecture.md, "Gradient scaling").
-        self.grad_scale: float = 1.0
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -115,11 +149,8 @@ class GroupedExperts(nn.Module):
 
     def local_weights(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """This rank's ``(w1, w3, w2)`` blocks as plain tensors (``[G, ...]``)."""
-        out = []
-        for w in (self.w1, self.w3, self.w2):
-            local = w.to_local() if isinstance(w, DTensor) else w
-            out.append(scale_grad(local, self.grad_scale))
-        return out[0], out[1], out[2]
+        w1, w3, w2 = (w.to_local() if isinstance(w, DTensor) else w for w in (self.w1, self.w3, self.w2))
+        return w1, w3, w2
 
     def forward(
         self, x: torch.Tensor, counts: torch.Tensor, counts_host: list[int] | None = None
@@ -136,8 +167,9 @@ class GroupedExperts(nn.Module):
             counts_host = counts.tolist()  # once for both matmuls
         w1, w3, w2 = self.local_weights()  # [G, H, D], [G, H, D], [G, D, H]
         w1, w3, w2 = w1.to(x.dtype), w3.to(x.dtype), w2.to(x.dtype)
-        w13 = torch.cat([w1, w3], dim=1)  # [G, 2H, D]
-        gate_up = grouped_linear(x, w13, counts, counts_host)  # [N, 2H]
-        gate, up = gate_up.chunk(2, dim=-1)  # [N, H] each
-        hidden = F.silu(gate) * up  # [N, H]
+        # NOTE: two matmuls instead of one over cat([w1, w3]): a concatenated weight copy would be
+        # made every forward and kept alive until the backward.
+        gate = grouped_linear(x, w1, counts, counts_host)  # [N, H]
+        up = grouped_linear(x, w3, counts, counts_host)  # [N, H]
+        hidden = swiglu(gate, up)  # [N, H]
         return grouped_linear(hidden, w2, counts, counts_host)  # [N, D]

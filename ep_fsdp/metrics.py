@@ -1,4 +1,4 @@
-"""Routing figures of the last forward, summed over all ranks: what people watch while training."""
+"""Routing figures summed over all ranks: what people watch while training."""
 
 from __future__ import annotations
 
@@ -13,13 +13,20 @@ from .moe import moe_layers
 __all__ = ["routing_stats"]
 
 
-def routing_stats(model: nn.Module) -> dict[str, dict[str, Any]]:
-    """Per MoE layer, from the most recent forward, over all ranks (collective when distributed):
+def routing_stats(model: nn.Module, *, reset: bool = True) -> dict[str, dict[str, Any]]:
+    """Per MoE layer, over the forwards since the last call and over all ranks (collective when
+    distributed; call it on every rank):
 
+    * ``tokens_per_expert``: routed slots of each logical expert (global batch);
     * ``utilization``: fraction of the routed slots that went to each expert (sums to 1);
     * ``imbalance``: max / mean over ranks of the rows each rank's experts processed (1.0 is
       perfectly even; the busiest rank sets the step time);
-    * ``a2a_bytes``: bytes all ranks sent to other ranks in the layer's two all-to-alls.
+    * ``a2a_bytes``: bytes all ranks sent to other ranks in the layer's exchanges;
+    * ``balance_loss`` / ``z_loss``: mean global-batch values over the forwards that computed
+      them (``None`` if none did);
+    * ``forwards``: how many forwards the figures cover.
+
+    The counters are reset afterwards unless ``reset=False``.
 
     Example::
 
@@ -29,20 +36,18 @@ def routing_stats(model: nn.Module) -> dict[str, dict[str, Any]]:
     layers = moe_layers(model)
     if not layers:
         raise ValueError(f"routing_stats: {type(model).__name__} contains no ep_fsdp.MoE layer.")
-    if any(m.last_tokens_per_expert is None for _, m in layers):
-        raise RuntimeError("routing_stats: run a forward pass first; no routing has been recorded yet.")
-    device = layers[0][1].last_tokens_per_expert.device
+    if any(m.routing.tokens_per_expert is None for _, m in layers):
+        raise RuntimeError("routing_stats: run a forward pass first; no routing has been recorded since the last reset.")
+    device = layers[0][1].routing.tokens_per_expert.device
     # per layer: [E counts | a2a bytes | rows processed by this rank's experts]
-    packed = torch.cat(
-        [
-            torch.cat([
-                m.last_tokens_per_expert.double(),
-                torch.full((1,), float(m.last_a2a_bytes), dtype=torch.float64, device=device),
-                m.last_expert_load.sum().double().reshape(1),
-            ])
-            for _, m in layers
-        ]
-    )
+    packed = torch.cat([
+        torch.cat([
+            m.routing.tokens_per_expert.double(),
+            torch.full((1,), float(m.routing.a2a_bytes), dtype=torch.float64, device=device),
+            m.routing.expert_load.sum().double().reshape(1),
+        ])
+        for _, m in layers
+    ])
     ends = torch.tensor([m.config.num_experts + 2 for _, m in layers]).cumsum(0).tolist()  # per-layer ends
     loads = packed[[e - 1 for e in ends]].clone()  # [layers] this rank's rows
     group = layers[0][1].stats_group  # all ranks of the mesh (None in a single process)
@@ -56,9 +61,16 @@ def routing_stats(model: nn.Module) -> dict[str, dict[str, Any]]:
         E = m.config.num_experts
         row = packed[ends[i] - E - 2:ends[i]]
         counts, a2a, mean_load = row[:E], row[E], row[E + 1] / world
+        losses = None if m.routing.losses is None else (m.routing.losses / m.routing.loss_forwards).tolist()
         out[name] = {
+            "tokens_per_expert": [int(c) for c in counts.tolist()],
             "utilization": (counts / counts.sum().clamp(min=1.0)).tolist(),
             "imbalance": float(loads[i] / mean_load) if mean_load > 0 else 1.0,
             "a2a_bytes": int(a2a),
+            "balance_loss": None if losses is None else losses[0],
+            "z_loss": None if losses is None else losses[1],
+            "forwards": m.routing.forwards,
         }
+        if reset:
+            m.routing.reset()
     return out

@@ -1,6 +1,7 @@
-"""The MoE layer: router + dispatch + grouped experts + combine.
+"""The MoE layer: router + token dispatcher + grouped experts.
 
-Legend: T tokens on this rank, D model dim, E experts, k experts per token, S = T*k routed slots.
+Legend: T tokens on this rank, D model dim, E experts, k experts per token, G local expert slots,
+N rows given to this rank's experts.
 """
 
 from __future__ import annotations
@@ -9,54 +10,34 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from .comm import all_reduce_sum
+from .balancing import RoutingCounters, attach_balancing_losses, in_backward
 from .config import MoEConfig
-from .dispatch import (
-    ExchangePlan,
-    combine,
-    expert_counts,
-    gather_token_copies,
-    scatter_to_slots,
-    sort_by_expert,
-)
-from .dispatch_dedup import dedup_exchange
+from .dispatch import LocalDispatcher, TokenDispatcher, expert_counts
 from .experts import GroupedExperts
-from .router import Router, RouterOutput, balancing_losses, balancing_stats
+from .placement import ExpertPlacement
+from .router import Router
 
-__all__ = ["MoE", "moe_aux_loss", "moe_layers"]
-
-
-class _GraphSlot:
-    """Holds a tensor that is part of the autograd graph (the last aux loss). A module holding such
-    a tensor directly could not be deep-copied or pickled, so the slot copies as empty."""
-
-    def __init__(self) -> None:
-        self.value: torch.Tensor | None = None
-
-    def __reduce__(self) -> tuple[type, tuple]:
-        return (_GraphSlot, ())
+__all__ = ["MoE", "moe_aux_loss", "moe_layers", "set_aux_loss_scale"]
 
 
 class MoE(nn.Module):
     """Token-choice top-k Mixture-of-Experts feed-forward layer with SwiGLU experts.
 
     Maps ``[..., D] -> [..., D]`` in the input's dtype. Unparallelized it runs every expert on
-    this process; after :func:`ep_fsdp.parallelize_moe` each rank holds a block of experts and
-    tokens travel to them with ``all_to_all_single`` over the ``ep`` mesh dim, with the same
+    this process; after :func:`ep_fsdp.parallelize_moe` each rank holds ``E / ep`` experts (which
+    ones: :attr:`placement`) and tokens travel to them through :attr:`dispatcher`, with the same
     numerics as the single-process layer on the same global batch.
 
-    Monitoring attributes, refreshed by every forward:
+    The forward is one path for every layout::
 
-    * ``last_tokens_per_expert``: ``[E]`` int64, this rank's routed slots per expert.
-    * ``last_global_tokens_per_expert``: ``[E]`` int64 over all ranks (only when a balancing loss
-      is enabled, since that is when the global statistics are gathered), else ``None``.
-    * ``last_balance_loss`` / ``last_z_loss``: detached float32 scalars or ``None``.
-    * ``last_aux_loss``: the coefficient-weighted loss *with* gradient, read by
-      :func:`ep_fsdp.moe_aux_loss`.
-    * ``last_expert_load``: ``[G]`` int64 rows processed by each expert held on this rank
-      (``G = E / ep``); its sum over ep ranks shows the load imbalance.
-    * ``last_a2a_bytes``: bytes this rank sent to other ranks in the two all-to-alls (0 when not
-      parallelized).
+        route = router(tokens)                                  # ids [T, k], weights [T, k] fp32
+        rows, counts, handle = dispatcher.dispatch(tokens, route.expert_ids, route.weights)
+        out = dispatcher.combine(experts(rows, counts), handle) # [T, D]
+
+    Balancing losses (``aux_loss_coef``, ``z_loss_coef``) are losses of the global batch whose
+    gradient is attached to the output (see ``ep_fsdp/balancing.py``); read their value with
+    :func:`ep_fsdp.moe_aux_loss`. :attr:`routing` counts routed slots, rows per local expert and
+    all-to-all bytes over the forwards since :func:`ep_fsdp.routing_stats` last reset them.
 
     Example::
 
@@ -70,29 +51,23 @@ class MoE(nn.Module):
         self.config = config
         self.router = Router(config)
         self.experts = GroupedExperts(config)
-        # Set by parallelize_moe: the ep group (token exchange) and the group of all ranks that
-        # share one global batch (balancing statistics).
-        self.ep_group: dist.ProcessGroup | None = None
+        self.dispatcher: TokenDispatcher = LocalDispatcher(ExpertPlacement.contiguous(config.num_experts, 1))
+        # The group of all ranks that share one global batch (balancing statistics); set by
+        # parallelize_moe together with the gradient factor of the balancing losses.
         self.stats_group: dist.ProcessGroup | None = None
-        # Send a token once per ep rank even when several of its experts live there (see
-        # dispatch_dedup.py); set by parallelize_moe.
-        self.dedup_tokens: bool = True
-        self.last_tokens_per_expert: torch.Tensor | None = None
-        self.last_global_tokens_per_expert: torch.Tensor | None = None
-        self.last_balance_loss: torch.Tensor | None = None
-        self.last_z_loss: torch.Tensor | None = None
-        self._aux_slot = _GraphSlot()
-        self.last_expert_load: torch.Tensor | None = None
-        self.last_a2a_bytes: int = 0
+        self.aux_grad_factor: float = 1.0
+        self.aux_loss_scale: float = 1.0
+        self.routing = RoutingCounters()
 
     @property
-    def last_aux_loss(self) -> torch.Tensor | None:
-        """Coefficient-weighted balancing + z loss of the last forward, with gradient (or None)."""
-        return self._aux_slot.value
+    def placement(self) -> ExpertPlacement:
+        """Which ep rank and local slot hold each logical expert."""
+        return self.dispatcher.placement
 
-    @last_aux_loss.setter
-    def last_aux_loss(self, value: torch.Tensor | None) -> None:
-        self._aux_slot.value = value
+    def reset_parameters(self) -> None:
+        """Re-initialise the router gate and the experts (works on sharded DTensor parameters)."""
+        self.router.gate.reset_parameters()
+        self.experts.reset_parameters()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         cfg = self.config
@@ -102,51 +77,18 @@ class MoE(nn.Module):
                 "reshape the input to [..., dim] or build the layer with the matching MoEConfig.dim."
             )
         tokens = x.reshape(-1, cfg.dim)  # [T, D]
-        route = self.router(tokens)  # weights [T, k], expert_ids [T, k]
-        counts = expert_counts(route.expert_ids, cfg.num_experts)  # [E]
-        self._record_balancing(route, counts)
-        if self.ep_group is not None and self.dedup_tokens:
-            out, load, self.last_a2a_bytes = dedup_exchange(
-                tokens, route.expert_ids, route.weights, cfg.num_experts, self.ep_group, self.experts
-            )
-            self.last_expert_load = load.detach()
-            return out.reshape(x.shape)
-        perm = sort_by_expert(route.expert_ids, cfg.num_experts, counts)  # only the plain paths sort
-        x_sorted = gather_token_copies(tokens, perm)  # [S, D]
-        if self.ep_group is None:
-            y_sorted = self.experts(x_sorted, perm.counts)  # [S, D]
-            self.last_expert_load = perm.counts.detach()
-            self.last_a2a_bytes = 0
-        else:
-            plan = ExchangePlan.build(perm.counts, self.ep_group)
-            x_local = plan.dispatch(x_sorted, self.ep_group)  # [R, D]
-            y_local = self.experts(x_local, plan.local_counts, plan.local_counts_host)  # [R, D]
-            y_sorted = plan.gather_back(y_local, self.ep_group)  # [S, D]
-            self.last_expert_load = plan.local_counts.detach()
-            row_bytes = cfg.dim * x.element_size()
-            self_rank = dist.get_rank(self.ep_group)
-            sent = sum(plan.input_splits) - plan.input_splits[self_rank]
-            sent_back = sum(plan.output_splits) - plan.output_splits[self_rank]
-            self.last_a2a_bytes = (sent + sent_back) * row_bytes
-        y_slots = scatter_to_slots(y_sorted, perm)  # [T, k, D]
-        out = combine(y_slots, route.weights)  # [T, D]
+        route = self.router(tokens)  # weights [T, k] fp32, expert_ids [T, k] logical
+        rows, counts, handle = self.dispatcher.dispatch(tokens, route.expert_ids, route.weights)  # [N, D], [G]
+        y = self.experts(rows, counts, handle.counts_host)  # [N, D]
+        out = self.dispatcher.combine(y, handle)  # [T, D]
+        slots = expert_counts(route.expert_ids, cfg.num_experts)  # [E] logical
+        if not in_backward():  # NOTE: activation-checkpoint recomputation records nothing
+            self.routing.add_forward(slots, counts, handle.sent_bytes)
+        out = attach_balancing_losses(
+            out, route, slots, aux_loss_coef=cfg.aux_loss_coef, z_loss_coef=cfg.z_loss_coef, top_k=cfg.top_k,
+            group=self.stats_group, grad_scale=self.aux_grad_factor * self.aux_loss_scale, counters=self.routing,
+        )
         return out.reshape(x.shape)
-
-    def _record_balancing(self, route: RouterOutput, counts: torch.Tensor) -> None:
-        cfg = self.config
-        self.last_tokens_per_expert = counts.detach()
-        if cfg.aux_loss_coef == 0 and cfg.z_loss_coef == 0:
-            self.last_global_tokens_per_expert = None
-            self.last_balance_loss = self.last_z_loss = self.last_aux_loss = None
-            return
-        stats = balancing_stats(route, counts)  # [2E + 2] float64
-        if self.stats_group is not None:
-            stats = all_reduce_sum(stats, self.stats_group)
-        balance, z_loss = balancing_losses(stats, cfg.num_experts, cfg.top_k)
-        self.last_global_tokens_per_expert = stats[cfg.num_experts : 2 * cfg.num_experts].detach().long()
-        self.last_balance_loss = balance.detach()
-        self.last_z_loss = z_loss.detach()
-        self.last_aux_loss = cfg.aux_loss_coef * balance + cfg.z_loss_coef * z_loss
 
 
 def moe_layers(model: nn.Module) -> list[tuple[str, MoE]]:
@@ -154,28 +96,51 @@ def moe_layers(model: nn.Module) -> list[tuple[str, MoE]]:
     return [(name, m) for name, m in model.named_modules() if isinstance(m, MoE)]
 
 
-def moe_aux_loss(model: nn.Module) -> torch.Tensor:
-    """Coefficient-weighted balancing + z losses of all MoE layers from the most recent forward.
+def _require_layers(model: nn.Module, api: str) -> list[tuple[str, MoE]]:
+    layers = moe_layers(model)
+    if not layers:
+        raise ValueError(
+            f"{api} found no ep_fsdp.MoE layer in {type(model).__name__}; "
+            "pass the model that contains the MoE layers."
+        )
+    return layers
 
-    Add it to the task loss before ``backward()``. The statistics behind it cover the global batch
-    (all ranks), so its value and gradient equal the single-process model's on that batch. Layers
-    whose coefficients are both 0 contribute nothing; returns a float32 zero if none contribute.
+
+def moe_aux_loss(model: nn.Module) -> torch.Tensor:
+    """Coefficient-weighted balancing + z losses of all MoE layers, for the forwards since the last call.
+
+    The value is the global-batch loss (all ranks), summed over layers and averaged over the
+    forwards since the previous call, as a detached float32 scalar; the call resets it. Its
+    gradient is already attached to the layers' outputs, so adding the value to the task loss
+    (as below) gives the printed loss its true value and changes no gradient. Returns a float32
+    zero when no layer computed a balancing loss (both coefficients 0, or no gradient needed).
 
     Example::
 
         loss = F.cross_entropy(logits, targets) + ep_fsdp.moe_aux_loss(model)
     """
-    layers = moe_layers(model)
-    if not layers:
-        raise ValueError(
-            f"moe_aux_loss found no ep_fsdp.MoE layer in {type(model).__name__}; "
-            "pass the model that contains the MoE layers."
-        )
-    terms = [m.last_aux_loss for _, m in layers if m.last_aux_loss is not None]
-    if not terms:
-        device = layers[0][1].router.gate.weight.device
-        return torch.zeros((), dtype=torch.float32, device=device)
-    total = terms[0]
-    for t in terms[1:]:
-        total = total + t
-    return total
+    layers = _require_layers(model, "moe_aux_loss")
+    total: torch.Tensor | None = None
+    for _, m in layers:
+        value = m.routing.take_aux()
+        if value is not None:
+            total = value if total is None else total + value
+    if total is None:
+        return torch.zeros((), dtype=torch.float32, device=layers[0][1].router.gate.weight.device)
+    return total.float()
+
+
+def set_aux_loss_scale(model: nn.Module, scale: float) -> None:
+    """Multiply the balancing-loss gradient of every MoE layer by ``scale`` from the next forward.
+
+    Use it when the task loss is scaled, e.g. ``1 / grad_accum_steps`` when each micro-batch's loss
+    is divided by the number of micro-batches.
+
+    Example::
+
+        ep_fsdp.set_aux_loss_scale(model, 1 / accum_steps)
+    """
+    if not scale > 0:
+        raise ValueError(f"set_aux_loss_scale: scale must be > 0, got {scale!r}; e.g. 1 / grad_accum_steps.")
+    for _, m in _require_layers(model, "set_aux_loss_scale"):
+        m.aux_loss_scale = float(scale)

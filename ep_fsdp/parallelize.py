@@ -13,12 +13,17 @@ from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor, Shard, distribute_tensor
 
+from .dispatch import make_dispatcher
 from .mesh import check_mesh, flat_mesh
 from .moe import MoE, moe_layers
+from .placement import ExpertPlacement
 
-__all__ = ["parallelize_moe", "ParallelLayout", "default_block_filter", "get_layout"]
+__all__ = ["parallelize_moe", "ParallelLayout", "default_block_filter", "get_layout", "GRAD_REDUCTIONS"]
 
 _LAYOUT_ATTR = "_ep_fsdp_layout"
+
+
+GRAD_REDUCTIONS = ("mean", "sum")
 
 
 @dataclass(frozen=True)
@@ -29,10 +34,7 @@ class ParallelLayout:
     dp_shard: int
     ep: int
     mesh: DeviceMesh
-
-    def expert_owner(self, expert_id: int, num_experts: int) -> int:
-        """ep rank that owns ``expert_id``: ``expert_id // (num_experts // ep)``."""
-        return expert_id // (num_experts // self.ep)
+    grad_reduction: str = "mean"
 
 
 def default_block_filter(name: str, module: nn.Module, parent: nn.Module | None) -> bool:
@@ -54,26 +56,40 @@ def parallelize_moe(
     activation_checkpointing: bool = False,
     block_filter: Callable[[str, nn.Module, nn.Module | None], bool] | None = None,
     dedup_tokens: bool = True,
+    grad_reduction: str = "mean",
 ) -> nn.Module:
     """Apply expert parallelism and FSDP2 to every :class:`ep_fsdp.MoE` in ``model``, in place.
 
     What it does, in order:
 
-    1. Each MoE layer's ``experts.w1/w3/w2`` (global ``[E, ...]``) become DTensors ``Shard(0)`` over
-       the ``ep`` mesh dim: ep rank ``r`` owns experts ``[r*E/ep, (r+1)*E/ep)``. Tokens reach them
-       with one ``all_to_all_single`` each way per layer; balancing statistics are summed over all
-       ranks so the auxiliary losses are those of the global batch.
+    1. Each MoE layer gets an :class:`~ep_fsdp.placement.ExpertPlacement` (contiguous blocks: ep
+       rank ``r`` holds experts ``[r*E/ep, (r+1)*E/ep)``) and a token dispatcher over the ``ep``
+       mesh dim; its ``experts.w1/w3/w2`` (global ``[E, ...]``) become DTensors ``Shard(0)`` over
+       ``ep``. Balancing statistics are summed over all ranks, so the auxiliary losses are those
+       of the global batch.
     2. Optional activation checkpointing of each block (composable, parameter names unchanged).
-    3. FSDP2 ``fully_shard``: each MoE layer's ``experts`` over ``dp_shard`` (``Shard(0)`` of the
-       local expert block when ``dp_shard`` divides ``E/ep``, else ``Shard(1)``); under a
+    3. FSDP2 ``fully_shard``: each MoE layer's ``experts`` over ``dp_shard`` (placement chosen up
+       front per weight: ``Shard(0)`` of the local expert block when ``dp_shard`` divides
+       ``E/ep``, else the first other dim it divides; a clear error if none); under a
        low-precision ``mp_policy`` each ``router`` over all ranks with float32 parameters; each
-       block over all ranks; the root last.
+       block over all ranks; the root last. Each block prefetches the next block and its expert
+       and router units (forward), and the previous ones (backward).
+    4. Gradient divide factors on every FSDP unit, so that every gradient is that of the
+       global-batch loss under the chosen ``grad_reduction``.
 
-    Every parameter's gradient equals the gradient of the global-batch mean loss when each rank
-    backpropagates the mean loss over its own tokens (plus :func:`ep_fsdp.moe_aux_loss`): expert
-    gradients, which already sum the tokens of all ``ep`` peers, are scaled by ``1/ep`` in the
-    backward pass and FSDP averages over its mesh. Parameter names are unchanged. All ranks must
-    hold the same initial weights (same seed), as with FSDP2 itself.
+    Gradient conventions (``grad_reduction``):
+
+    * ``"mean"`` (default): each rank backpropagates the mean loss over its own tokens; the
+      parameter gradients are those of the mean over ranks. Expert gradients, which already sum
+      the tokens of all ``ep`` peers, are divided by ``world_size`` in FSDP's reduce-scatter over
+      ``dp_shard``; dense gradients are averaged over all ranks.
+    * ``"sum"``: each rank backpropagates the *sum* of its token losses divided by the global
+      token count (torchtitan's convention); gradients are summed over ranks, with no division.
+
+    The model may live on the ``meta`` device: nothing is materialized here. Afterwards call
+    ``model.to_empty(device=...)`` and initialize (e.g. ``model.reset_parameters()`` or load a
+    checkpoint); each rank then only ever allocates its own shards. All ranks must hold the same
+    initial weights when the model is built on a real device (same seed), as with FSDP2 itself.
 
     Args:
         model: any ``nn.Module`` containing ``ep_fsdp.MoE`` layers.
@@ -84,9 +100,11 @@ def parallelize_moe(
         activation_checkpointing: recompute each block's activations in the backward pass.
         block_filter: ``(name, module, parent) -> bool`` choosing the FSDP blocks; default: every
             element of an ``nn.ModuleList`` (:func:`default_block_filter`).
-        dedup_tokens: send each token at most once to each ep rank, with the gate weights, and
-            combine a token's experts of one rank on that rank (fewer bytes when k > 1); ``False``
-            sends one row per (token, expert).
+        dedup_tokens: when ``top_k > 1``, send each token at most once to each ep rank, with the
+            gate weights, and combine a token's experts of one rank on that rank (fewer bytes);
+            ``False`` sends one row per (token, expert). With ``top_k == 1`` the plain exchange is
+            used either way (deduplication cannot save a byte).
+        grad_reduction: ``"mean"`` or ``"sum"``, see above.
 
     Returns:
         ``model`` itself, now an ``FSDPModule``.
@@ -94,8 +112,11 @@ def parallelize_moe(
     Example::
 
         mesh = ep_fsdp.build_mesh(ep=2)                 # 4 ranks: dp_shard=2, ep=2
-        model = MyMoEModel()                            # same seed on every rank
+        with torch.device("meta"):
+            model = MyMoEModel()
         ep_fsdp.parallelize_moe(model, mesh)
+        model.to_empty(device="cuda")
+        model.reset_parameters()                        # or load a checkpoint
         loss = F.cross_entropy(model(x_local), y_local) + ep_fsdp.moe_aux_loss(model)
         loss.backward()
     """
@@ -107,6 +128,12 @@ def parallelize_moe(
             f"parallelize_moe: {type(model).__name__} is already parallelized (it holds DTensor/FSDP "
             "parameters); call parallelize_moe once, on a freshly built unparallelized model."
         )
+    if grad_reduction not in GRAD_REDUCTIONS:
+        raise ValueError(
+            f"parallelize_moe: grad_reduction must be one of {GRAD_REDUCTIONS}, got {grad_reduction!r}; "
+            "use 'mean' when each rank's loss is the mean over its tokens, 'sum' when it is the sum "
+            "divided by the global token count."
+        )
     layers = moe_layers(model)
     if not layers:
         raise ValueError(
@@ -114,6 +141,7 @@ def parallelize_moe(
             "feed-forward blocks with ep_fsdp.MoE(MoEConfig(...)), or use torch's fully_shard for dense models."
         )
     dp_shard, ep = mesh["dp_shard"].size(), mesh["ep"].size()
+    expert_placements: dict[str, Shard] = {}
     for name, layer in layers:
         E = layer.config.num_experts
         if E % ep != 0:
@@ -121,16 +149,26 @@ def parallelize_moe(
                 f"parallelize_moe: num_experts={E} of MoE layer '{name}' is not divisible by ep={ep}; "
                 f"choose ep from the divisors of {E} or change num_experts to a multiple of {ep}."
             )
+        for pname, param in layer.experts.named_parameters(recurse=False):
+            local_shape = (E // ep,) + tuple(param.shape[1:])
+            expert_placements[f"{name}.experts.{pname}"] = expert_fsdp_placement(
+                f"{name}.experts.{pname}", local_shape, dp_shard
+            )
     block_filter = block_filter or default_block_filter
     mp_policy = mp_policy or MixedPrecisionPolicy()
     ep_mesh, dp_mesh, all_mesh = mesh["ep"], mesh["dp_shard"], flat_mesh(mesh)
     world = all_mesh.size()
 
     for _, layer in layers:
+        placement = ExpertPlacement.contiguous(layer.config.num_experts, ep)
         _shard_experts(layer, ep_mesh)
-        layer.ep_group = ep_mesh.get_group() if ep > 1 else None
+        layer.dispatcher = make_dispatcher(
+            placement, ep_mesh.get_group() if ep > 1 else None, top_k=layer.config.top_k, dedup_tokens=dedup_tokens
+        )
         layer.stats_group = all_mesh.get_group() if world > 1 else None
-        layer.dedup_tokens = dedup_tokens
+        # NOTE: under "mean" FSDP divides every gradient by world; the balancing-loss gradient
+        # each rank injects is the partial derivative of the global loss, so it is multiplied back.
+        layer.aux_grad_factor = float(world) if grad_reduction == "mean" else 1.0
 
     named = dict(model.named_modules())
     blocks = [
@@ -142,48 +180,101 @@ def parallelize_moe(
         for _, block in _outermost(blocks):
             checkpoint_module(block)
 
-    fsdp_modules: list[FSDPModule] = []
+    units: list[tuple[FSDPModule, DeviceMesh]] = []
 
-    def shard(module: nn.Module, on: DeviceMesh, **kwargs: object) -> None:
-        fully_shard(module, mesh=on, mp_policy=mp_policy, reshard_after_forward=reshard_after_forward, **kwargs)
-        fsdp_modules.append(module)  # type: ignore[arg-type]
+    def shard(module: nn.Module, on: DeviceMesh, policy: MixedPrecisionPolicy = mp_policy, **kwargs: object) -> None:
+        fully_shard(module, mesh=on, mp_policy=policy, reshard_after_forward=reshard_after_forward, **kwargs)
+        units.append((module, on))  # type: ignore[arg-type]
 
     low_precision = mp_policy.param_dtype not in (None, torch.float32)
     router_policy = MixedPrecisionPolicy(param_dtype=torch.float32, reduce_dtype=mp_policy.reduce_dtype)
+    name_of = {id(p): n for n, p in model.named_parameters()}
     for _, layer in layers:
-        local_experts = layer.config.num_experts // ep
-        placement = Shard(0) if local_experts % dp_shard == 0 else Shard(1)
-        shard(layer.experts, dp_mesh, shard_placement_fn=lambda _p, pl=placement: pl)
+        shard(layer.experts, dp_mesh, shard_placement_fn=lambda p: expert_placements[name_of[id(p)]]
+              if id(p) in name_of else None)
         if low_precision:
             # NOTE: routing decisions must not see a bfloat16 gate weight: the router gets its
             # own unit whose parameters stay float32 (one small extra all-gather per layer).
-            fully_shard(layer.router, mesh=all_mesh, mp_policy=router_policy,
-                        reshard_after_forward=reshard_after_forward)
-            fsdp_modules.append(layer.router)  # type: ignore[arg-type]
+            shard(layer.router, all_mesh, router_policy)
     # Children before parents: reverse module order puts nested blocks first.
     for _, block in reversed(blocks):
         if not isinstance(block, FSDPModule):
             shard(block, all_mesh)
     # NOTE: the root keeps its parameters unsharded after forward; backward needs them at once.
     fully_shard(model, mesh=all_mesh, mp_policy=mp_policy, reshard_after_forward=False)
-    fsdp_modules.append(model)  # type: ignore[arg-type]
+    units.append((model, all_mesh))  # type: ignore[arg-type]
 
-    if dist.get_backend(all_mesh.get_group()) == "gloo":
-        # NOTE: gloo's reduce-scatter has no AVG; sum then divide gives the same average.
-        for module in fsdp_modules:
+    gloo = dist.get_backend(all_mesh.get_group()) == "gloo"
+    for module, on in units:
+        # NOTE: under "mean" every unit divides by world: dense units reduce over all ranks, and the
+        # expert units' gradients already sum the tokens of all ep peers before FSDP sums over
+        # dp_shard. FSDP applies the factor also on a size-1 mesh (no communication).
+        module.set_gradient_divide_factor(float(world) if grad_reduction == "mean" else 1.0)
+        if gloo and on.size() > 1:
+            # NOTE: gloo has no AVG or PREMUL_SUM: sum, then divide. Not on a size-1 mesh, where
+            # torch 2.13 would apply the divide factor twice.
             module.set_force_sum_reduction_for_comms(True)
-    setattr(model, _LAYOUT_ATTR, ParallelLayout(world_size=world, dp_shard=dp_shard, ep=ep, mesh=mesh))
+    _set_prefetch(model, [b for _, b in _outermost(blocks)])  # type: ignore[arg-type]
+    setattr(model, _LAYOUT_ATTR, ParallelLayout(world_size=world, dp_shard=dp_shard, ep=ep, mesh=mesh,
+                                                grad_reduction=grad_reduction))
     return model
+
+
+def expert_fsdp_placement(name: str, local_shape: tuple[int, ...], dp_shard: int) -> Shard:
+    """FSDP placement of one expert weight's local block ``[G, a, b]`` over ``dp_shard`` ranks.
+
+    ``Shard(0)`` when ``dp_shard`` divides ``G`` (whole experts per rank); else the first of dims
+    1, 2 that it divides (FSDP2 shards dims other than 0 only evenly). Raises before any collective
+    when no dim works.
+    """
+    if local_shape[0] % dp_shard == 0:
+        return Shard(0)
+    for dim in range(1, len(local_shape)):
+        if local_shape[dim] % dp_shard == 0:
+            return Shard(dim)
+    raise ValueError(
+        f"parallelize_moe: cannot shard expert weight '{name}' over dp_shard={dp_shard}: its local block "
+        f"{list(local_shape)} (experts per ep rank first) has no dim divisible by {dp_shard}; choose "
+        f"dp_shard from the divisors of one of {sorted(set(local_shape))}, or change num_experts, ep or "
+        "hidden_dim so that one of them is a multiple of dp_shard."
+    )
+
+
+def _fsdp_units_inside(block: nn.Module) -> list[FSDPModule]:
+    """FSDP units nested in ``block`` (expert and router units), in module (forward) order."""
+    return [m for m in block.modules() if m is not block and isinstance(m, FSDPModule)]  # type: ignore[misc]
+
+
+def _set_prefetch(root: nn.Module, blocks: list[FSDPModule]) -> None:
+    """Explicit FSDP prefetch: each block's all-gathers start one block early.
+
+    Forward: the root prefetches the first block and its expert/router units; block ``i`` the
+    next block and its units. Backward: the last block prefetches its own units, block ``i`` the
+    previous block and its units (in backward order: experts before router).
+    """
+    blocks = [b for b in blocks if isinstance(b, FSDPModule)]
+    if not blocks:
+        return
+    ahead = [[b, *_fsdp_units_inside(b)] for b in blocks]
+    root.set_modules_to_forward_prefetch(ahead[0])  # type: ignore[attr-defined]
+    for i, block in enumerate(blocks):
+        if i + 1 < len(blocks):
+            block.set_modules_to_forward_prefetch(ahead[i + 1])
+        behind = [blocks[i - 1], *reversed(_fsdp_units_inside(blocks[i - 1]))] if i > 0 else []
+        if i == len(blocks) - 1:
+            behind = [*reversed(_fsdp_units_inside(block)), *behind]
+        if behind:
+            block.set_modules_to_backward_prefetch(behind)
 
 
 def _shard_experts(layer: MoE, ep_mesh: DeviceMesh) -> None:
     """Turn the experts' global ``[E, ...]`` parameters into ``Shard(0)`` DTensors over ``ep``."""
     experts = layer.experts
     for name, param in list(experts.named_parameters(recurse=False)):
-        # NOTE: src_data_rank=None slices locally, like fully_shard: every rank holds the same init.
+        # NOTE: src_data_rank=None slices locally, like fully_shard: every rank holds the same init
+        # (or nothing yet, on the meta device).
         dt = distribute_tensor(param.detach(), ep_mesh, [Shard(0)], src_data_rank=None)
         experts.register_parameter(name, nn.Parameter(dt, requires_grad=param.requires_grad))
-    experts.grad_scale = 1.0 / ep_mesh.size()
 
 
 def _outermost(blocks: list[tuple[str, nn.Module]]) -> list[tuple[str, nn.Module]]:

@@ -6,6 +6,7 @@ Legend for shape comments: T tokens on this rank, D model dim, E experts, k expe
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn as nn
@@ -24,6 +25,33 @@ class RouterOutput:
     expert_ids: torch.Tensor  # [T, k] int64 chosen expert ids
     probs: torch.Tensor  # [T, E] float32 per-token distribution over experts (sums to 1)
     logits: torch.Tensor  # [T, E] float32 router logits after temperature
+
+
+class _Float32Linear(torch.autograd.Function):
+    """``x.float() @ w.float().T`` that saves ``x`` in its own dtype (not a float32 copy).
+
+    NOTE: under bf16 autograd would keep the float32 copy of the layer input, twice the bytes of
+    the input itself, for the weight gradient; the cast is redone in the backward instead.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        ctx.save_for_backward(x, w)
+        return F.linear(x.float(), w.float())  # [T, E]
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        x, w = ctx.saved_tensors
+        grad_x = (grad @ w.float()).to(x.dtype) if ctx.needs_input_grad[0] else None  # [T, D]
+        grad_w = (grad.t() @ x.float()).to(w.dtype) if ctx.needs_input_grad[1] else None  # [E, D]
+        return grad_x, grad_w
+
+
+def float32_logits(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """Router logits ``[T, E]`` in float32 from ``x [T, D]`` of any dtype."""
+    if x.dtype == torch.float32 and weight.dtype == torch.float32:
+        return F.linear(x, weight)
+    return _Float32Linear.apply(x, weight)
 
 
 class Router(nn.Module):
@@ -45,11 +73,10 @@ class Router(nn.Module):
 
     def forward(self, x: torch.Tensor) -> RouterOutput:  # x: [T, D]
         cfg = self.config
-        x32 = x.float()  # [T, D]
         if self.training and cfg.jitter_eps > 0:
-            noise = torch.empty_like(x32).uniform_(1.0 - cfg.jitter_eps, 1.0 + cfg.jitter_eps)
-            x32 = x32 * noise
-        logits = F.linear(x32, self.gate.weight.float())  # [T, E]
+            x32 = x.float()  # [T, D]
+            x = x32 * torch.empty_like(x32).uniform_(1.0 - cfg.jitter_eps, 1.0 + cfg.jitter_eps)
+        logits = float32_logits(x, self.gate.weight)  # [T, E]
         if cfg.temperature != 1.0:
             logits = logits / cfg.temperature
         if cfg.score_func == "softmax":

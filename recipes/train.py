@@ -28,7 +28,7 @@ warnings.filterwarnings("ignore", message=".*set_vital.*")  # torchdata 0.11 wit
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import ep_fsdp  # noqa: E402
 import ep_fsdp.checkpoint as ckpt  # noqa: E402
-from ep_fsdp.data import WindowDataset, build_loader, stdlib_corpus  # noqa: E402
+from data import WindowDataset, build_loader, stdlib_corpus  # noqa: E402
 from ep_fsdp.models import MoETransformer, TransformerConfig  # noqa: E402
 from train_config import JobConfig, load_config  # noqa: E402
 

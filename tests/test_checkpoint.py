@@ -33,7 +33,9 @@ def test_source_checkpoints_are_complete(source):
     meta = json.loads(Path(source, "step_2", "ep_fsdp.json").read_text())
     assert meta["layout"] == {"world_size": 4, "dp_shard": 2, "ep": 2, "parallelized": True}
     owners = meta["moe_layers"]["layers.1.feed_forward"]["expert_owner"]
-    assert owners == [{"ep_rank": 0, "experts": [0, 4]}, {"ep_rank": 1, "experts": [4, 8]}]
+    assert owners == [{"ep_rank": 0, "experts": [0, 1, 2, 3]}, {"ep_rank": 1, "experts": [4, 5, 6, 7]}]
+    placement = meta["moe_layers"]["layers.1.feed_forward"]["placement"]
+    assert placement == {"ep": 2, "ranks": [0, 0, 0, 0, 1, 1, 1, 1], "physical": list(range(8))}
     assert meta["params"]["layers.1.feed_forward.experts.w1"]["shape"] == [8, 48, 32]
     assert meta["versions"]["torch"] == torch.__version__
     assert sorted(meta["extra_ranks"]) == [0, 1, 2, 3]

@@ -1,115 +1,203 @@
-"""Hand-worked checks of the permutation and split arithmetic (single process)."""
+"""The token dispatchers: hand-worked index math (one process) and round trips on 2 and 4 gloo ranks
+against a formula, including ranks with no tokens and ranks that receive no rows."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 
-from ep_fsdp.dispatch import (
-    combine,
-    ep_split_sizes,
-    gather_token_copies,
-    received_expert_order,
-    scatter_to_slots,
-    sort_by_expert,
-)
+from ep_fsdp.dispatch import AllToAllDispatcher, DedupAllToAllDispatcher, LocalDispatcher
+from ep_fsdp.dispatch._ops import Segments, weighted_segment_sum
+from ep_fsdp.dispatch.all_to_all import regroup_by_expert
+from ep_fsdp.dispatch.local import combine_sorted, gather_sorted, sort_slots
+from ep_fsdp.placement import ExpertPlacement
 
 # T = 3 tokens, k = 2, E = 4. Slots in (token, slot) order: s = t*k + j.
 EXPERT_IDS = torch.tensor([[2, 0], [1, 2], [0, 2]])  # flat: [2, 0, 1, 2, 0, 2]
 
 
-def test_sort_by_expert_is_stable_and_counts():
-    perm = sort_by_expert(EXPERT_IDS, num_experts=4)
+def test_sort_slots_is_stable_and_counts():
+    sort = sort_slots(EXPERT_IDS, num_experts=4)
     # expert 0: slots 1, 4; expert 1: slot 2; expert 2: slots 0, 3, 5; expert 3: none
-    assert perm.sort_idx.tolist() == [1, 4, 2, 0, 3, 5]
-    assert perm.counts.tolist() == [2, 1, 3, 0]
-    assert perm.inverse.tolist() == [3, 0, 2, 4, 1, 5]
-    assert perm.top_k == 2
+    assert sort.sort_idx.tolist() == [1, 4, 2, 0, 3, 5]
+    assert sort.counts.tolist() == [2, 1, 3, 0]
+    assert sort.inverse.tolist() == [3, 0, 2, 4, 1, 5]
 
 
-def test_gather_token_copies_and_its_gradient():
-    perm = sort_by_expert(EXPERT_IDS, num_experts=4)
+def test_gather_sorted_and_its_gradient():
+    sort = sort_slots(EXPERT_IDS, num_experts=4)
     x = torch.tensor([[10.0], [20.0], [30.0]], requires_grad=True)
-    rows = gather_token_copies(x, perm)  # token of each sorted slot: sort_idx // k = [0, 2, 1, 0, 1, 2]
+    rows = gather_sorted(x, sort)  # token of each sorted slot: sort_idx // k = [0, 2, 1, 0, 1, 2]
     assert rows.squeeze(1).tolist() == [10.0, 30.0, 20.0, 10.0, 20.0, 30.0]
     rows.backward(torch.tensor([[1.0], [2.0], [3.0], [4.0], [5.0], [6.0]]))
     # token 0 <- sorted rows 0 and 3 (1 + 4); token 1 <- rows 2, 4 (3 + 5); token 2 <- rows 1, 5 (2 + 6)
     assert x.grad.squeeze(1).tolist() == [5.0, 8.0, 8.0]
 
 
-def test_scatter_and_combine_put_results_back_weighted():
-    perm = sort_by_expert(EXPERT_IDS, num_experts=4)
-    # pretend each expert returns 100 * expert id + token id, for sorted rows
-    sorted_token = perm.sort_idx // 2
-    sorted_expert = EXPERT_IDS.reshape(-1)[perm.sort_idx]
+def test_combine_sorted_weights_in_float32():
+    sort = sort_slots(EXPERT_IDS, num_experts=4)
+    sorted_token = sort.sort_idx // 2
+    sorted_expert = EXPERT_IDS.reshape(-1)[sort.sort_idx]
     y_sorted = (100.0 * sorted_expert + sorted_token).unsqueeze(1).requires_grad_(True)  # [6, 1]
-    slots = scatter_to_slots(y_sorted, perm)  # [3, 2, 1] in (token, slot) order
-    assert slots.squeeze(-1).tolist() == [[200.0, 0.0], [101.0, 201.0], [2.0, 202.0]]
-    weights = torch.tensor([[0.75, 0.25], [0.5, 0.5], [1.0, 0.0]])
-    out = combine(slots, weights)  # [3, 1]
+    weights = torch.tensor([[0.75, 0.25], [0.5, 0.5], [1.0, 0.0]], requires_grad=True)
+    out = combine_sorted(y_sorted, weights, sort, torch.float32)  # [3, 1]
+    # token 0: 0.75*200 + 0.25*0; token 1: 0.5*101 + 0.5*201; token 2: 1.0*2 + 0*202
     assert out.squeeze(1).tolist() == [150.0, 151.0, 2.0]
     out.sum().backward()
     # gradient of each sorted row is the weight of its slot: slots [1, 4, 2, 0, 3, 5]
     assert y_sorted.grad.squeeze(1).tolist() == [0.25, 1.0, 0.5, 0.75, 0.5, 0.0]
+    assert weights.grad.tolist() == [[200.0, 0.0], [101.0, 201.0], [2.0, 202.0]]
 
 
-def test_ep_split_sizes():
-    # E = 4 experts over ep = 2 ranks (G = 2 each). I route [2, 1, 3, 0] rows to experts 0..3:
-    # 3 rows to rank 0 (experts 0, 1), 3 rows to rank 1 (experts 2, 3).
-    counts = torch.tensor([2, 1, 3, 0])
-    # I own experts (2, 3) say; peer 0 sends me [2, 1], peer 1 sends me [5, 0].
-    recv_counts = torch.tensor([2, 1, 5, 0])
-    send, recv, local = ep_split_sizes(counts, recv_counts, ep=2)
-    assert send == [3, 3]
-    assert recv == [3, 5]
-    assert local == [7, 1]
+def test_bf16_rows_are_summed_in_float32():
+    # y = 1 + 2**-7 is a bfloat16; the weight 1 + 2**-12 is not. In bf16 each product would round
+    # back to y and the running sum past 256 would drop the 2**-7 steps; in float32 both survive.
+    y = torch.full((256, 1), 1.0 + 2.0**-7, dtype=torch.bfloat16)
+    order = torch.arange(256)
+    w = torch.full((256,), 1.0 + 2.0**-12)
+    out = weighted_segment_sum(y, w, order, order, Segments(1, uniform=256), torch.float32)
+    expected = 256 * (1.0 + 2.0**-7) * (1.0 + 2.0**-12)
+    assert abs(float(out) - expected) < 1e-4
 
 
-def test_ep_split_sizes_with_idle_rank():
-    send, recv, local = ep_split_sizes(torch.tensor([4, 2, 0, 0]), torch.tensor([0, 0, 0, 0]), ep=2)
-    assert (send, recv, local) == ([6, 0], [0, 0], [0, 0])
+def test_weighted_segment_sum_uneven_segments_and_gradients():
+    y = torch.tensor([[1.0], [2.0], [3.0], [4.0]], requires_grad=True)
+    order = torch.tensor([2, 0, 3, 1])  # segment order: y2, y0 | (empty) | y3, y1
+    inverse = torch.tensor([1, 3, 0, 2])
+    w = torch.tensor([1.0, 10.0, 100.0, 1000.0], requires_grad=True)
+    seg = Segments(3, lengths=torch.tensor([2, 0, 2]))
+    out = weighted_segment_sum(y, w, order, inverse, seg)
+    assert out.squeeze(1).tolist() == [3.0 + 10.0, 0.0, 400.0 + 2000.0]
+    out.backward(torch.tensor([[1.0], [5.0], [2.0]]))
+    assert y.grad.squeeze(1).tolist() == [10.0, 2000.0, 1.0, 200.0]
+    assert w.grad.tolist() == [3.0, 1.0, 8.0, 4.0]
 
 
-def test_received_expert_order_groups_by_local_expert():
-    # rows arrive as peer 0: [e0, e0, e1], peer 1: [e0 x 5]
-    recv_counts = torch.tensor([2, 1, 5, 0])
-    index, inverse = received_expert_order(recv_counts, ep=2, num_rows=8)
+def test_regroup_by_expert_groups_by_local_slot():
+    # rows arrive as peer 0: [slot0, slot0, slot1], peer 1: [slot0 x 5]
+    index, inverse = regroup_by_expert(torch.tensor([[2, 1], [5, 0]]), num_rows=8)
     assert index.tolist() == [0, 1, 3, 4, 5, 6, 7, 2]
     assert inverse[index].tolist() == list(range(8))
-
-
-def test_received_expert_order_empty():
-    index, inverse = received_expert_order(torch.tensor([0, 0, 0, 0]), ep=2, num_rows=0)
+    index, inverse = regroup_by_expert(torch.zeros(2, 2, dtype=torch.long), num_rows=0)
     assert index.numel() == 0 and inverse.numel() == 0
 
 
-def dedup_plan_case() -> dict:
-    """Run on 2 ranks: E = 4 experts, ep = 2 (G = 2), T = 3 / 2 tokens, k = 2."""
+def test_placement_is_the_ownership_map():
+    p = ExpertPlacement.contiguous(8, ep=2)
+    assert p.ranks() == [0, 0, 0, 0, 1, 1, 1, 1]
+    assert (p.rank_of(5), p.slot_of(5)) == (1, 1)
+    assert p.experts_on(1) == [4, 5, 6, 7]
+    q = ExpertPlacement(4, 2, physical=[2, 0, 3, 1])  # expert 0 in row 2 (rank 1, slot 0), ...
+    assert q.ranks() == [1, 0, 1, 0] and q.experts_on(0) == [1, 3]
+    assert q.to_physical(torch.tensor([[0, 3]])).tolist() == [[2, 1]]
+    with pytest.raises(ValueError, match=r"num_experts=6 must be divisible by ep=4"):
+        ExpertPlacement(6, 4)
+    with pytest.raises(ValueError, match=r"physical must be a permutation of 0..3, got \[0, 0, 1, 2\]"):
+        ExpertPlacement(4, 2, physical=[0, 0, 1, 2])
+
+
+def test_local_dispatcher_with_no_tokens():
+    d = LocalDispatcher(ExpertPlacement.contiguous(4, 1))
+    tokens = torch.zeros(0, 3, requires_grad=True)
+    rows, counts, handle = d.dispatch(tokens, torch.zeros(0, 2, dtype=torch.long), torch.zeros(0, 2))
+    assert rows.shape == (0, 3) and counts.tolist() == [0, 0, 0, 0]
+    out = d.combine(rows * 2, handle)
+    out.sum().backward()
+    assert out.shape == (0, 3) and tokens.grad.shape == (0, 3)
+
+
+# ---------------------------------------------------------------- multi-process round trips
+
+def _case_ids(case: str, rank: int, ep: int, E: int, k: int, T: int, g: torch.Generator) -> torch.Tensor:
+    if case == "no_tokens_on_rank0" and rank == 0:
+        return torch.zeros(0, k, dtype=torch.long)
+    ids = torch.stack([torch.randperm(E, generator=g)[:k] for _ in range(T)])  # [T, k] distinct
+    if case == "all_to_rank0_experts":  # the first max(G, k) experts only: later ranks receive no rows
+        first = max(E // ep, k)
+        ids = torch.stack([torch.randperm(first, generator=g)[:k] for _ in range(T)])
+    return ids
+
+
+def round_trip(kind: str, case: str, ep: int, E: int, k: int) -> dict:
+    """Dispatch, run 'expert e multiplies by (e + 1)', combine; return outputs and gradients."""
     import torch.distributed as dist
 
     from dist_pool import worker_mesh
-    from ep_fsdp.dispatch_dedup import DedupPlan
 
-    group = worker_mesh(1, 2)["ep"].get_group()
-    ids = {0: [[0, 1], [1, 2], [3, 2]], 1: [[2, 3], [0, 3]]}[dist.get_rank()]
-    plan = DedupPlan.build(torch.tensor(ids), num_experts=4, group=group)
+    group = worker_mesh(1, ep)["ep"].get_group()
+    rank = dist.get_rank()
+    g = torch.Generator().manual_seed(100 + rank)
+    T = 5
+    ids = _case_ids(case, rank, ep, E, k, T, g)
+    T = ids.shape[0]
+    tokens = torch.randn(T, 3, generator=g, dtype=torch.float64).float().requires_grad_(True)
+    weights = torch.rand(T, k, generator=g).requires_grad_(True)
+    placement = ExpertPlacement.contiguous(E, ep)
+    cls = {"plain": AllToAllDispatcher, "dedup": DedupAllToAllDispatcher}[kind]
+    d = cls(placement, group)
+    rows, counts, handle = d.dispatch(tokens, ids, weights)
+    G = E // ep
+    slot = torch.repeat_interleave(torch.arange(G), counts, output_size=rows.shape[0])  # [N]
+    factor = (1.0 + rank * G + slot).unsqueeze(1)  # expert e = rank*G + slot multiplies by e + 1
+    out = d.combine(rows * factor, handle)
+    out.backward(torch.ones_like(out))
     return {
-        "order": plan.order.tolist(),
-        "unique_token": plan.unique_token.tolist(),
-        "row_in_chunk": plan.row_in_chunk.tolist(),
-        "sizes": (plan.rows_send, plan.slots_send, plan.rows_recv, plan.slots_recv),
+        "ids": ids, "tokens": tokens.detach(), "weights": weights.detach(), "out": out.detach(),
+        "grad_tokens": tokens.grad, "grad_weights": weights.grad, "counts": counts.tolist(),
+        "counts_host": handle.counts_host, "rows": rows.detach()[:, 0].tolist(), "sent": handle.sent_bytes,
     }
 
 
-def test_dedup_plan_hand_worked(pools):
-    r0, r1 = pools(2).run(dedup_plan_case)
-    # rank 0: destinations [[0,0],[0,1],[1,1]]; pairs (d0,t0) slots 0,1; (d0,t1) slot 2;
-    # (d1,t1) slot 3; (d1,t2) slots 4,5: 4 rows instead of 6 token copies
-    assert r0["order"] == [0, 1, 2, 3, 4, 5]
-    assert r0["unique_token"] == [0, 1, 1, 2]
-    assert r0["row_in_chunk"] == [0, 0, 1, 0, 1, 1]
-    assert r0["sizes"] == ([2, 2], [3, 3], [2, 1], [3, 1])
-    # rank 1: destinations [[1,1],[0,1]]; pairs (d0,t1) slot 2; (d1,t0) slots 0,1; (d1,t1) slot 3
-    assert r1["order"] == [2, 0, 1, 3]
-    assert r1["unique_token"] == [1, 0, 1]
-    assert r1["row_in_chunk"] == [0, 0, 0, 1]
-    assert r1["sizes"] == ([1, 2], [1, 3], [2, 2], [3, 3])
+def expected(r: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    factor = (r["ids"] + 1).float()  # [T, k]
+    out = (r["weights"] * factor).sum(1, keepdim=True) * r["tokens"]
+    grad_tokens = (r["weights"] * factor).sum(1, keepdim=True).expand_as(r["tokens"])
+    grad_weights = factor * r["tokens"].sum(1, keepdim=True)
+    return out, grad_tokens, grad_weights
+
+
+@pytest.mark.parametrize("kind", ["plain", "dedup"])
+@pytest.mark.parametrize("case", ["random", "no_tokens_on_rank0", "all_to_rank0_experts"])
+@pytest.mark.parametrize("ep,E,k", [(2, 4, 2), (4, 8, 3), (4, 4, 1)], ids=["ep2-E4-k2", "ep4-E8-k3", "ep4-E4-k1"])
+def test_dispatch_combine_round_trip(pools, kind, case, ep, E, k):
+    results = pools(ep).run(round_trip, kind, case, ep, E, k)
+    total_rows = sum(len(r["rows"]) for r in results)
+    for rank, r in enumerate(results):
+        out, grad_tokens, grad_weights = expected(r)
+        torch.testing.assert_close(r["out"], out, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(r["grad_tokens"], grad_tokens, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(r["grad_weights"], grad_weights, rtol=1e-5, atol=1e-6)
+        assert r["counts_host"] == r["counts"]  # the per-expert counts came with the size exchange
+        if case == "all_to_rank0_experts" and rank * (E // ep) >= max(E // ep, k):
+            assert r["rows"] == []
+    assert total_rows == sum(r["ids"].numel() for r in results)  # experts see one row per slot
+    if case == "all_to_rank0_experts":
+        assert results[-1]["rows"] == []
+
+
+def dedup_hand_case() -> dict:
+    import torch.distributed as dist
+
+    from dist_pool import worker_mesh
+
+    group = worker_mesh(1, 2)["ep"].get_group()
+    rank = dist.get_rank()
+    ids = {0: [[0, 1], [1, 2], [3, 2]], 1: [[2, 3], [0, 3]]}[rank]
+    T = len(ids)
+    tokens = (10.0 * rank + torch.arange(T, dtype=torch.float32)).unsqueeze(1)  # token value 10*rank + t
+    d = DedupAllToAllDispatcher(ExpertPlacement.contiguous(4, 2), group)
+    rows, counts, handle = d.dispatch(tokens, torch.tensor(ids), torch.full((T, 2), 0.5))
+    return {"rows": rows[:, 0].tolist(), "counts": counts.tolist(), "sent": handle.sent_bytes}
+
+
+def test_dedup_dispatch_hand_worked(pools):
+    r0, r1 = pools(2).run(dedup_hand_case)
+    # rank 0 holds experts 0, 1. Slot 0 (expert 0): rank 0 token 0, rank 1 token 1 (value 11);
+    # slot 1 (expert 1): rank 0 tokens 0 and 1. Token 0 of rank 0 travelled once for two experts.
+    assert r0["rows"] == [0.0, 11.0, 0.0, 1.0] and r0["counts"] == [2, 2]
+    # rank 1 holds experts 2, 3. Slot 0 (expert 2): rank 0 tokens 1, 2; rank 1 token 0 (10);
+    # slot 1 (expert 3): rank 0 token 2; rank 1 tokens 0, 1 (10, 11).
+    assert r1["rows"] == [1.0, 2.0, 10.0, 2.0, 10.0, 11.0] and r1["counts"] == [3, 3]
+    # rank 0 sends 2 rows (tokens 1, 2) to rank 1 and gets 1 row back from it... and 3 records
+    row = 4  # one float32 feature
+    assert r0["sent"] == (2 + 1) * row + 3 * 12

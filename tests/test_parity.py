@@ -113,7 +113,9 @@ def parity_step(dp_shard: int, ep: int, kind: str, regime: str, seed: int = 0,
     torch.optim.AdamW(model.parameters(), **opt_kwargs).step()
     ref_params = dict(ref.named_parameters())
     param_err = {n: rel_err(full(p), ref_params[n].detach()) for n, p in model.named_parameters()}
-    counts = [int(m.last_global_tokens_per_expert.sum()) for _, m in ep_fsdp.moe_layers(model)]
+    rows_received = [int(m.routing.expert_load.sum()) for _, m in ep_fsdp.moe_layers(model)]
+    a2a_bytes = sum(m.routing.a2a_bytes for _, m in ep_fsdp.moe_layers(model))
+    counts = [sum(s["tokens_per_expert"]) for s in ep_fsdp.routing_stats(model).values()]
     return {
         "loss": loss_global,
         "loss_ref": float(loss_ref.detach()),
@@ -124,8 +126,8 @@ def parity_step(dp_shard: int, ep: int, kind: str, regime: str, seed: int = 0,
             type(m.experts.w1).__name__ == "DTensor" for _, m in ep_fsdp.moe_layers(model)
         ),
         "routed_slots": counts,
-        "rows_received": [int(m.last_expert_load.sum()) for _, m in ep_fsdp.moe_layers(model)],
-        "a2a_bytes": sum(m.last_a2a_bytes for _, m in ep_fsdp.moe_layers(model)),
+        "rows_received": rows_received,
+        "a2a_bytes": a2a_bytes,
     }
 
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import copy
 import math
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -13,9 +15,11 @@ import torch.nn.functional as F
 
 import ep_fsdp
 from dist_pool import worker_mesh
-from ep_fsdp.data import GlobalBatchSampler, WindowDataset, build_loader, stdlib_corpus
 from parity_utils import REL_TOL, full, rel_err, worst
 from test_parity import build
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "recipes"))
+from data import GlobalBatchSampler, WindowDataset, build_loader, stdlib_corpus  # noqa: E402
 
 
 def clip_parity(dp_shard: int, ep: int, norm_type: float) -> dict:

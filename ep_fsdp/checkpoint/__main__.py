@@ -19,6 +19,20 @@ def _human(n: float) -> str:
     return f"{n:.1f} TiB"
 
 
+def _ranges(ids: list[int]) -> str:
+    """``[0, 1, 2, 5]`` -> ``"0-2,5"``."""
+    parts: list[str] = []
+    start = prev = None
+    for i in list(ids) + [None]:
+        if start is not None and (i is None or i != prev + 1):
+            parts.append(f"{start}-{prev}" if prev != start else f"{start}")
+            start = None
+        if i is not None and start is None:
+            start = i
+        prev = i
+    return ",".join(parts)
+
+
 def info(path: Path) -> str:
     meta = read_metadata(path, "info")
     lay = meta["layout"]
@@ -46,7 +60,10 @@ def info(path: Path) -> str:
     )
     for name, rec in meta["moe_layers"].items():
         c = rec["config"]
-        owners = ", ".join(f"ep{o['ep_rank']}: {o['experts'][0]}-{o['experts'][1] - 1}" for o in rec["expert_owner"])
+        if "placement" in rec:  # experts listed one by one
+            owners = ", ".join(f"ep{o['ep_rank']}: {_ranges(o['experts'])}" for o in rec["expert_owner"])
+        else:  # checkpoints written before placements: [start, end) blocks
+            owners = ", ".join(f"ep{o['ep_rank']}: {o['experts'][0]}-{o['experts'][1] - 1}" for o in rec["expert_owner"])
         lines.append(
             f"moe layer    {name}: E={c['num_experts']} k={c['top_k']} D={c['dim']} H={c['hidden_dim']} "
             f"{c['score_func']}; experts {owners}"

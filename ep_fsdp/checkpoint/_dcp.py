@@ -321,7 +321,7 @@ def _check_model_matches(path: Path, meta: dict[str, Any], model_sd: dict[str, A
     ]
     # Only fields that shape tensors must agree; routing options and loss coefficients may change.
     structural = ("dim", "hidden_dim", "num_experts", "expert_bias")
-    moe_now = {n: {f: r["config"][f] for f in structural} for n, r in moe_layer_records(model, 1).items()}
+    moe_now = {n: {f: r["config"][f] for f in structural} for n, r in moe_layer_records(model).items()}
     moe_saved = {n: {f: r["config"].get(f) for f in structural} for n, r in meta["moe_layers"].items()}
     configs = [
         f"{name}.{field}: model {moe_now[name][field]!r} vs checkpoint {moe_saved[name][field]!r}"

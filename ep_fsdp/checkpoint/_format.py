@@ -90,17 +90,26 @@ def read_metadata(path: str | os.PathLike[str], api: str = "load") -> dict[str, 
     return meta
 
 
-def moe_layer_records(model: torch.nn.Module, ep: int) -> dict[str, dict[str, Any]]:
-    """For every MoE layer: its config and which ep rank owns which experts."""
+def moe_layer_records(model: torch.nn.Module, ep: int | None = None) -> dict[str, dict[str, Any]]:
+    """For every MoE layer: its config and which ep rank holds which logical experts.
+
+    Ownership comes from each layer's :class:`~ep_fsdp.placement.ExpertPlacement` (``ep`` is the
+    layout's degree, checked against it when given).
+    """
     from ..moe import moe_layers
 
     records = {}
     for name, layer in moe_layers(model):
-        E = layer.config.num_experts
-        G = E // ep
+        placement = layer.placement
+        if ep is not None and placement.ep != ep:
+            raise ValueError(
+                f"checkpoint: MoE layer '{name}' has a placement over ep={placement.ep}, the layout has ep={ep}; "
+                "parallelize the whole model with one parallelize_moe call."
+            )
         records[name] = {
             "config": asdict(layer.config),
-            "expert_owner": [{"ep_rank": r, "experts": [r * G, (r + 1) * G]} for r in range(ep)],
+            "placement": placement.to_dict(),
+            "expert_owner": [{"ep_rank": r, "experts": placement.experts_on(r)} for r in range(placement.ep)],
         }
     return records
 

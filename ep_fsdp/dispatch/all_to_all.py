@@ -1,0 +1,89 @@
+"""Expert-parallel dispatcher that sends one row per (token, expert) with ``all_to_all_single``.
+
+Legend: T tokens on this rank, D model dim, k experts per token, S = T*k routed slots, ep ranks,
+G = E/ep local slots, R rows received by this rank.
+
+Slots are sorted by storage row (``rank * G + slot``), so the rows for each destination rank are
+contiguous and one uneven all-to-all moves them. Received rows come ordered (source rank, local
+slot) and are regrouped to (local slot, source rank) with one stable sort.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from ..placement import ExpertPlacement
+from ._comm import all_to_all_rows, exchange_sizes
+from ._ops import Segments, gather_rows, inverse_permutation
+from .base import DispatchHandle, DispatchResult, TokenDispatcher
+from .local import SlotSort, combine_sorted, gather_sorted, sort_slots
+
+__all__ = ["AllToAllDispatcher", "regroup_by_expert"]
+
+
+def regroup_by_expert(recv_counts: torch.Tensor, num_rows: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Permutation taking rows ordered (source, local slot) to (local slot, source).
+
+    ``recv_counts [ep, G]``: rows from source ``s`` for local slot ``g``. Returns ``(index,
+    inverse)`` with ``received[index]`` grouped by local slot, source order kept within a slot.
+    """
+    ep, G = recv_counts.shape
+    block_slot = torch.arange(G, device=recv_counts.device).repeat(ep)  # [ep*G]
+    row_slot = torch.repeat_interleave(block_slot, recv_counts.reshape(-1), output_size=num_rows)  # [R]
+    index = torch.argsort(row_slot, stable=True)  # [R]
+    return index, inverse_permutation(index)
+
+
+@dataclass
+class _AllToAllHandle(DispatchHandle):
+    sort: SlotSort | None = None
+    weights: torch.Tensor | None = None  # [T, k]
+    input_splits: list[int] | None = None  # [ep] rows I send to each peer
+    output_splits: list[int] | None = None  # [ep] rows I receive from each peer
+    regroup: torch.Tensor | None = None  # [R]
+    regroup_inverse: torch.Tensor | None = None  # [R]
+
+
+class AllToAllDispatcher(TokenDispatcher):
+    """One row per (token, expert) to the expert's rank; results come back and are combined there."""
+
+    def __init__(self, placement: ExpertPlacement, group: dist.ProcessGroup) -> None:
+        super().__init__(placement)
+        if dist.get_world_size(group) != placement.ep:
+            raise ValueError(
+                f"AllToAllDispatcher: placement.ep={placement.ep} != size of the exchange group "
+                f"{dist.get_world_size(group)}; build the placement for the ep mesh dim."
+            )
+        self.group = group
+
+    def dispatch(self, tokens: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor) -> DispatchResult:
+        ep, G = self.placement.ep, self.num_local_experts
+        sort = sort_slots(self.placement.to_physical(expert_ids), self.placement.num_experts)
+        x_sorted = gather_sorted(tokens, sort)  # [S, D], contiguous per destination rank
+        send = sort.counts.view(ep, G)  # [ep, G]
+        recv = exchange_sizes(send, self.group)  # [ep, G] rows from source s for my slot g
+        # NOTE: the one device-to-host synchronisation of the layer: all sizes in one copy.
+        host = torch.cat([send.sum(1), recv.sum(1), recv.sum(0)]).tolist()
+        input_splits, output_splits, counts_host = host[:ep], host[ep:2 * ep], host[2 * ep:]
+        received = all_to_all_rows(x_sorted, output_splits, input_splits, self.group)  # [R, D] in flight
+        R = sum(output_splits)
+        regroup, regroup_inverse = regroup_by_expert(recv, R)  # overlaps the transfer
+        rows = gather_rows(received, regroup, regroup_inverse, Segments(R, uniform=1))  # [R, D]
+        me = dist.get_rank(self.group)
+        sent = (sum(input_splits) - input_splits[me]) + (sum(output_splits) - output_splits[me])
+        handle = _AllToAllHandle(
+            tokens.shape[0], tokens.dtype, counts_host, sent * tokens.shape[1] * tokens.element_size(),
+            sort, weights, input_splits, output_splits, regroup, regroup_inverse,
+        )
+        return DispatchResult(rows, recv.sum(0), handle)
+
+    def combine(self, expert_out: torch.Tensor, handle: DispatchHandle) -> torch.Tensor:
+        h = handle
+        assert isinstance(h, _AllToAllHandle) and h.sort is not None and h.weights is not None
+        R = expert_out.shape[0]
+        y_received = gather_rows(expert_out, h.regroup_inverse, h.regroup, Segments(R, uniform=1))  # [R, D]
+        y_sorted = all_to_all_rows(y_received, h.input_splits, h.output_splits, self.group)  # [S, D]
+        return combine_sorted(y_sorted, h.weights, h.sort, h.out_dtype)  # [T, D]

@@ -1,0 +1,73 @@
+"""The token dispatcher interface: move routed tokens to the experts that hold them, and back.
+
+Legend: T tokens on this rank, D model dim, k experts per token, G local expert slots on this
+rank, N rows given to this rank's experts.
+
+An MoE layer has one path through a dispatcher::
+
+    rows, counts, handle = dispatcher.dispatch(tokens, expert_ids, weights)
+    y = experts(rows, counts, handle.counts_host)
+    out = dispatcher.combine(y, handle)
+
+Implementations (local, all-to-all, deduplicated all-to-all) differ only in how rows travel.
+Ownership of experts comes from the :class:`~ep_fsdp.placement.ExpertPlacement` the dispatcher
+holds; nothing else decides it.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import torch
+
+from ..placement import ExpertPlacement
+
+__all__ = ["TokenDispatcher", "DispatchResult", "DispatchHandle"]
+
+
+@dataclass
+class DispatchHandle:
+    """What ``combine`` needs to undo a ``dispatch``, plus what the layer records.
+
+    Subclassed by each implementation with its own index tensors.
+    """
+
+    num_tokens: int  # T
+    out_dtype: torch.dtype
+    counts_host: list[int] | None  # [G] rows per local expert on the host, when already known
+    sent_bytes: int  # bytes this rank sends to other ranks in dispatch + combine
+
+
+class DispatchResult(NamedTuple):
+    """``rows [N, D]`` grouped by local expert slot, ``counts [G]`` (int64, on the rows' device)."""
+
+    rows: torch.Tensor
+    counts: torch.Tensor
+    handle: DispatchHandle
+
+
+class TokenDispatcher(ABC):
+    """Routes token copies to their experts' rank and slot, and combines the results.
+
+    Every rank of the exchange group must call ``dispatch`` and ``combine`` the same number of
+    times, also with zero tokens (they contain collectives).
+    """
+
+    def __init__(self, placement: ExpertPlacement) -> None:
+        self.placement = placement
+
+    @property
+    def num_local_experts(self) -> int:
+        """``G``: expert slots held by this rank."""
+        return self.placement.experts_per_rank
+
+    @abstractmethod
+    def dispatch(self, tokens: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor) -> DispatchResult:
+        """``tokens [T, D]``, logical ``expert_ids [T, k]`` int64, float32 ``weights [T, k]``."""
+
+    @abstractmethod
+    def combine(self, expert_out: torch.Tensor, handle: DispatchHandle) -> torch.Tensor:
+        """``expert_out [N, D]`` (rows as dispatched) -> ``[T, D]``: the gate-weighted sum of each
+        token's expert outputs, accumulated in float32 and cast to the tokens' dtype."""

@@ -1,0 +1,123 @@
+"""Expert-parallel dispatcher that sends each token at most once to each ep rank.
+
+Legend: T tokens on this rank, D model dim, k experts per token, S = T*k routed slots, ep ranks,
+G = E/ep local slots, U unique (token, destination rank) rows sent, R rows received, Sr slots
+received.
+
+When a token picks several experts held by one rank, the plain exchange sends it there once per
+expert. Here the sender sends one row per (token, destination rank) and, per slot, one record
+``(row in the destination's chunk, local slot, gate weight)``; records and weights travel in one
+message. The receiver expands rows to slots, runs its experts, and sums each row's slots times
+their float32 gate weights (in float32, then cast to the row dtype for the wire), so one row per
+(token, rank) goes back; the sender sums each token's rows in float32. Every sum is an ordered
+segment sum (no atomics). One host synchronisation per layer: the size exchange carries rows per
+peer and slots per (peer, local slot), so the per-expert counts are known on the host too.
+It saves bytes only when ``k > 1``; with ``k == 1`` use :class:`AllToAllDispatcher`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from ..placement import ExpertPlacement
+from ._comm import all_to_all_rows, exchange_records, exchange_sizes
+from ._ops import Segments, expert_counts, gather_rows, inverse_permutation, weighted_segment_sum
+from .base import DispatchHandle, DispatchResult, TokenDispatcher
+
+__all__ = ["DedupAllToAllDispatcher"]
+
+_RECORD_BYTES = 3 * 4  # (row, slot, weight) as three 32-bit words
+
+
+@dataclass
+class _DedupHandle(DispatchHandle):
+    rows_send: list[int] | None = None  # [ep]
+    rows_recv: list[int] | None = None  # [ep]
+    tok_order: torch.Tensor | None = None  # [U] returned rows grouped by token
+    tok_inverse: torch.Tensor | None = None  # [U]
+    rows_per_token: torch.Tensor | None = None  # [T]
+    weights_in: torch.Tensor | None = None  # [Sr] float32, arrival order
+    group_order: torch.Tensor | None = None  # [Sr] arrival slot of each expert-ordered slot
+    group_inverse: torch.Tensor | None = None  # [Sr]
+    slots_per_row: torch.Tensor | None = None  # [R]
+
+
+class DedupAllToAllDispatcher(TokenDispatcher):
+    """One row per (token, destination rank); gate weights applied on the expert's rank."""
+
+    def __init__(self, placement: ExpertPlacement, group: dist.ProcessGroup) -> None:
+        super().__init__(placement)
+        if dist.get_world_size(group) != placement.ep:
+            raise ValueError(
+                f"DedupAllToAllDispatcher: placement.ep={placement.ep} != size of the exchange group "
+                f"{dist.get_world_size(group)}; build the placement for the ep mesh dim."
+            )
+        self.group = group
+
+    def dispatch(self, tokens: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor) -> DispatchResult:
+        ep, G = self.placement.ep, self.num_local_experts
+        T, k = expert_ids.shape
+        device = tokens.device
+        phys = self.placement.to_physical(expert_ids).reshape(-1)  # [S]
+        dest = torch.div(phys, G, rounding_mode="floor")  # [S]
+        token = torch.arange(T, device=device).repeat_interleave(k)  # [S]
+        order = torch.argsort(dest * T + token, stable=True)  # [S] by (destination, token)
+        s_dest, s_token = dest[order], token[order]  # [S]
+        first = torch.ones_like(s_dest, dtype=torch.bool)  # [S] first slot of a (dest, token) pair
+        first[1:] = (s_dest[1:] != s_dest[:-1]) | (s_token[1:] != s_token[:-1])
+        row_of_sorted = torch.cumsum(first, 0) - 1  # [S] unique row (destination-major)
+        rows_send = torch.zeros(ep, dtype=torch.long, device=device).scatter_add_(0, s_dest, first.long())  # [ep]
+        slots_send = expert_counts(phys, ep * G).view(ep, G)  # [ep, G]
+        recv = exchange_sizes(torch.cat([rows_send.unsqueeze(1), slots_send], dim=1), self.group)  # [ep, 1+G]
+        rows_recv_dev, slots_recv_dev = recv[:, 0], recv[:, 1:]  # [ep], [ep, G]
+        # NOTE: the one device-to-host synchronisation of the layer: all sizes in one copy.
+        host = torch.cat([rows_send, slots_send.sum(1), rows_recv_dev, slots_recv_dev.sum(1), slots_recv_dev.sum(0)]).tolist()
+        rs, ss, rr, sr, counts_host = (host[:ep], host[ep:2 * ep], host[2 * ep:3 * ep], host[3 * ep:4 * ep], host[4 * ep:])
+        U, R, Sr = sum(rs), sum(rr), sum(sr)
+
+        # sender: one row per (token, destination), rows ordered (destination, token)
+        first_pos = torch.argsort((~first).to(torch.int8), stable=True)[:U]  # [U] sorted slot starting each row
+        unique_token = s_token[first_pos]  # [U]
+        tok_order = torch.argsort(unique_token, stable=True)  # [U] rows grouped by token
+        rows_per_token = expert_counts(unique_token, T)  # [T]
+        rows = gather_rows(tokens, unique_token, tok_order, Segments(T, lengths=rows_per_token))  # [U, D]
+        chunk_start = torch.cumsum(rows_send, 0) - rows_send  # [ep]
+        records = torch.stack([row_of_sorted - chunk_start[s_dest], phys[order] % G], dim=1)  # [S, 2]
+        flat_w = weights.reshape(-1, 1).float()  # [S, 1]
+        w_sorted = gather_rows(flat_w, order, inverse_permutation(order), Segments(T * k, uniform=1)).squeeze(1)  # [S]
+
+        rows_in = all_to_all_rows(rows, rr, rs, self.group)  # [R, D], in flight
+        records_in, weights_in = exchange_records(records, w_sorted, sr, ss, self.group)  # [Sr, 2], [Sr]
+
+        # receiver: slots arrive ordered (source, row); expand rows to slots grouped by local slot
+        source = torch.repeat_interleave(torch.arange(ep, device=device), slots_recv_dev.sum(1), output_size=Sr)  # [Sr]
+        in_start = torch.cumsum(rows_recv_dev, 0) - rows_recv_dev  # [ep]
+        row_abs = records_in[:, 0] + in_start[source]  # [Sr], non-decreasing
+        group_order = torch.argsort(records_in[:, 1], stable=True)  # [Sr]
+        group_inverse = inverse_permutation(group_order)
+        slots_per_row = expert_counts(row_abs, R)  # [R]
+        x = gather_rows(rows_in, row_abs[group_order], group_inverse, Segments(R, lengths=slots_per_row))  # [Sr, D]
+
+        me = dist.get_rank(self.group)
+        row_bytes = tokens.shape[1] * tokens.element_size()
+        sent = ((U - rs[me]) + (R - rr[me])) * row_bytes + (sum(ss) - ss[me]) * _RECORD_BYTES
+        handle = _DedupHandle(
+            T, tokens.dtype, counts_host, sent, rs, rr, tok_order, inverse_permutation(tok_order), rows_per_token,
+            weights_in, group_order, group_inverse, slots_per_row,
+        )
+        return DispatchResult(x, slots_recv_dev.sum(0), handle)
+
+    def combine(self, expert_out: torch.Tensor, handle: DispatchHandle) -> torch.Tensor:
+        h = handle
+        assert isinstance(h, _DedupHandle) and h.slots_per_row is not None and h.rows_per_token is not None
+        R, T = h.slots_per_row.shape[0], h.num_tokens
+        partial = weighted_segment_sum(
+            expert_out, h.weights_in, h.group_inverse, h.group_order, Segments(R, lengths=h.slots_per_row)
+        )  # [R, D]: float32 sum of each row's weighted slots, cast to the wire dtype
+        back = all_to_all_rows(partial, h.rows_send, h.rows_recv, self.group)  # [U, D]
+        return weighted_segment_sum(
+            back, None, h.tok_order, h.tok_inverse, Segments(T, lengths=h.rows_per_token), h.out_dtype
+        )  # [T, D]

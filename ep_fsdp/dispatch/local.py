@@ -1,0 +1,65 @@
+"""The dispatcher of an unparallelized layer (or ``ep == 1``): sort token copies by expert.
+
+Legend: T tokens, D model dim, k experts per token, S = T*k routed slots, E experts.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ._ops import Segments, expert_counts, gather_rows, inverse_permutation, weighted_segment_sum
+from .base import DispatchHandle, DispatchResult, TokenDispatcher
+
+__all__ = ["LocalDispatcher", "SlotSort", "sort_slots"]
+
+
+@dataclass
+class SlotSort:
+    """A stable sort of the ``S`` routed slots (``s = t*k + j``) by storage row of their expert."""
+
+    sort_idx: torch.Tensor  # [S] slot of the i-th sorted row
+    inverse: torch.Tensor  # [S] sorted position of slot s
+    counts: torch.Tensor  # [E] slots per storage row (expert), in storage order
+    top_k: int
+
+
+def sort_slots(physical_ids: torch.Tensor, num_experts: int) -> SlotSort:
+    """``[T, k]`` storage rows -> stable sort; ties keep token order (no per-token Python)."""
+    flat = physical_ids.reshape(-1)  # [S]
+    sort_idx = torch.argsort(flat, stable=True)  # [S]
+    return SlotSort(sort_idx, inverse_permutation(sort_idx), expert_counts(flat, num_experts), physical_ids.shape[-1])
+
+
+def gather_sorted(tokens: torch.Tensor, sort: SlotSort) -> torch.Tensor:
+    """``[T, D] -> [S, D]``: one copy of each token per slot, in expert order."""
+    T = tokens.shape[0]
+    return gather_rows(tokens, sort.sort_idx // sort.top_k, sort.inverse, Segments(T, uniform=sort.top_k))
+
+
+def combine_sorted(y_sorted: torch.Tensor, weights: torch.Tensor, sort: SlotSort, out_dtype: torch.dtype) -> torch.Tensor:
+    """``[S, D]`` in expert order, ``weights [T, k]`` -> ``[T, D]`` (float32 weighted sum)."""
+    T = weights.shape[0]
+    flat_w = weights.reshape(-1).float()  # [S] in (token, slot) order
+    return weighted_segment_sum(y_sorted, flat_w, sort.inverse, sort.sort_idx, Segments(T, uniform=sort.top_k), out_dtype)
+
+
+@dataclass
+class _LocalHandle(DispatchHandle):
+    sort: SlotSort | None = None
+    weights: torch.Tensor | None = None  # [T, k] float32
+
+
+class LocalDispatcher(TokenDispatcher):
+    """All experts on this process: rows are the token copies sorted by expert."""
+
+    def dispatch(self, tokens: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor) -> DispatchResult:
+        sort = sort_slots(self.placement.to_physical(expert_ids), self.placement.num_experts)
+        rows = gather_sorted(tokens, sort)  # [S, D]
+        handle = _LocalHandle(tokens.shape[0], tokens.dtype, None, 0, sort, weights)
+        return DispatchResult(rows, sort.counts, handle)
+
+    def combine(self, expert_out: torch.Tensor, handle: DispatchHandle) -> torch.Tensor:
+        assert isinstance(handle, _LocalHandle) and handle.sort is not None and handle.weights is not None
+        return combine_sorted(expert_out, handle.weights, handle.sort, handle.out_dtype)  # [T, D]

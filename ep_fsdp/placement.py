@@ -1,0 +1,120 @@
+"""Where each logical expert lives: the single source of expert ownership.
+
+Legend: E experts of one MoE layer, ep expert-parallel ranks, G = E / ep local expert slots per rank.
+
+A logical expert ``e`` (the id the router picks) is held by ep rank ``rank_of(e)`` in local slot
+``slot_of(e)``. The experts' global ``[E, ...]`` weight tensors are ``Shard(0)`` over ``ep``, so
+storage row ``p = rank * G + slot`` (the *physical* index) holds logical expert ``e`` with
+``physical[e] == p``. The default placement is contiguous blocks (``physical[e] == e``: rank ``r``
+holds experts ``[r*G, (r+1)*G)``). The router keeps logical ids; only the token dispatcher maps them
+to ranks and slots through this map, so routing, balancing losses and per-expert statistics do not
+depend on the placement.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+__all__ = ["ExpertPlacement"]
+
+
+class ExpertPlacement:
+    """Map logical expert ids to ``(ep rank, local slot)``.
+
+    Args:
+        num_experts: ``E``.
+        ep: number of expert-parallel ranks; must divide ``E``.
+        physical: optional ``E`` ints, a permutation of ``0..E-1``: the storage row of each
+            logical expert. Default: contiguous blocks (the identity).
+
+    Example::
+
+        p = ExpertPlacement.contiguous(8, ep=2)
+        p.rank_of(5), p.slot_of(5)        # (1, 1)
+        p.ranks()                         # [0, 0, 0, 0, 1, 1, 1, 1]
+    """
+
+    def __init__(self, num_experts: int, ep: int, physical: Sequence[int] | None = None) -> None:
+        if not isinstance(ep, int) or ep < 1 or num_experts % ep != 0:
+            raise ValueError(
+                f"ExpertPlacement: num_experts={num_experts} must be divisible by ep={ep}; "
+                f"choose ep from the divisors of {num_experts}."
+            )
+        self.num_experts = num_experts
+        self.ep = ep
+        self.experts_per_rank = num_experts // ep
+        ids = list(range(num_experts)) if physical is None else [int(p) for p in physical]
+        if sorted(ids) != list(range(num_experts)):
+            raise ValueError(
+                f"ExpertPlacement: physical must be a permutation of 0..{num_experts - 1}, got {ids}; "
+                "give each logical expert its own storage row."
+            )
+        self._physical = ids
+        self._device_tables: dict[torch.device, torch.Tensor] = {}
+
+    @classmethod
+    def contiguous(cls, num_experts: int, ep: int) -> "ExpertPlacement":
+        """Rank ``r`` holds logical experts ``[r*G, (r+1)*G)`` in order (the default)."""
+        return cls(num_experts, ep)
+
+    def physical(self, expert: int) -> int:
+        """Storage row (``rank * G + slot``) of logical ``expert``."""
+        return self._physical[expert]
+
+    def rank_of(self, expert: int) -> int:
+        """ep rank that holds logical ``expert``."""
+        return self._physical[expert] // self.experts_per_rank
+
+    def slot_of(self, expert: int) -> int:
+        """Local slot of logical ``expert`` on its ep rank."""
+        return self._physical[expert] % self.experts_per_rank
+
+    def ranks(self) -> list[int]:
+        """ep rank of every logical expert ``0..E-1``."""
+        return [p // self.experts_per_rank for p in self._physical]
+
+    def experts_on(self, rank: int) -> list[int]:
+        """Logical experts held by ep ``rank``, in slot order."""
+        G = self.experts_per_rank
+        by_row = {p: e for e, p in enumerate(self._physical)}
+        return [by_row[rank * G + g] for g in range(G)]
+
+    def physical_table(self, device: torch.device) -> torch.Tensor:
+        """``[E]`` int64 on ``device``: storage row of each logical expert (cached per device)."""
+        device = torch.device(device)
+        table = self._device_tables.get(device)
+        if table is None:
+            table = torch.tensor(self._physical, dtype=torch.long, device=device)
+            self._device_tables[device] = table
+        return table
+
+    def to_physical(self, expert_ids: torch.Tensor) -> torch.Tensor:
+        """Logical ids (any shape) -> storage rows; a no-op for the contiguous placement."""
+        if self.is_contiguous():
+            return expert_ids
+        return self.physical_table(expert_ids.device)[expert_ids]
+
+    def is_contiguous(self) -> bool:
+        return self._physical == list(range(self.num_experts))
+
+    def to_dict(self) -> dict[str, object]:
+        """JSON-ready record: ``ep``, the rank of each logical expert and its storage row."""
+        return {"ep": self.ep, "ranks": self.ranks(), "physical": list(self._physical)}
+
+    def __eq__(self, other: object) -> bool:
+        return (
+            isinstance(other, ExpertPlacement)
+            and other.ep == self.ep
+            and other._physical == self._physical
+        )
+
+    def __repr__(self) -> str:
+        return f"ExpertPlacement(num_experts={self.num_experts}, ep={self.ep}, ranks={self.ranks()})"
+
+    def __getstate__(self) -> dict[str, object]:
+        return {"num_experts": self.num_experts, "ep": self.ep, "physical": self._physical}
+
+    def __setstate__(self, state: dict[str, object]) -> None:
+        self.__init__(state["num_experts"], state["ep"], state["physical"])  # type: ignore[misc, arg-type]
