@@ -3,6 +3,7 @@
 from .config import MoEConfig
 from .grad import clip_grad_norm_
 from .launch import init_distributed
+from .materialize import materialize
 from .mesh import build_mesh
 from .moe import MoE, moe_aux_loss, moe_layers, set_aux_loss_scale
 from .placement import ExpertPlacement
@@ -20,6 +21,7 @@ __all__ = [
     "ExpertPlacement",
     "init_distributed",
     "build_mesh",
+    "materialize",
     "parallelize_moe",
     "clip_grad_norm_",
     "routing_stats",

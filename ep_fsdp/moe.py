@@ -65,9 +65,18 @@ class MoE(nn.Module):
         return self.dispatcher.placement
 
     def reset_parameters(self) -> None:
-        """Re-initialise the router gate and the experts (works on sharded DTensor parameters)."""
+        """Re-initialise the router gate (``nn.Linear``'s default) and the experts."""
         self.router.gate.reset_parameters()
         self.experts.reset_parameters()
+
+    def init_parameter(self, name: str, tensor: torch.Tensor, generator: torch.Generator | None = None) -> None:
+        """Initialise the full (global) value of parameter ``name`` of this layer in place; the
+        per-parameter hook used by :func:`ep_fsdp.materialize`. Same distributions as
+        :meth:`reset_parameters`: uniform in ``+-1/sqrt(fan_in)`` for the gate and each expert."""
+        if name not in ("router.gate.weight", "experts.w1", "experts.w3", "experts.w2"):
+            raise ValueError(f"MoE.init_parameter: unknown parameter {name!r}")
+        bound = 1.0 / tensor.shape[-1] ** 0.5
+        torch.nn.init.uniform_(tensor, -bound, bound, generator=generator)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         cfg = self.config

@@ -71,6 +71,12 @@ class Router(nn.Module):
         else:
             self.expert_bias: torch.Tensor | None = None
 
+    def reset_buffers(self) -> None:
+        """Zero the selection bias (after ``to_empty``, see :func:`ep_fsdp.materialize`)."""
+        if self.expert_bias is not None:
+            with torch.no_grad():
+                self.expert_bias.zero_()
+
     def forward(self, x: torch.Tensor) -> RouterOutput:  # x: [T, D]
         cfg = self.config
         if self.training and cfg.jitter_eps > 0:

@@ -96,9 +96,9 @@ def layout_and_placements(dp_shard: int, ep: int) -> dict:
         "unsharded_mesh": tuple(unsharded.device_mesh.mesh_dim_names),
         "unsharded_placements": [str(p) for p in unsharded.placements],
         "owns_its_block": torch.equal(local_block, full_w1[ep_rank * g:(ep_rank + 1) * g]),
-        "owners": [layout.expert_owner(e, 4) for e in range(4)],
+        "owners": model[1][0].placement.ranks(),
         "fsdp": [isinstance(m, FSDPModule) for m in (model, model[1][0], experts, model[1][1], model[0])],
-        "ep_group_size": None if model[1][0].ep_group is None else dist.get_world_size(model[1][0].ep_group),
+        "dispatcher": type(model[1][0].dispatcher).__name__,
     }
 
 
@@ -113,7 +113,7 @@ def test_expert_ownership_and_fsdp_units(pools):
             assert r["owners"] == [e // (4 // ep) for e in range(4)]
             # root, experts and ModuleList elements are FSDP units; others are not
             assert r["fsdp"] == [True, True, True, True, False]
-            assert r["ep_group_size"] == (2 if ep == 2 else None)
+            assert r["dispatcher"] == ("DedupAllToAllDispatcher" if ep == 2 else "LocalDispatcher")
 
 
 def mixed_precision_step() -> dict:
@@ -129,10 +129,11 @@ def mixed_precision_step() -> dict:
         model, worker_mesh(1, 2), mp_policy=MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
     )
     out = model(x[rank:rank + 1])
-    loss = out.float().square().mean() + ep_fsdp.moe_aux_loss(model)
+    aux = ep_fsdp.moe_aux_loss(model)
+    loss = out.float().square().mean() + aux
     loss.backward()
-    sent = model[1].last_a2a_bytes
-    t = loss.detach().clone() - ep_fsdp.moe_aux_loss(model).detach()
+    sent = model[1].routing.a2a_bytes
+    t = loss.detach().clone() - aux
     dist.all_reduce(t)
     return {
         "out_dtype": str(out.dtype),

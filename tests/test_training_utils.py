@@ -43,8 +43,7 @@ def clip_parity(dp_shard: int, ep: int, norm_type: float) -> dict:
     ref_grads = {n: p.grad for n, p in ref.named_parameters()}
     errors = {n: rel_err(full(p.grad), ref_grads[n]) for n, p in model.named_parameters()}
     stats = ep_fsdp.routing_stats(model)
-    layer = ep_fsdp.moe_layers(ref)[0][1]
-    ref_util = (layer.last_tokens_per_expert.double() / layer.last_tokens_per_expert.sum()).tolist()
+    ref_util = ep_fsdp.routing_stats(ref)["layers.1.feed_forward"]["utilization"]
     return {"norm": float(norm), "ref_norm": float(ref_norm), "grad": worst(errors),
             "util": stats["layers.1.feed_forward"]["utilization"], "ref_util": ref_util,
             "imbalance": stats["layers.1.feed_forward"]["imbalance"],

@@ -163,20 +163,37 @@ class MoETransformer(nn.Module):
         cos, sin = rotary_tables(cfg.dim // cfg.num_heads, cfg.max_seq_len, cfg.rope_theta)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
-        self.reset_parameters()
+        if not self.rope_cos.is_meta:
+            self.reset_parameters()
 
     def reset_parameters(self) -> None:
+        """Initialise every parameter with :meth:`init_parameter` (global random state)."""
+        with torch.no_grad():
+            for name, p in self.named_parameters():
+                self.init_parameter(name, p)
+
+    def init_parameter(self, name: str, tensor: torch.Tensor, generator: torch.Generator | None = None) -> None:
         """Small-normal init (std 0.02) for embeddings, router gates and input projections, dense
-        and expert alike; output projections (attention ``wo``, SwiGLU ``w2``) scaled by depth."""
-        nn.init.normal_(self.tok_embeddings.weight, std=0.02)
+        and expert alike; output projections (attention ``wo``, SwiGLU ``w2``) scaled by depth;
+        ones for norms. ``tensor`` is the full value of parameter ``name``
+        (see :func:`ep_fsdp.materialize`)."""
         out_std = 0.02 / math.sqrt(2 * self.config.num_layers)
-        for name, p in self.named_parameters():
-            if name.endswith(("wq.weight", "wk.weight", "wv.weight", "w1.weight", "w3.weight",
-                              "experts.w1", "experts.w3", "router.gate.weight")):
-                nn.init.normal_(p, std=0.02)
-            elif name.endswith(("wo.weight", "w2.weight", "experts.w2")):
-                nn.init.normal_(p, std=out_std)
-        nn.init.normal_(self.output.weight, std=self.config.dim**-0.5)
+        if name == "output.weight":
+            nn.init.normal_(tensor, std=self.config.dim**-0.5, generator=generator)
+        elif name.endswith(("norm.weight",)):
+            nn.init.ones_(tensor)
+        elif name.endswith(("wo.weight", "w2.weight", "experts.w2")):
+            nn.init.normal_(tensor, std=out_std, generator=generator)
+        else:  # embeddings, wq/wk/wv, w1/w3 (dense and experts), router gates
+            nn.init.normal_(tensor, std=0.02, generator=generator)
+
+    def reset_buffers(self) -> None:
+        """Recompute the rotary tables (non-persistent buffers; after ``to_empty``)."""
+        cfg = self.config
+        cos, sin = rotary_tables(cfg.dim // cfg.num_heads, cfg.max_seq_len, cfg.rope_theta)
+        with torch.no_grad():
+            self.rope_cos.copy_(cos)
+            self.rope_sin.copy_(sin)
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         B, L = tokens.shape

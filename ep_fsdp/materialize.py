@@ -1,0 +1,96 @@
+"""Materialize a model built on the meta device, one parameter shard at a time.
+
+Build the model under ``torch.device("meta")`` (no memory), call :func:`ep_fsdp.parallelize_moe`,
+then :func:`materialize`: each rank allocates only its own shards (``to_empty``) and fills them.
+Each parameter is initialized from its own generator, seeded from ``seed`` and the parameter's
+name, on the full (global) shape on the CPU, and only this rank's slice is kept. So no rank ever
+holds more than one full parameter at a time, and the values do not depend on the layout, the
+number of ranks or the device: a model materialized on any layout equals the unparallelized model
+materialized with the same seed.
+
+NOTE: DTensor's own random initialization is not used. On CPU it draws the same numbers on every
+rank, so every shard of a parameter would get the same values.
+"""
+
+from __future__ import annotations
+
+import zlib
+from collections.abc import Callable
+
+import torch
+import torch.nn as nn
+from torch.distributed.tensor import DTensor, distribute_tensor
+
+__all__ = ["materialize", "InitFn"]
+
+InitFn = Callable[[str, torch.Tensor, torch.Generator], None]
+
+
+def _owner_init(model: nn.Module, name: str) -> tuple[Callable[..., None], str] | None:
+    """The ``init_parameter`` of the innermost module of ``name`` that defines one, with the
+    parameter's name relative to that module."""
+    parts = name.split(".")
+    for i in range(len(parts) - 1, -1, -1):
+        module = model.get_submodule(".".join(parts[:i]))
+        fn = getattr(module, "init_parameter", None)
+        if callable(fn):
+            return fn, ".".join(parts[i:])
+    return None
+
+
+def _param_seed(seed: int, name: str) -> int:
+    return (seed * 1_000_003 + zlib.crc32(name.encode())) % (2**63)
+
+
+@torch.no_grad()
+def materialize(model: nn.Module, device: torch.device | str, *, init_fn: InitFn | None = None, seed: int = 0) -> nn.Module:
+    """Allocate ``model``'s parameters and buffers on ``device`` and initialize them shard by shard.
+
+    ``model`` may be parallelized already (FSDP2/DTensor parameters) or not. Every parameter
+    ``name`` is filled by ``init_fn(name, full_tensor, generator)`` on a CPU tensor of its global
+    shape, then this rank's shard is copied in. Without ``init_fn``, the innermost module that
+    defines ``init_parameter(relative_name, tensor, generator)`` initializes it
+    (:class:`ep_fsdp.MoE` and the reference transformer do). Afterwards every module that defines
+    ``reset_buffers()`` recomputes its buffers (``to_empty`` leaves them uninitialized). Load a
+    checkpoint afterwards instead of relying on the init, if you have one.
+
+    Example::
+
+        with torch.device("meta"):
+            model = MoETransformer(cfg)
+        ep_fsdp.parallelize_moe(model, mesh)
+        ep_fsdp.materialize(model, "cuda", seed=0)
+
+    Returns ``model``.
+    """
+    device = torch.device(device)
+    inits: dict[str, tuple[Callable[..., None], str]] = {}
+    for name, _ in model.named_parameters():
+        if init_fn is not None:
+            inits[name] = (init_fn, name)
+            continue
+        found = _owner_init(model, name)
+        if found is None:
+            raise ValueError(
+                f"materialize: no init for parameter '{name}': neither it nor a module above it defines "
+                "init_parameter(name, tensor, generator); pass init_fn=lambda name, t, g: "
+                "torch.nn.init.normal_(t, std=0.02, generator=g) (or your own), or define init_parameter."
+            )
+        inits[name] = found
+    model.to_empty(device=device)
+    generator = torch.Generator()
+    for name, param in model.named_parameters():
+        fn, rel = inits[name]
+        full = torch.empty(param.shape, dtype=param.dtype)  # global shape, CPU
+        generator.manual_seed(_param_seed(seed, name))
+        fn(rel, full, generator)
+        if isinstance(param, DTensor):
+            local = distribute_tensor(full, param.device_mesh, param.placements, src_data_rank=None).to_local()
+            param.to_local().copy_(local)
+        else:
+            param.copy_(full)
+    for module in model.modules():
+        reset = getattr(module, "reset_buffers", None)
+        if callable(reset):
+            reset()
+    return model
