@@ -37,7 +37,8 @@ class MoE(nn.Module):
     Balancing losses (``aux_loss_coef``, ``z_loss_coef``) are losses of the global batch whose
     gradient is attached to the output (see ``ep_fsdp/balancing.py``); read their value with
     :func:`ep_fsdp.moe_aux_loss`. :attr:`routing` counts routed slots, rows per local expert and
-    all-to-all bytes over the forwards since :func:`ep_fsdp.routing_stats` last reset them.
+    all-to-all bytes over the training-mode forwards since :func:`ep_fsdp.routing_stats` last reset
+    them (once per forward: activation-checkpoint recomputation is not counted again).
 
     Example::
 
@@ -91,7 +92,7 @@ class MoE(nn.Module):
         y = self.experts(rows, counts, handle.counts_host)  # [N, D]
         out = self.dispatcher.combine(y, handle)  # [T, D]
         slots = expert_counts(route.expert_ids, cfg.num_experts)  # [E] logical
-        if not in_backward():  # NOTE: activation-checkpoint recomputation records nothing
+        if self.training and not in_backward():  # NOTE: checkpoint recomputation records nothing
             self.routing.add_forward(slots, counts, handle.sent_bytes)
         out = attach_balancing_losses(
             out, route, slots, aux_loss_coef=cfg.aux_loss_coef, z_loss_coef=cfg.z_loss_coef, top_k=cfg.top_k,

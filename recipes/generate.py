@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import ep_fsdp  # noqa: E402
 import ep_fsdp.checkpoint as ckpt  # noqa: E402
 from train import build_model  # noqa: E402
 from train_config import from_dict  # noqa: E402
@@ -57,7 +58,7 @@ def main() -> None:
     if "train_config" not in user:
         p.error(f"{path} does not record the training config; it was not written by recipes/train.py")
     cfg = from_dict(user["train_config"])
-    model = build_model(cfg, torch.device("cpu"))
+    model = ep_fsdp.materialize(build_model(cfg), "cpu", seed=cfg.train.seed)  # weights come from the checkpoint
     meta = ckpt.load(path, model)  # a plain model in one process: the checkpoint reshards to it
     model.eval()
     text = sample(model, args.prompt.encode(), args.max_new_tokens, args.temperature, args.top_k, args.seed)

@@ -59,7 +59,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[JobConfig, Path, int | No
 
 
 # ----------------------------------------------------------------------------------------- setup
-def build_model(cfg: JobConfig, device: torch.device) -> MoETransformer:
+def build_model(cfg: JobConfig) -> MoETransformer:
+    """The model on the meta device: no memory until :func:`ep_fsdp.materialize` allocates shards."""
     m = cfg.model
     moe = ep_fsdp.MoEConfig(dim=m.dim, **asdict(m.moe))
     tcfg = TransformerConfig(
@@ -67,8 +68,7 @@ def build_model(cfg: JobConfig, device: torch.device) -> MoETransformer:
         num_kv_heads=m.num_kv_heads, max_seq_len=m.max_seq_len, num_dense_layers=m.num_dense_layers,
         dense_hidden_dim=m.dense_hidden_dim, moe=moe,
     )
-    torch.manual_seed(cfg.train.seed)  # the same initial weights on every rank
-    with torch.device(device):
+    with torch.device("meta"):
         return MoETransformer(tcfg)
 
 
@@ -169,10 +169,15 @@ def main(argv: list[str] | None = None) -> None:
         )
 
     # model, optimizer, schedule
-    model = build_model(cfg, device)
+    model = build_model(cfg)
     mp = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
           if t.mixed_precision == "bf16" else None)
     ep_fsdp.parallelize_moe(model, mesh, mp_policy=mp, activation_checkpointing=t.activation_checkpointing)
+    # each rank allocates and initializes only its own shards; the values do not depend on the layout
+    ep_fsdp.materialize(model, device, seed=t.seed)
+    torch.manual_seed(t.seed)  # router jitter and any other randomness: the same on every rank
+    # each micro-batch's loss is divided by the number of micro-batches: so is the balancing gradient
+    ep_fsdp.set_aux_loss_scale(model, 1.0 / t.grad_accum_steps)
     optimizer = torch.optim.AdamW(model.parameters(), lr=t.lr, betas=t.betas, weight_decay=t.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
 
@@ -251,7 +256,7 @@ def main(argv: list[str] | None = None) -> None:
             x, y = (v.to(device) for v in next(data_iter))
             logits = model(x)
             task = F.cross_entropy(logits.flatten(0, 1), y.flatten())
-            aux = ep_fsdp.moe_aux_loss(model)
+            aux = ep_fsdp.moe_aux_loss(model)  # value only: its gradient is attached to the layers
             ((task + aux) / t.grad_accum_steps).backward()
             task_sum += float(task.detach())
             aux_sum += float(aux.detach())
@@ -262,12 +267,11 @@ def main(argv: list[str] | None = None) -> None:
 
         is_val_step = step % cfg.log.val_every == 0 or step == t.steps
         if step % cfg.log.log_every == 0 or is_val_step or step == start_step + 1:
-            layers = ep_fsdp.moe_layers(model)
-            # per-layer means of the last micro-batch's global balancing and z losses
-            balance = sum(float(m.last_balance_loss or 0.0) for _, m in layers) / len(layers)
-            z = sum(float(m.last_z_loss or 0.0) for _, m in layers) / len(layers)
             loss, aux_mean = global_mean([task_sum / t.grad_accum_steps, aux_sum / t.grad_accum_steps], device)
-            routing = ep_fsdp.routing_stats(model)
+            routing = ep_fsdp.routing_stats(model)  # since the last logged step; resets the counters
+            # per-layer means of the global balancing and z losses of this step's micro-batches
+            balance = sum(r["balance_loss"] or 0.0 for r in routing.values()) / len(routing)
+            z = sum(r["z_loss"] or 0.0 for r in routing.values()) / len(routing)
             step_time = time.perf_counter() - step_start
             mem = global_max(peak_memory_mb(device), device)
             record: dict[str, Any] = {
