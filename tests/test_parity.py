@@ -84,16 +84,22 @@ def loss_fn(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.T
 
 
 def parity_step(dp_shard: int, ep: int, kind: str, regime: str, seed: int = 0,
-                ac: bool = False, reshard: bool = True, dedup: bool = True) -> dict:
-    """One step on the parallel and on the reference model; returns errors (run on every rank)."""
+                ac: bool = False, reshard: bool = True, dedup: bool = True,
+                grad_reduction: str = "mean", sizes: list[int] | None = None) -> dict:
+    """One step on the parallel and on the reference model; returns errors (run on every rank).
+
+    ``sizes[r]`` rows of the global batch go to rank ``r`` (default 4 each; uneven sizes need
+    ``grad_reduction="sum"``, where each rank's loss is its token-loss sum over the global count).
+    """
     mesh = worker_mesh(dp_shard, ep)
     rank, world = dist.get_rank(), dist.get_world_size()
+    sizes = sizes or [4] * world
     torch.manual_seed(seed)
     model = build(kind)
     set_regime(model, regime, ep)
     ref = copy.deepcopy(model)
     names_before = [n for n, _ in model.named_parameters()]
-    x, y = batch(kind, global_batch=4 * world, seed=seed + 1)
+    x, y = batch(kind, global_batch=sum(sizes), seed=seed + 1)
 
     loss_ref, _ = loss_fn(ref, x, y)
     loss_ref.backward()
@@ -104,11 +110,21 @@ def parity_step(dp_shard: int, ep: int, kind: str, regime: str, seed: int = 0,
     torch.optim.AdamW(ref.parameters(), **opt_kwargs).step()
 
     ep_fsdp.parallelize_moe(model, mesh, activation_checkpointing=ac, reshard_after_forward=reshard,
-                            dedup_tokens=dedup)
-    per = x.shape[0] // world
-    loss, _ = loss_fn(model, x[rank * per:(rank + 1) * per], y[rank * per:(rank + 1) * per])
-    loss.backward()
-    loss_global = mean_over_ranks(loss)
+                            dedup_tokens=dedup, grad_reduction=grad_reduction)
+    lo = sum(sizes[:rank])
+    xs, ys = x[lo:lo + sizes[rank]], y[lo:lo + sizes[rank]]
+    if grad_reduction == "sum":
+        logits = model(xs)
+        task = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), ys.reshape(-1), reduction="sum") / y.numel()
+        aux = ep_fsdp.moe_aux_loss(model)
+        (task + aux).backward()
+        total = task.detach().clone()
+        dist.all_reduce(total)
+        loss_global = float(total + aux)
+    else:
+        loss, _ = loss_fn(model, xs, ys)
+        loss.backward()
+        loss_global = mean_over_ranks(loss)
     grad_err = {n: rel_err(full(p.grad), grads_ref[n]) for n, p in model.named_parameters()}
     torch.optim.AdamW(model.parameters(), **opt_kwargs).step()
     ref_params = dict(ref.named_parameters())
@@ -166,8 +182,19 @@ def test_training_step_matches_single_process(pools, layout, kind, regime):
         ((2, 2), "transformer", {"dedup": False}),  # one row per (token, expert)
         ((1, 4), "net", {"dedup": False}),
         ((1, 2), "transformer", {"dedup": False, "ac": True}),
+        ((2, 2), "transformer", {"grad_reduction": "sum"}),
+        ((1, 4), "net", {"grad_reduction": "sum"}),
+        ((4, 1), "transformer", {"grad_reduction": "sum", "ac": True}),
+        ((1, 2), "net", {"grad_reduction": "sum", "dedup": False}),
+        # ranks without tokens: rank 0 idle; all ranks but one idle (sum convention: uneven batches)
+        ((2, 2), "transformer", {"grad_reduction": "sum", "sizes": [0, 6, 5, 5]}),
+        ((1, 4), "net", {"grad_reduction": "sum", "sizes": [16, 0, 0, 0]}),
+        ((1, 4), "transformer", {"grad_reduction": "sum", "sizes": [0, 0, 0, 16], "dedup": False}),
+        ((2, 2), "net6", {"grad_reduction": "sum", "sizes": [0, 0, 9, 0], "ac": True}),
     ],
-    ids=["ac", "ac-no-reshard", "shard1-2x2", "shard1-4x1", "plain-2x2", "plain-1x4", "plain-ac-1x2"],
+    ids=["ac", "ac-no-reshard", "shard1-2x2", "shard1-4x1", "plain-2x2", "plain-1x4", "plain-ac-1x2",
+         "sum-2x2", "sum-1x4", "sum-ac-4x1", "sum-plain-1x2",
+         "idle-rank0-2x2", "one-busy-rank-1x4", "one-busy-rank-plain-1x4", "one-busy-rank-ac-2x2"],
 )
 def test_training_step_parity_options(pools, layout, kind, options):
     results = pools(layout[0] * layout[1]).run(parity_step, *layout, kind, "random", **options)
@@ -189,3 +216,29 @@ def test_dedup_and_plain_exchange_agree(pools, regime):
     if regime == "idle_ep_rank":
         sent_dedup, sent_plain = sum(r["a2a_bytes"] for r in dedup), sum(r["a2a_bytes"] for r in plain)
         assert sent_dedup < 0.6 * sent_plain, (sent_dedup, sent_plain)
+
+
+def deterministic_step(dp_shard: int, ep: int, kind: str, dedup: bool) -> dict:
+    """The same training step twice under torch.use_deterministic_algorithms(True): bitwise equal?"""
+    rank, world = dist.get_rank(), dist.get_world_size()
+    runs = []
+    torch.use_deterministic_algorithms(True)
+    try:
+        for _ in range(2):
+            torch.manual_seed(0)
+            model = build(kind)
+            ep_fsdp.parallelize_moe(model, worker_mesh(dp_shard, ep), dedup_tokens=dedup)
+            x, y = batch(kind, global_batch=4 * world, seed=1)
+            out = model(x[rank * 4:(rank + 1) * 4])
+            F.cross_entropy(out.reshape(-1, out.shape[-1]), y[rank * 4:(rank + 1) * 4].reshape(-1)).backward()
+            runs.append([out.detach()] + [full(p.grad) for p in model.parameters()])
+    finally:
+        torch.use_deterministic_algorithms(False)
+    return {"bitwise": all(torch.equal(a, b) for a, b in zip(*runs)), "tensors": len(runs[0])}
+
+
+@pytest.mark.parametrize("layout,dedup", [((1, 1), True), ((2, 2), True), ((1, 4), False)],
+                         ids=["local", "dedup-2x2", "plain-1x4"])
+def test_deterministic_mode_is_bitwise_reproducible(pools, layout, dedup):
+    for r in pools(layout[0] * layout[1]).run(deterministic_step, *layout, "transformer", dedup):
+        assert r["bitwise"] and r["tensors"] > 10, r

@@ -109,7 +109,7 @@ class Attention(nn.Module):
         out = F.scaled_dot_product_attention(
             q, k, v, is_causal=True, enable_gqa=self.num_kv_heads != self.num_heads
         )  # [B, Hq, L, Dh]
-        return self.wo(out.transpose(1, 2).reshape(B, L, -1))  # [B, L, D]
+        return self.wo(out.transpose(1, 2).reshape(B, L, self.num_heads * self.head_dim))  # [B, L, D]
 
 
 class FeedForward(nn.Module):

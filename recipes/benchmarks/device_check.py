@@ -4,37 +4,81 @@
 
 1. The MoE layer on the device against the same layer on CPU in float64 (forward and gradients),
    in float32 and bfloat16, for both grouped-matmul paths (grouped_mm and the per-expert loop).
-2. parallelize_moe at world size 1 (gloo on CPU, NCCL on CUDA): one AdamW step of the reference
-   transformer against the unparallelized model on the same batch.
-3. The layer benchmark figures (recipes/benchmarks/moe_layer.py) on the device.
+2. Empty inputs, in both dtypes and both paths: a layer given zero tokens (``[0, D]``) returns
+   ``[0, D]``, its backward runs and the expert gradients are exactly zero; experts that receive
+   no rows (routing forced with ``expert_bias``) get exactly zero w1/w3/w2 gradient slices while
+   the other experts match the float64 CPU reference.
+3. Deterministic mode (``torch.use_deterministic_algorithms(True)``): the layer's forward and
+   backward run twice on the device give bitwise identical outputs and gradients, in float32 and
+   bfloat16, for both paths.
+4. parallelize_moe at world size 1 (gloo on CPU, NCCL on CUDA), in one process group: one AdamW
+   step of the reference transformer against the unparallelized model on the same batch; and an
+   idle rank: a Linear + MoE model given a batch of zero tokens after a normal step, whose backward
+   runs and leaves exactly zero expert gradients.
+5. The layer benchmark figures (recipes/benchmarks/moe_layer.py) on the device.
 Prints PASS/FAIL lines and exits non-zero on any failure.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import os
 import socket
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
+import torch.nn as nn
 import torch.nn.functional as F
+from torch.distributed.tensor import DTensor
 
 import ep_fsdp
 from ep_fsdp import experts as experts_mod
+from ep_fsdp.dispatch import expert_counts
 from ep_fsdp.models import MoETransformer, TransformerConfig
 
 FAILURES: list[str] = []
 
 
-def report(name: str, err: float, tol: float) -> None:
-    ok = err <= tol
-    print(f"{'PASS' if ok else 'FAIL'}  {name:<58} rel err {err:.2e} (tol {tol:.0e})", flush=True)
+DTYPES = ((torch.float32, 1e-4), (torch.bfloat16, 5e-2))  # (dtype, forward tolerance)
+
+
+def check(name: str, ok: bool, detail: str = "") -> None:
+    print(f"{'PASS' if ok else 'FAIL'}  {name:<60} {detail}".rstrip(), flush=True)
     if not ok:
         FAILURES.append(name)
+
+
+def report(name: str, err: float, tol: float) -> None:
+    check(name, err <= tol, f"rel err {err:.2e} (tol {tol:.0e})")
+
+
+@contextlib.contextmanager
+def grouped_path(device: torch.device, dtype: torch.dtype, grouped_mm: bool) -> Iterator[str]:
+    """Force the grouped_mm path (True) or the per-expert loop (False) for (device, dtype); yields its name."""
+    experts_mod._GROUPED_MM_WORKS[(device.type, dtype)] = grouped_mm
+    try:
+        yield "grouped_mm" if grouped_mm else "loop"
+    finally:
+        experts_mod._GROUPED_MM_WORKS.pop((device.type, dtype), None)
+
+
+def local(t: torch.Tensor) -> torch.Tensor:
+    return t.full_tensor() if isinstance(t, DTensor) else t
+
+
+def expert_grads(layer: ep_fsdp.MoE) -> list[torch.Tensor | None]:
+    """Full ``[E, ...]`` gradients of w1, w3, w2 (None where a weight got no gradient)."""
+    e = layer.experts
+    return [None if w.grad is None else local(w.grad) for w in (e.w1, e.w3, e.w2)]
+
+
+def exactly_zero(t: torch.Tensor | None) -> bool:
+    return t is not None and bool((t == 0).all())
 
 
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -49,25 +93,152 @@ def layer_check(device: torch.device) -> None:
     x = torch.randn(512, 64, dtype=torch.float64)
     y_ref = ref(x)
     g_ref = torch.autograd.grad(y_ref.square().sum(), [ref.experts.w1, ref.router.gate.weight])
-    for dtype, tol in ((torch.float32, 1e-4), (torch.bfloat16, 5e-2)):
+    for dtype, tol in DTYPES:
         for path in (True, False):
-            experts_mod._GROUPED_MM_WORKS[(device.type, dtype)] = path
-            layer = copy.deepcopy(ref).to(device=device, dtype=dtype)
-            y = layer(x.to(device, dtype))
-            g = torch.autograd.grad(y.float().square().sum(), [layer.experts.w1, layer.router.gate.weight])
-            name = f"layer {device.type} {str(dtype)[6:]} {'grouped_mm' if path else 'loop'}"
+            with grouped_path(device, dtype, path) as path_name:
+                layer = copy.deepcopy(ref).to(device=device, dtype=dtype)
+                y = layer(x.to(device, dtype))
+                g = torch.autograd.grad(y.float().square().sum(), [layer.experts.w1, layer.router.gate.weight])
+            name = f"layer {device.type} {str(dtype)[6:]} {path_name}"
             report(f"{name}: output", rel(y, y_ref), tol)
             report(f"{name}: expert grad", rel(g[0], g_ref[0]), 3 * tol)
             report(f"{name}: router grad", rel(g[1], g_ref[1]), 3 * tol)
-            experts_mod._GROUPED_MM_WORKS.pop((device.type, dtype))
 
 
-def parallel_check(device: torch.device) -> None:
+def zero_token_check(device: torch.device) -> None:
+    """A layer given ``[0, D]``: output ``[0, D]``, backward runs, expert gradients exactly zero."""
+    torch.manual_seed(0)
+    ref = ep_fsdp.MoE(ep_fsdp.MoEConfig(dim=64, hidden_dim=128, num_experts=8, top_k=2, aux_loss_coef=0.01))
+    for dtype, _ in DTYPES:
+        for path in (True, False):
+            with grouped_path(device, dtype, path) as path_name:
+                name = f"zero tokens {device.type} {str(dtype)[6:]} {path_name}"
+                layer = copy.deepcopy(ref).to(device=device, dtype=dtype)
+                x = torch.zeros(0, 64, device=device, dtype=dtype, requires_grad=True)  # [0, D]
+                try:
+                    y = layer(x)  # [0, D]
+                    y.sum().backward()
+                except Exception as e:  # noqa: BLE001 - reported as a failure
+                    check(f"{name}: forward+backward", False, f"{type(e).__name__}: {e}")
+                    continue
+            check(f"{name}: output shape", tuple(y.shape) == (0, 64), f"shape {list(y.shape)}")
+            grads = expert_grads(layer)
+            check(f"{name}: expert grads == 0", all(exactly_zero(g) for g in grads),
+                  "w1/w3/w2: " + ", ".join("None" if g is None else f"max |g| {float(g.abs().max()):.1e}" for g in grads))
+
+
+def idle_expert_check(device: torch.device) -> None:
+    """Experts that receive no rows (routing forced by expert_bias): exact zero gradient slices;
+    the busy experts' gradients match a float64 CPU reference."""
+    torch.manual_seed(0)
+    E, busy = 8, [1, 4, 6]  # idle experts at the start, in the middle (two in a row) and at the end
+    idle = [e for e in range(E) if e not in busy]
+    cfg = ep_fsdp.MoEConfig(dim=64, hidden_dim=128, num_experts=E, top_k=2, expert_bias=True)
+    ref = ep_fsdp.MoE(cfg).double()
+    with torch.no_grad():
+        bias = torch.zeros(E)
+        bias[busy] = 10.0  # scores are in (0, 1): every token picks 2 of the busy experts
+        ref.router.expert_bias.copy_(bias)
+    x = torch.randn(512, 64, dtype=torch.float64)
+    ref(x).square().sum().backward()
+    g_ref = expert_grads(ref)
+    counts = expert_counts(ref.router(x).expert_ids, E)
+    for dtype, tol in DTYPES:
+        for path in (True, False):
+            with grouped_path(device, dtype, path) as path_name:
+                layer = copy.deepcopy(ref).to(device=device, dtype=dtype)
+                layer(x.to(device, dtype)).float().square().sum().backward()
+            name = f"idle experts {device.type} {str(dtype)[6:]} {path_name}"
+            grads = expert_grads(layer)
+            check(f"{name}: idle slices == 0", all(exactly_zero(g[idle] if g is not None else None) for g in grads),
+                  f"w1/w3/w2 of experts {idle}; reference rows per expert {counts.tolist()}")
+            worst = max(rel(g[busy], r[busy]) for g, r in zip(grads, g_ref))
+            report(f"{name}: busy slices vs float64", worst, 3 * tol)
+
+
+def determinism_check(device: torch.device) -> None:
+    """Forward+backward twice under use_deterministic_algorithms(True): bitwise identical results."""
+    torch.manual_seed(0)
+    ref = ep_fsdp.MoE(ep_fsdp.MoEConfig(dim=64, hidden_dim=128, num_experts=8, top_k=2, aux_loss_coef=0.01))
+    x = torch.randn(1024, 64)
+    torch.use_deterministic_algorithms(True)
+    try:
+        for dtype, _ in DTYPES:
+            for path in (True, False):
+                with grouped_path(device, dtype, path) as path_name:
+                    name = f"deterministic {device.type} {str(dtype)[6:]} {path_name}"
+                    layer = copy.deepcopy(ref).to(device=device, dtype=dtype)
+                    try:
+                        first, second = (forward_backward(layer, x.to(device, dtype)) for _ in range(2))
+                    except Exception as e:  # noqa: BLE001 - e.g. an op without a deterministic kernel
+                        check(f"{name}: runs", False, f"{type(e).__name__}: {e}")
+                        continue
+                same = [torch.equal(a, b) for a, b in zip(first, second)]
+                check(f"{name}: bitwise identical", all(same),
+                      f"{sum(same)}/{len(same)} of output, input grad, gate/w1/w3/w2 grads")
+    finally:
+        torch.use_deterministic_algorithms(False)
+
+
+def forward_backward(layer: ep_fsdp.MoE, x: torch.Tensor) -> list[torch.Tensor]:
+    """Output, input gradient and parameter gradients of one forward+backward (clones)."""
+    layer.zero_grad(set_to_none=True)
+    x = x.detach().requires_grad_(True)
+    y = layer(x)
+    y.float().square().sum().backward()
+    params = [layer.router.gate.weight, layer.experts.w1, layer.experts.w3, layer.experts.w2]
+    return [y.detach().clone(), x.grad.clone()] + [p.grad.clone() for p in params]
+
+
+class LinearMoE(nn.Module):
+    """The smallest model around one MoE layer whose input may have zero rows: ``[N, D] -> [N, D]``."""
+
+    def __init__(self, cfg: ep_fsdp.MoEConfig) -> None:
+        super().__init__()
+        self.proj = nn.Linear(cfg.dim, cfg.dim)
+        self.moe = ep_fsdp.MoE(cfg)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.moe(self.proj(x))
+
+
+def parallel_checks(device: torch.device) -> None:
+    """The world-size-1 parallel cases, inside one process group."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     device = ep_fsdp.init_distributed()
+    try:
+        parallel_step_check(device)
+        idle_rank_check(device)
+    finally:
+        dist.destroy_process_group()
+
+
+def idle_rank_check(device: torch.device) -> None:
+    """A parallelized model whose MoE layer gets zero tokens in a step: backward runs, expert grads exactly zero."""
+    torch.manual_seed(0)
+    cfg = ep_fsdp.MoEConfig(dim=64, hidden_dim=96, num_experts=8, top_k=2, aux_loss_coef=0.01)
+    model = LinearMoE(cfg).to(device)
+    ep_fsdp.parallelize_moe(model, ep_fsdp.build_mesh(ep=1))
+    name = f"parallelize_moe world=1 ({dist.get_backend()}): idle rank"
+    for tokens in (32, 0):  # a normal step first, then one with no tokens
+        model.zero_grad(set_to_none=True)
+        x = torch.randn(tokens, cfg.dim, device=device)  # [N, D]
+        try:
+            y = model(x)
+            (y.square().sum() + ep_fsdp.moe_aux_loss(model)).backward()
+        except Exception as e:  # noqa: BLE001 - reported as a failure
+            check(f"{name}: {tokens} tokens forward+backward", False, f"{type(e).__name__}: {e}")
+            return
+    check(f"{name}: output shape", tuple(y.shape) == (0, cfg.dim), f"shape {list(y.shape)}")
+    grads = expert_grads(model.moe)
+    check(f"{name}: expert grads == 0", all(exactly_zero(g) for g in grads),
+          "w1/w3/w2: " + ", ".join("None" if g is None else f"max |g| {float(g.abs().max()):.1e}" for g in grads))
+
+
+def parallel_step_check(device: torch.device) -> None:
     torch.manual_seed(0)
     moe = ep_fsdp.MoEConfig(dim=64, hidden_dim=96, num_experts=8, top_k=2, aux_loss_coef=0.01)
     model = MoETransformer(TransformerConfig(vocab_size=256, dim=64, num_layers=2, num_heads=4, max_seq_len=64,
@@ -89,15 +260,19 @@ def parallel_check(device: torch.device) -> None:
     ref_params = dict(ref.named_parameters())
     worst = max(rel(p.full_tensor(), ref_params[n]) for n, p in model.named_parameters())
     report(f"parallelize_moe world=1 ({dist.get_backend()}): params after AdamW", worst, 1e-5)
-    dist.destroy_process_group()
 
 
 def main() -> int:
+    # NOTE: cuBLAS is deterministic only with this workspace setting (read when a handle is made).
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
     print(f"device check on {name}, torch {torch.__version__}", flush=True)
     layer_check(device)
-    parallel_check(device)
+    zero_token_check(device)
+    idle_expert_check(device)
+    determinism_check(device)
+    parallel_checks(device)
     bench = Path(__file__).with_name("moe_layer.py")
     subprocess.run([sys.executable, str(bench), "--repeats", "20" if device.type == "cuda" else "3",
                     "--dtypes", "float32", "bfloat16"] + ([] if device.type == "cuda" else ["--tokens", "1024"]),
