@@ -34,8 +34,8 @@ class MoE(nn.Module):
         rows, counts, handle = dispatcher.dispatch(tokens, route.expert_ids, route.weights)
         out = dispatcher.combine(experts(rows, counts), handle) # [T, D]
 
-    Balancing losses (``aux_loss_coef``, ``z_loss_coef``) are losses of the global batch whose
-    gradient is attached to the output (see ``ep_fsdp/balancing.py``); read their value with
+    Balancing losses (``aux_loss_coef``, ``z_loss_coef``) are losses of the global batch, active in
+    training mode when a gradient is needed, whose gradient is attached to the output (see ``ep_fsdp/balancing.py``); read their value with
     :func:`ep_fsdp.moe_aux_loss`. :attr:`routing` counts routed slots, rows per local expert and
     all-to-all bytes over the training-mode forwards since :func:`ep_fsdp.routing_stats` last reset
     them (once per forward: activation-checkpoint recomputation is not counted again).
@@ -94,10 +94,12 @@ class MoE(nn.Module):
         slots = expert_counts(route.expert_ids, cfg.num_experts)  # [E] logical
         if self.training and not in_backward():  # NOTE: checkpoint recomputation records nothing
             self.routing.add_forward(slots, counts, handle.sent_bytes)
-        out = attach_balancing_losses(
-            out, route, slots, aux_loss_coef=cfg.aux_loss_coef, z_loss_coef=cfg.z_loss_coef, top_k=cfg.top_k,
-            group=self.stats_group, grad_scale=self.aux_grad_factor * self.aux_loss_scale, counters=self.routing,
-        )
+        if self.training:  # NOTE: like Megatron, balancing losses act in training mode only
+            out = attach_balancing_losses(
+                out, route, slots, aux_loss_coef=cfg.aux_loss_coef, z_loss_coef=cfg.z_loss_coef, top_k=cfg.top_k,
+                group=self.stats_group, grad_scale=self.aux_grad_factor * self.aux_loss_scale,
+                counters=self.routing,
+            )
         return out.reshape(x.shape)
 
 

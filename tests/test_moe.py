@@ -3,6 +3,8 @@ balancing losses, dtypes and config errors."""
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -84,7 +86,9 @@ def test_float64_takes_the_loop_path():
     torch.testing.assert_close(layer(x), naive_moe(layer, x).double())
 
 
-def test_experts_without_tokens_get_zero_gradient():
+@pytest.mark.parametrize("grouped", [True, False], ids=["grouped_mm", "loop"])
+def test_experts_without_tokens_get_zero_gradient(monkeypatch, grouped):
+    monkeypatch.setitem(experts_mod._GROUPED_MM_WORKS, ("cpu", torch.float32), grouped)
     torch.manual_seed(2)
     layer = MoE(MoEConfig(dim=8, hidden_dim=16, num_experts=4, top_k=1, expert_bias=True))
     layer.router.expert_bias.copy_(torch.tensor([0.0, 0.0, 50.0, 0.0]))  # everything to expert 2
@@ -93,18 +97,92 @@ def test_experts_without_tokens_get_zero_gradient():
     assert grad is not None
     assert layer.routing.tokens_per_expert.tolist() == [0, 0, 10, 0]
     assert grad[2].abs().sum() > 0
-    assert torch.count_nonzero(grad[[0, 1, 3]]) == 0
+    for w in (layer.experts.w1, layer.experts.w3, layer.experts.w2):
+        assert torch.count_nonzero(w.grad[[0, 1, 3]]) == 0
 
 
-def test_bfloat16_close_to_float32():
-    torch.manual_seed(3)
-    layer = MoE(MoEConfig(dim=32, hidden_dim=64, num_experts=4, top_k=2))
-    x = torch.randn(64, 32)
-    y32 = layer(x)
-    y16 = layer.to(torch.bfloat16)(x.bfloat16())
-    assert y16.dtype == torch.bfloat16 and y16.shape == x.shape
-    err = (y16.float() - y32).norm() / y32.norm()
-    assert err < 2e-2, float(err)
+# Largest relative errors of the seed code (before the float32 combine), same cases: output 4.7e-3,
+# input grad 6.6e-3, expert grad 6.1e-3, gate grad 7.9e-3. The bounds below are under each of them.
+BF16_BOUNDS = {"output": 4.6e-3, "x grad": 6.5e-3, "w1 grad": 6.0e-3, "gate grad": 7.5e-3}
+
+
+@pytest.mark.parametrize("grouped", [True, False], ids=["grouped_mm", "loop"])
+def test_bfloat16_error_against_float64_reference(monkeypatch, grouped):
+    """bf16 layer vs the same bf16 weights and input evaluated in float64 (same routing)."""
+    monkeypatch.setitem(experts_mod._GROUPED_MM_WORKS, ("cpu", torch.bfloat16), grouped)
+    worst = dict.fromkeys(BF16_BOUNDS, 0.0)
+    for seed in range(6):
+        torch.manual_seed(seed)
+        layer = MoE(MoEConfig(dim=64, hidden_dim=128, num_experts=8, top_k=2)).to(torch.bfloat16)
+        ref = copy.deepcopy(layer).double()
+        xb = torch.randn(512, 64).bfloat16().requires_grad_()
+        x = xb.detach().double().requires_grad_()
+        y, y_ref = layer(xb), ref(x)
+        assert y.dtype == torch.bfloat16
+        g = torch.autograd.grad(y.float().square().sum(), [xb, layer.experts.w1, layer.router.gate.weight])
+        g_ref = torch.autograd.grad(y_ref.square().sum(), [x, ref.experts.w1, ref.router.gate.weight])
+        for key, a, b in zip(BF16_BOUNDS, (y, *g), (y_ref, *g_ref)):
+            err = float((a.detach().double() - b.detach()).norm() / b.detach().norm())
+            worst[key] = max(worst[key], err)
+    for key, bound in BF16_BOUNDS.items():
+        assert worst[key] <= bound, (key, worst[key], bound)
+
+
+@pytest.mark.parametrize("grouped", [True, False], ids=["grouped_mm", "loop"])
+def test_zero_tokens_forward_and_backward(monkeypatch, grouped):
+    monkeypatch.setitem(experts_mod._GROUPED_MM_WORKS, ("cpu", torch.float32), grouped)
+    layer = MoE(MoEConfig(dim=8, hidden_dim=16, num_experts=4, top_k=2, aux_loss_coef=0.1, z_loss_coef=0.1))
+    x = torch.zeros(0, 8, requires_grad=True)
+    y = layer(x)
+    assert y.shape == (0, 8)
+    y.sum().backward()
+    assert x.grad.shape == (0, 8)
+    for w in (layer.experts.w1, layer.experts.w3, layer.experts.w2):
+        assert w.grad is not None and torch.count_nonzero(w.grad) == 0
+
+
+def test_deterministic_mode_local_layer_bitwise():
+    torch.use_deterministic_algorithms(True)
+    try:
+        runs = []
+        for _ in range(2):
+            torch.manual_seed(0)
+            layer = MoE(MoEConfig(dim=16, hidden_dim=32, num_experts=6, top_k=3, aux_loss_coef=0.1, z_loss_coef=0.1))
+            x = torch.randn(64, 16, requires_grad=True)
+            y = layer(x)
+            y.square().sum().backward()
+            runs.append([y.detach(), x.grad] + [p.grad for p in layer.parameters()])
+    finally:
+        torch.use_deterministic_algorithms(False)
+    assert all(torch.equal(a, b) for a, b in zip(*runs))
+
+
+def test_checkpoint_recompute_counts_and_reduces_once(monkeypatch):
+    """Under activation checkpointing the statistics are gathered once per forward, not on recompute."""
+    from torch.utils.checkpoint import checkpoint
+
+    from ep_fsdp import balancing
+
+    calls = []
+    real = balancing.all_reduce_sum_
+    monkeypatch.setattr(balancing, "all_reduce_sum_", lambda x, g: calls.append(1) or real(x, g))
+    torch.manual_seed(0)
+    layer = MoE(MoEConfig(dim=8, hidden_dim=16, num_experts=4, top_k=2, aux_loss_coef=0.1))
+    ref = copy.deepcopy(layer)
+    x = torch.randn(10, 8)
+    checkpoint(layer, x, use_reentrant=False).square().sum().backward()
+    ref(x).square().sum().backward()
+    assert len(calls) == 2  # one per forward (layer, ref); none during the recompute
+    assert layer.routing.forwards == 1 and layer.routing.tokens_per_expert.sum() == 20
+    for p, q in zip(layer.parameters(), ref.parameters()):
+        torch.testing.assert_close(p.grad, q.grad)
+    calls.clear()
+    with torch.no_grad():
+        layer(x)
+    layer.eval()
+    layer(x)
+    assert calls == []  # no gradient needed: no statistics exchanged
+    assert layer.routing.forwards == 2  # the training-mode no_grad forward counts, the eval one does not
 
 
 def test_balancing_losses_match_definition():

@@ -150,3 +150,68 @@ def test_bf16_mixed_precision(pools):
         assert r["grad_dtype"] == "torch.float32"
         assert abs(r["loss"] - r["ref"]) < 2e-2 * abs(r["ref"]), r
         assert r["a2a_bytes"] > 0
+
+
+def test_expert_fsdp_placement_is_chosen_up_front():
+    from torch.distributed.tensor import Shard
+
+    from ep_fsdp.parallelize import expert_fsdp_placement
+
+    assert expert_fsdp_placement("w1", (4, 48, 32), 2) == Shard(0)  # whole experts per rank
+    assert expert_fsdp_placement("w1", (3, 48, 32), 2) == Shard(1)  # 2 does not divide 3 experts
+    assert expert_fsdp_placement("w2", (3, 6, 8), 4) == Shard(2)  # nor 6: the last dim
+    try:
+        expert_fsdp_placement("layers.1.feed_forward.experts.w1", (3, 6, 6), 4)
+    except ValueError as e:
+        msg = str(e)
+    assert "cannot shard expert weight 'layers.1.feed_forward.experts.w1' over dp_shard=4" in msg
+    assert "local block [3, 6, 6]" in msg and "choose dp_shard from the divisors of one of [3, 6]" in msg
+
+
+def unshardable_experts() -> tuple[str, str]:
+    cfg = ep_fsdp.MoEConfig(dim=6, hidden_dim=6, num_experts=6, top_k=2)
+    model = nn.Sequential(nn.Linear(6, 6), ep_fsdp.MoE(cfg))
+    kind, msg = _error(lambda: ep_fsdp.parallelize_moe(model, worker_mesh(4, 1)))
+    # nothing was changed: the experts are plain tensors, no FSDP state was installed
+    return kind, msg, type(model[1].experts.w1).__name__, isinstance(model, FSDPModule)
+
+
+def test_unshardable_expert_layout_fails_before_any_collective(pools):
+    for kind, msg, w1_type, fsdp in pools(4).run(unshardable_experts):
+        assert kind == "ValueError" and "cannot shard expert weight '1.experts.w1' over dp_shard=4" in msg
+        assert w1_type == "Parameter" and not fsdp
+
+
+def prefetch_plan(dp_shard: int, ep: int) -> dict:
+    """Which FSDP units each unit prefetches, by name (bf16: routers are units of their own)."""
+    from ep_fsdp.models import MoETransformer, TransformerConfig
+
+    torch.manual_seed(0)
+    moe = ep_fsdp.MoEConfig(dim=16, hidden_dim=16, num_experts=4, top_k=2)
+    model = MoETransformer(TransformerConfig(vocab_size=32, dim=16, num_layers=3, num_heads=2, max_seq_len=8,
+                                             num_dense_layers=1, moe=moe))
+    ep_fsdp.parallelize_moe(model, worker_mesh(dp_shard, ep), mp_policy=MixedPrecisionPolicy(
+        param_dtype=torch.bfloat16, reduce_dtype=torch.float32), grad_reduction="sum")
+    names = {m._get_fsdp_state(): n or "root" for n, m in model.named_modules() if isinstance(m, FSDPModule)}
+    plan = {}
+    for n, m in model.named_modules():
+        if isinstance(m, FSDPModule):
+            st = m._get_fsdp_state()
+            plan[n or "root"] = ([names[s] for s in st._states_to_forward_prefetch],
+                                 [names[s] for s in st._states_to_backward_prefetch])
+    factors = {n or "root": m._get_fsdp_state()._fsdp_param_group.gradient_divide_factor
+               for n, m in model.named_modules() if isinstance(m, FSDPModule) and m._get_fsdp_state()._fsdp_param_group}
+    return {"plan": plan, "factors": factors}
+
+
+def test_blocks_prefetch_the_next_blocks_expert_and_router_units(pools):
+    r = pools(2).run(prefetch_plan, 1, 2)[0]
+    plan = r["plan"]
+    ff = "layers.{}.feed_forward"
+    assert plan["root"][0] == ["layers.0"]  # layer 0 is dense
+    assert plan["layers.0"][0] == ["layers.1", ff.format(1) + ".router", ff.format(1) + ".experts"]
+    assert plan["layers.1"][0] == ["layers.2", ff.format(2) + ".router", ff.format(2) + ".experts"]
+    assert plan["layers.2"][1] == [ff.format(2) + ".experts", ff.format(2) + ".router",
+                                   "layers.1", ff.format(1) + ".experts", ff.format(1) + ".router"]
+    assert plan["layers.1"][1] == ["layers.0"]
+    assert set(r["factors"].values()) == {1.0}  # grad_reduction="sum": no unit divides
