@@ -96,6 +96,11 @@ class ExpertPlacement:
             return expert_ids
         return self.physical_table(expert_ids.device)[expert_ids]
 
+    def locate(self, expert_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Logical ids (any shape) -> ``(ep rank, local slot)`` tensors of the same shape."""
+        physical = self.to_physical(expert_ids)
+        return torch.div(physical, self.experts_per_rank, rounding_mode="floor"), physical % self.experts_per_rank
+
     def is_contiguous(self) -> bool:
         return self._physical == list(range(self.num_experts))
 

@@ -118,7 +118,7 @@ def _case_ids(case: str, rank: int, ep: int, E: int, k: int, T: int, g: torch.Ge
     return ids
 
 
-def round_trip(kind: str, case: str, ep: int, E: int, k: int) -> dict:
+def round_trip(kind: str, case: str, ep: int, E: int, k: int, permuted: bool = False) -> dict:
     """Dispatch, run 'expert e multiplies by (e + 1)', combine; return outputs and gradients."""
     import torch.distributed as dist
 
@@ -132,7 +132,8 @@ def round_trip(kind: str, case: str, ep: int, E: int, k: int) -> dict:
     T = ids.shape[0]
     tokens = torch.randn(T, 3, generator=g, dtype=torch.float64).float().requires_grad_(True)
     weights = torch.rand(T, k, generator=g).requires_grad_(True)
-    placement = ExpertPlacement.contiguous(E, ep)
+    # permuted: logical expert e lives in storage row (3e + 1) mod E (a permutation when gcd(3, E) = 1)
+    placement = ExpertPlacement(E, ep, physical=[(3 * e + 1) % E for e in range(E)] if permuted else None)
     cls = {"plain": AllToAllDispatcher, "dedup": DedupAllToAllDispatcher}[kind]
     d = cls(placement, group)
     rows, counts, handle = d.dispatch(tokens, ids, weights)
@@ -142,14 +143,14 @@ def round_trip(kind: str, case: str, ep: int, E: int, k: int) -> dict:
     out = d.combine(rows * factor, handle)
     out.backward(torch.ones_like(out))
     return {
-        "ids": ids, "tokens": tokens.detach(), "weights": weights.detach(), "out": out.detach(),
+        "ids": placement.to_physical(ids), "tokens": tokens.detach(), "weights": weights.detach(), "out": out.detach(),
         "grad_tokens": tokens.grad, "grad_weights": weights.grad, "counts": counts.tolist(),
         "counts_host": handle.counts_host, "rows": rows.detach()[:, 0].tolist(), "sent": handle.sent_bytes,
     }
 
 
 def expected(r: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    factor = (r["ids"] + 1).float()  # [T, k]
+    factor = (r["ids"] + 1).float()  # [T, k]: storage row + 1
     out = (r["weights"] * factor).sum(1, keepdim=True) * r["tokens"]
     grad_tokens = (r["weights"] * factor).sum(1, keepdim=True).expand_as(r["tokens"])
     grad_weights = factor * r["tokens"].sum(1, keepdim=True)
@@ -201,3 +202,13 @@ def test_dedup_dispatch_hand_worked(pools):
     # rank 0 sends 2 rows (tokens 1, 2) to rank 1 and gets 1 row back from it... and 3 records
     row = 4  # one float32 feature
     assert r0["sent"] == (2 + 1) * row + 3 * 12
+
+
+@pytest.mark.parametrize("kind", ["plain", "dedup"])
+def test_round_trip_with_a_non_contiguous_placement(pools, kind):
+    """The dispatchers take ownership from the placement only: a permuted map routes correctly."""
+    for r in pools(4).run(round_trip, kind, "random", 4, 8, 3, permuted=True):
+        out, grad_tokens, grad_weights = expected(r)
+        torch.testing.assert_close(r["out"], out, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(r["grad_tokens"], grad_tokens, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(r["grad_weights"], grad_weights, rtol=1e-5, atol=1e-6)

@@ -61,8 +61,7 @@ class DedupAllToAllDispatcher(TokenDispatcher):
         ep, G = self.placement.ep, self.num_local_experts
         T, k = expert_ids.shape
         device = tokens.device
-        phys = self.placement.to_physical(expert_ids).reshape(-1)  # [S]
-        dest = torch.div(phys, G, rounding_mode="floor")  # [S]
+        dest, slot = (t.reshape(-1) for t in self.placement.locate(expert_ids))  # [S] ep rank, [S] local slot
         token = torch.arange(T, device=device).repeat_interleave(k)  # [S]
         order = torch.argsort(dest * T + token, stable=True)  # [S] by (destination, token)
         s_dest, s_token = dest[order], token[order]  # [S]
@@ -70,7 +69,7 @@ class DedupAllToAllDispatcher(TokenDispatcher):
         first[1:] = (s_dest[1:] != s_dest[:-1]) | (s_token[1:] != s_token[:-1])
         row_of_sorted = torch.cumsum(first, 0) - 1  # [S] unique row (destination-major)
         rows_send = torch.zeros(ep, dtype=torch.long, device=device).scatter_add_(0, s_dest, first.long())  # [ep]
-        slots_send = expert_counts(phys, ep * G).view(ep, G)  # [ep, G]
+        slots_send = expert_counts(dest * G + slot, ep * G).view(ep, G)  # [ep, G]
         recv = exchange_sizes(torch.cat([rows_send.unsqueeze(1), slots_send], dim=1), self.group)  # [ep, 1+G]
         rows_recv_dev, slots_recv_dev = recv[:, 0], recv[:, 1:]  # [ep], [ep, G]
         # NOTE: the one device-to-host synchronisation of the layer: all sizes in one copy.
@@ -85,7 +84,7 @@ class DedupAllToAllDispatcher(TokenDispatcher):
         rows_per_token = expert_counts(unique_token, T)  # [T]
         rows = gather_rows(tokens, unique_token, tok_order, Segments(T, lengths=rows_per_token))  # [U, D]
         chunk_start = torch.cumsum(rows_send, 0) - rows_send  # [ep]
-        records = torch.stack([row_of_sorted - chunk_start[s_dest], phys[order] % G], dim=1)  # [S, 2]
+        records = torch.stack([row_of_sorted - chunk_start[s_dest], slot[order]], dim=1)  # [S, 2]
         flat_w = weights.reshape(-1, 1).float()  # [S, 1]
         w_sorted = gather_rows(flat_w, order, inverse_permutation(order), Segments(T * k, uniform=1)).squeeze(1)  # [S]
 
