@@ -3,7 +3,8 @@
 Build the model under ``torch.device("meta")`` (no memory), call :func:`ep_fsdp.parallelize_moe`,
 then :func:`materialize`: each rank allocates only its own shards (``to_empty``) and fills them.
 Each parameter is initialized from its own generator, seeded from ``seed`` and the parameter's
-name, on the full (global) shape on the CPU, and only this rank's slice is kept. So no rank ever
+name, on the full (global) shape on the CPU, and only this rank's slice is kept. The init of a
+parameter is the ``init_parameter`` of the outermost module on its path that defines one. So no rank ever
 holds more than one full parameter at a time, and the values do not depend on the layout, the
 number of ranks or the device: a model materialized on any layout equals the unparallelized model
 materialized with the same seed.
@@ -27,10 +28,10 @@ InitFn = Callable[[str, torch.Tensor, torch.Generator], None]
 
 
 def _owner_init(model: nn.Module, name: str) -> tuple[Callable[..., None], str] | None:
-    """The ``init_parameter`` of the innermost module of ``name`` that defines one, with the
-    parameter's name relative to that module."""
+    """The ``init_parameter`` of the outermost module on ``name``'s path that defines one (the
+    model's own scheme wins over a layer's default), with the name relative to that module."""
     parts = name.split(".")
-    for i in range(len(parts) - 1, -1, -1):
+    for i in range(len(parts)):
         module = model.get_submodule(".".join(parts[:i]))
         fn = getattr(module, "init_parameter", None)
         if callable(fn):
@@ -48,9 +49,10 @@ def materialize(model: nn.Module, device: torch.device | str, *, init_fn: InitFn
 
     ``model`` may be parallelized already (FSDP2/DTensor parameters) or not. Every parameter
     ``name`` is filled by ``init_fn(name, full_tensor, generator)`` on a CPU tensor of its global
-    shape, then this rank's shard is copied in. Without ``init_fn``, the innermost module that
-    defines ``init_parameter(relative_name, tensor, generator)`` initializes it
-    (:class:`ep_fsdp.MoE` and the reference transformer do). Afterwards every module that defines
+    shape, then this rank's shard is copied in. Without ``init_fn``, the outermost module on the path that
+    defines ``init_parameter(relative_name, tensor, generator)`` initializes it: the model's own
+    scheme first (the reference transformer has one), else a layer's default (:class:`ep_fsdp.MoE`
+    has one). Afterwards every module that defines
     ``reset_buffers()`` recomputes its buffers (``to_empty`` leaves them uninitialized). Load a
     checkpoint afterwards instead of relying on the init, if you have one.
 

@@ -80,3 +80,18 @@ def test_materialize_needs_an_init_for_every_parameter():
     ep_fsdp.materialize(layer, "cpu", seed=1)
     assert float(layer.experts.w2.abs().max()) <= 1 / 3 and float(layer.experts.w2.abs().max()) > 0
     assert torch.equal(layer.router.expert_bias, torch.zeros(2))
+
+
+def test_the_models_own_init_scheme_wins_over_the_layers_default():
+    from ep_fsdp.models import MoETransformer, TransformerConfig
+
+    cfg = TransformerConfig(vocab_size=64, dim=64, num_layers=2, num_heads=4, max_seq_len=16,
+                            moe=ep_fsdp.MoEConfig(dim=64, hidden_dim=96, num_experts=8, top_k=2))
+    with torch.device("meta"):
+        model = MoETransformer(cfg)
+    ep_fsdp.materialize(model, "cpu", seed=0)
+    w1 = model.get_parameter("layers.1.feed_forward.experts.w1")
+    w2 = model.get_parameter("layers.1.feed_forward.experts.w2")
+    assert abs(float(w1.std()) - 0.02) < 0.002  # the transformer's normal(0.02), not MoE's uniform(1/8)
+    assert abs(float(w2.std()) - 0.02 / 2) < 0.001  # output projections scaled by depth
+    assert torch.equal(model.layers[0].attention_norm.weight, torch.ones(64))
