@@ -4,9 +4,10 @@ Legend: T tokens on this rank, E experts, G local expert slots, Tg tokens of the
 
 The Switch balancing loss ``coef * E * sum_i f_i * P_i`` and the z-loss ``zcoef * mean_t
 logsumexp(logits_t)^2`` are losses of the *global* batch. Each forward sums one packet of detached
-statistics over all ranks (one all-reduce, no gradient), computes the loss values, and attaches
-the loss gradient to the layer output with :class:`_AuxLossGrad`: an identity in the forward whose
-backward adds ``d aux / d probs`` and ``d aux / d logits`` of this rank's tokens. So:
+statistics over all ranks (one all-reduce, no gradient, issued before the token exchange and waited
+after it), computes the loss values, and hooks the loss gradient onto the gate weights with
+:class:`_AuxLossGrad`: an identity in the forward whose backward adds ``d aux / d probs`` and
+``d aux / d logits`` of this rank's tokens. So:
 
 * no graph tensor is held on the module, and nothing is all-reduced in the backward;
 * ``ep_fsdp.moe_aux_loss(model)`` returns the (detached) value for logging and for the loss you
@@ -26,10 +27,10 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from .dispatch._comm import all_reduce_sum_
+from .dispatch._comm import all_reduce_sum_, wait
 from .router import RouterOutput, balancing_losses, balancing_stats
 
-__all__ = ["RoutingCounters", "attach_balancing_losses", "in_backward"]
+__all__ = ["RoutingCounters", "PendingBalancing", "begin_balancing", "finish_balancing", "in_backward"]
 
 
 def in_backward() -> bool:
@@ -83,33 +84,50 @@ class RoutingCounters:
         self.a2a_bytes = self.forwards = self.loss_forwards = 0
 
 
-class _AuxLossGrad(torch.autograd.Function):
-    """Identity on ``out``; its backward adds precomputed gradients for ``probs`` and ``logits``.
+@dataclass
+class _AuxGrads:
+    """Gradients the balancing losses add in the backward, filled in once the statistics arrive."""
 
-    NOTE: the gradients are kept on ``ctx`` (not ``save_for_backward``), so activation
-    checkpointing neither frees nor recomputes them, and the recomputed forward may skip this node.
+    probs_row: torch.Tensor | None = None  # [E] float32, d aux / d probs[t, i], the same for every t
+    logits: torch.Tensor | None = None  # [T, E] float32, d z-loss / d logits
+
+
+class _AuxLossGrad(torch.autograd.Function):
+    """Identity on the gate weights; its backward adds the balancing-loss gradients of ``probs``
+    and ``logits``.
+
+    NOTE: attached to the gate weights (every token's output depends on them) rather than to the
+    layer output, whose identity would come back as a view. The gradients live in a holder filled
+    after the forward's statistics arrive, not in ``save_for_backward``: activation checkpointing
+    neither frees nor recomputes them, and the recomputed forward may skip this node.
     """
 
     @staticmethod
-    def forward(  # type: ignore[override]
-        ctx: Any,
-        out: torch.Tensor,
-        probs: torch.Tensor,
-        logits: torch.Tensor,
-        grad_probs_row: torch.Tensor | None,  # [E] float32, the same for every token
-        grad_logits: torch.Tensor | None,  # [T, E] float32
-    ) -> torch.Tensor:
-        ctx.grad_probs_row, ctx.grad_logits, ctx.shape = grad_probs_row, grad_logits, probs.shape
-        return out
+    def forward(ctx: Any, weights: torch.Tensor, probs: torch.Tensor, logits: torch.Tensor, grads: _AuxGrads) -> torch.Tensor:  # type: ignore[override]
+        ctx.grads, ctx.shape = grads, probs.shape
+        return weights.view_as(weights)
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[Any, ...]:
-        grad_probs = None if ctx.grad_probs_row is None else ctx.grad_probs_row.expand(ctx.shape)
-        return grad, grad_probs, ctx.grad_logits, None, None
+        g: _AuxGrads = ctx.grads
+        grad_probs = None if g.probs_row is None else g.probs_row.expand(ctx.shape)
+        return grad, grad_probs, g.logits, None
 
 
-def attach_balancing_losses(
-    out: torch.Tensor,
+@dataclass
+class PendingBalancing:
+    """The balancing losses of one forward whose global statistics are still in flight."""
+
+    stats: torch.Tensor  # [2E + 2] float64, all-reduce issued
+    logits: torch.Tensor  # [T, E] detached
+    grads: _AuxGrads
+    num_experts: int
+    top_k: int
+    aux_loss_coef: float
+    z_loss_coef: float
+
+
+def begin_balancing(
     route: RouterOutput,
     counts: torch.Tensor,
     *,
@@ -117,31 +135,38 @@ def attach_balancing_losses(
     z_loss_coef: float,
     top_k: int,
     group: dist.ProcessGroup | None,
-    grad_scale: float,
-    counters: RoutingCounters,
-) -> torch.Tensor:
-    """Compute the global-batch balancing losses of one forward and attach their gradient to ``out``.
+) -> tuple[torch.Tensor, PendingBalancing | None]:
+    """Issue the global statistics of one forward and hook the loss gradient onto the gate weights.
 
-    Skipped (``out`` returned as is) when both coefficients are 0, when no gradient is needed, or
-    during activation-checkpoint recomputation.
+    Returns ``(weights to dispatch, pending)``; call :func:`finish_balancing` with ``pending``
+    before the backward (the all-reduce overlaps the token exchange in between). Nothing happens
+    (``route.weights, None``) when both coefficients are 0, when no gradient is needed, or during
+    activation-checkpoint recomputation.
     """
     if (aux_loss_coef == 0 and z_loss_coef == 0) or not torch.is_grad_enabled() or not route.logits.requires_grad:
-        return out
+        return route.weights, None
     if in_backward():
-        return out
-    E = counts.numel()
+        return route.weights, None
     with torch.no_grad():
-        stats = all_reduce_sum_(balancing_stats(route, counts), group)  # [2E + 2] float64, global batch
-        balance, z_loss = balancing_losses(stats, E, top_k)
-        aux = aux_loss_coef * balance.double() + z_loss_coef * z_loss.double()
-        counters.add_losses(torch.stack([balance.double(), z_loss.double(), aux]))
-        tokens = stats[2 * E + 1].clamp(min=1.0)  # Tg
-        grad_probs_row = grad_logits = None
-        if aux_loss_coef != 0:
-            f = stats[E:2 * E] / (tokens * top_k)  # [E] global fraction of slots per expert
-            grad_probs_row = (aux_loss_coef * grad_scale * E * f / tokens).float()  # d aux / d P[t, i]
-        if z_loss_coef != 0:
-            logits = route.logits.detach()  # [T, E]
-            z = torch.logsumexp(logits, dim=-1, keepdim=True)  # [T, 1]
-            grad_logits = (2.0 * z_loss_coef * grad_scale / tokens.float()) * z * torch.softmax(logits, dim=-1)
-    return _AuxLossGrad.apply(out, route.probs, route.logits, grad_probs_row, grad_logits)
+        stats = all_reduce_sum_(balancing_stats(route, counts), group)  # [2E + 2] float64, in flight
+    grads = _AuxGrads()
+    weights = _AuxLossGrad.apply(route.weights, route.probs, route.logits, grads)
+    pending = PendingBalancing(stats, route.logits.detach(), grads, counts.numel(), top_k, aux_loss_coef, z_loss_coef)
+    return weights, pending
+
+
+@torch.no_grad()
+def finish_balancing(pending: PendingBalancing, *, grad_scale: float, counters: RoutingCounters) -> None:
+    """Wait for the statistics, record the loss values and fill in the gradients of the backward."""
+    p, E = pending, pending.num_experts
+    stats = wait(p.stats)
+    balance, z_loss = balancing_losses(stats, E, p.top_k)
+    aux = p.aux_loss_coef * balance.double() + p.z_loss_coef * z_loss.double()
+    counters.add_losses(torch.stack([balance.double(), z_loss.double(), aux]))
+    tokens = stats[2 * E + 1].clamp(min=1.0)  # Tg
+    if p.aux_loss_coef != 0:
+        f = stats[E:2 * E] / (tokens * p.top_k)  # [E] global fraction of slots per expert
+        p.grads.probs_row = (p.aux_loss_coef * grad_scale * E * f / tokens).float()  # d aux / d P[t, i]
+    if p.z_loss_coef != 0:
+        z = torch.logsumexp(p.logits, dim=-1, keepdim=True)  # [T, 1]
+        p.grads.logits = (2.0 * p.z_loss_coef * grad_scale / tokens.float()) * z * torch.softmax(p.logits, dim=-1)

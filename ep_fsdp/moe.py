@@ -10,7 +10,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from .balancing import RoutingCounters, attach_balancing_losses, in_backward
+from .balancing import RoutingCounters, begin_balancing, finish_balancing, in_backward
 from .config import MoEConfig
 from .dispatch import LocalDispatcher, TokenDispatcher, expert_counts
 from .experts import GroupedExperts
@@ -35,7 +35,8 @@ class MoE(nn.Module):
         out = dispatcher.combine(experts(rows, counts), handle) # [T, D]
 
     Balancing losses (``aux_loss_coef``, ``z_loss_coef``) are losses of the global batch, active in
-    training mode when a gradient is needed, whose gradient is attached to the output (see ``ep_fsdp/balancing.py``); read their value with
+    training mode when a gradient is needed, whose gradient is hooked onto the gate weights (see
+    ``ep_fsdp/balancing.py``); read their value with
     :func:`ep_fsdp.moe_aux_loss`. :attr:`routing` counts routed slots, rows per local expert and
     all-to-all bytes over the training-mode forwards since :func:`ep_fsdp.routing_stats` last reset
     them (once per forward: activation-checkpoint recomputation is not counted again).
@@ -88,19 +89,21 @@ class MoE(nn.Module):
             )
         tokens = x.reshape(-1, cfg.dim)  # [T, D]
         route = self.router(tokens)  # weights [T, k] fp32, expert_ids [T, k] logical
-        rows, counts, handle = self.dispatcher.dispatch(tokens, route.expert_ids, route.weights)  # [N, D], [G]
-        y = self.experts(rows, counts, handle.counts_host)  # [N, D]
-        out = self.dispatcher.combine(y, handle)  # [T, D]
         slots = expert_counts(route.expert_ids, cfg.num_experts)  # [E] logical
+        weights, pending = route.weights, None
+        if self.training:  # NOTE: like Megatron, balancing losses act in training mode only
+            weights, pending = begin_balancing(
+                route, slots, aux_loss_coef=cfg.aux_loss_coef, z_loss_coef=cfg.z_loss_coef, top_k=cfg.top_k,
+                group=self.stats_group,
+            )
+        rows, counts, handle = self.dispatcher.dispatch(x, route.expert_ids, weights)  # [N, D], [G]
+        y = self.experts(rows, counts, handle.counts_host)  # [N, D]
+        out = self.dispatcher.combine(y, handle)  # [..., D] like x
+        if pending is not None:
+            finish_balancing(pending, grad_scale=self.aux_grad_factor * self.aux_loss_scale, counters=self.routing)
         if self.training and not in_backward():  # NOTE: checkpoint recomputation records nothing
             self.routing.add_forward(slots, counts, handle.sent_bytes)
-        if self.training:  # NOTE: like Megatron, balancing losses act in training mode only
-            out = attach_balancing_losses(
-                out, route, slots, aux_loss_coef=cfg.aux_loss_coef, z_loss_coef=cfg.z_loss_coef, top_k=cfg.top_k,
-                group=self.stats_group, grad_scale=self.aux_grad_factor * self.aux_loss_scale,
-                counters=self.routing,
-            )
-        return out.reshape(x.shape)
+        return out
 
 
 def moe_layers(model: nn.Module) -> list[tuple[str, MoE]]:
@@ -123,7 +126,7 @@ def moe_aux_loss(model: nn.Module) -> torch.Tensor:
 
     The value is the global-batch loss (all ranks), summed over layers and averaged over the
     forwards since the previous call, as a detached float32 scalar; the call resets it. Its
-    gradient is already attached to the layers' outputs, so adding the value to the task loss
+    gradient is already hooked into the layers' backward, so adding the value to the task loss
     (as below) gives the printed loss its true value and changes no gradient. Returns a float32
     zero when no layer computed a balancing loss (both coefficients 0, or no gradient needed).
 

@@ -14,7 +14,7 @@ import torch
 import torch.distributed as dist
 import torch.distributed._functional_collectives as funcol
 
-__all__ = ["all_to_all_rows", "exchange_sizes", "exchange_records", "all_reduce_sum_"]
+__all__ = ["all_to_all_rows", "exchange_sizes", "exchange_records", "all_reduce_sum_", "wait"]
 
 
 def all_to_all_rows(
@@ -80,7 +80,13 @@ def exchange_records(
 
 
 def all_reduce_sum_(x: torch.Tensor, group: dist.ProcessGroup | None) -> torch.Tensor:
-    """Sum ``x`` over ``group`` (no gradient); returns the reduced tensor (``x`` itself if no group)."""
+    """Issue a sum of ``x`` over ``group`` (no gradient); :func:`wait` for the result (``x`` itself
+    if no group)."""
     if group is None:
         return x
-    return funcol.wait_tensor(funcol.all_reduce(x, "sum", group))
+    return funcol.all_reduce(x, "sum", group)
+
+
+def wait(x: torch.Tensor) -> torch.Tensor:
+    """The value of a tensor returned by a functional collective (a no-op for plain tensors)."""
+    return funcol.wait_tensor(x) if isinstance(x, funcol.AsyncCollectiveTensor) else x

@@ -105,18 +105,26 @@ class _WeightedSegmentSum(torch.autograd.Function):
         inverse: torch.Tensor,  # [N]
         seg: Segments,
         out_dtype: torch.dtype,
+        out_shape: tuple[int, ...] | None,
     ) -> torch.Tensor:
         z = y.index_select(0, order).float()  # [N, D] in segment order
         if weights is not None:
             z = z * weights.unsqueeze(1)
         ctx.seg, ctx.has_weights, ctx.y_dtype = seg, weights is not None, y.dtype
         ctx.save_for_backward(y, weights if weights is not None else y.new_empty(0), order, inverse)
-        return segment_sum(z, seg).to(out_dtype)  # [R, D]
+        summed = segment_sum(z, seg)  # [R, D] float32
+        if out_shape is None or tuple(out_shape) == tuple(summed.shape):
+            return summed.to(out_dtype)
+        # NOTE: written into a fresh tensor of the caller's shape, not returned as a reshaped view
+        # (FSDP2 warns about modules whose output is a view: in-place ops on it would lose hooks).
+        out = summed.new_empty(out_shape, dtype=out_dtype)
+        out.view(summed.shape).copy_(summed)
+        return out
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[Any, ...]:
         y, weights, order, inverse = ctx.saved_tensors
-        g = ctx.seg.expand(grad.float(), y.shape[0])  # [N, D] in segment order
+        g = ctx.seg.expand(grad.reshape(-1, y.shape[1]).float(), y.shape[0])  # [N, D] in segment order
         grad_w = None
         if ctx.has_weights and ctx.needs_input_grad[1]:
             grad_w = (g * y.index_select(0, order).float()).sum(dim=1)  # [N]
@@ -124,7 +132,7 @@ class _WeightedSegmentSum(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             gz = g * weights.unsqueeze(1) if ctx.has_weights else g
             grad_y = gz.index_select(0, inverse).to(ctx.y_dtype)  # [N, D] in y's order
-        return grad_y, grad_w, None, None, None, None
+        return grad_y, grad_w, None, None, None, None, None
 
 
 def weighted_segment_sum(
@@ -134,9 +142,11 @@ def weighted_segment_sum(
     inverse: torch.Tensor,
     seg: Segments,
     out_dtype: torch.dtype | None = None,
+    out_shape: tuple[int, ...] | None = None,
 ) -> torch.Tensor:
     """Sum the rows of ``y`` (taken in ``order``) per segment, each times its float32 weight.
 
-    Returns ``[R, D]`` in ``out_dtype`` (default ``y.dtype``); the sum itself is float32.
+    Returns ``[R, D]`` (or ``out_shape``, with ``R * D`` elements) in ``out_dtype`` (default
+    ``y.dtype``); the sum itself is float32.
     """
-    return _WeightedSegmentSum.apply(y, weights, order, inverse, seg, out_dtype or y.dtype)
+    return _WeightedSegmentSum.apply(y, weights, order, inverse, seg, out_dtype or y.dtype, out_shape)

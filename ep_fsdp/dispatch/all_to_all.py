@@ -18,7 +18,7 @@ import torch.distributed as dist
 from ..placement import ExpertPlacement
 from ._comm import all_to_all_rows, exchange_sizes
 from ._ops import Segments, gather_rows, inverse_permutation
-from .base import DispatchHandle, DispatchResult, TokenDispatcher
+from .base import DispatchHandle, DispatchResult, TokenDispatcher, flat_tokens
 from .local import SlotSort, combine_sorted, gather_sorted, sort_slots
 
 __all__ = ["AllToAllDispatcher", "regroup_by_expert"]
@@ -61,6 +61,8 @@ class AllToAllDispatcher(TokenDispatcher):
 
     def dispatch(self, tokens: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor) -> DispatchResult:
         ep, G = self.placement.ep, self.num_local_experts
+        shape = tuple(tokens.shape)
+        tokens, expert_ids, weights = flat_tokens(tokens, expert_ids, weights)  # [T, D], [T, k], [T, k]
         sort = sort_slots(self.placement.to_physical(expert_ids), self.placement.num_experts)
         x_sorted = gather_sorted(tokens, sort)  # [S, D], contiguous per destination rank
         send = sort.counts.view(ep, G)  # [ep, G]
@@ -75,7 +77,7 @@ class AllToAllDispatcher(TokenDispatcher):
         me = dist.get_rank(self.group)
         sent = (sum(input_splits) - input_splits[me]) + (sum(output_splits) - output_splits[me])
         handle = _AllToAllHandle(
-            tokens.shape[0], tokens.dtype, counts_host, sent * tokens.shape[1] * tokens.element_size(),
+            shape, tokens.dtype, counts_host, sent * tokens.shape[1] * tokens.element_size(),
             sort, weights, input_splits, output_splits, regroup, regroup_inverse,
         )
         return DispatchResult(rows, recv.sum(0), handle)
@@ -86,4 +88,4 @@ class AllToAllDispatcher(TokenDispatcher):
         R = expert_out.shape[0]
         y_received = gather_rows(expert_out, h.regroup_inverse, h.regroup, Segments(R, uniform=1))  # [R, D]
         y_sorted = all_to_all_rows(y_received, h.input_splits, h.output_splits, self.group)  # [S, D]
-        return combine_sorted(y_sorted, h.weights, h.sort, h.out_dtype)  # [T, D]
+        return combine_sorted(y_sorted, h.weights, h.sort, h.out_dtype, h.out_shape)  # [..., D]

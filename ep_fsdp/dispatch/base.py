@@ -24,7 +24,7 @@ import torch
 
 from ..placement import ExpertPlacement
 
-__all__ = ["TokenDispatcher", "DispatchResult", "DispatchHandle"]
+__all__ = ["TokenDispatcher", "DispatchResult", "DispatchHandle", "flat_tokens"]
 
 
 @dataclass
@@ -34,7 +34,7 @@ class DispatchHandle:
     Subclassed by each implementation with its own index tensors.
     """
 
-    num_tokens: int  # T
+    out_shape: tuple[int, ...]  # [..., D] shape of the tokens given to dispatch
     out_dtype: torch.dtype
     counts_host: list[int] | None  # [G] rows per local expert on the host, when already known
     sent_bytes: int  # bytes this rank sends to other ranks in dispatch + combine
@@ -65,9 +65,17 @@ class TokenDispatcher(ABC):
 
     @abstractmethod
     def dispatch(self, tokens: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor) -> DispatchResult:
-        """``tokens [T, D]``, logical ``expert_ids [T, k]`` int64, float32 ``weights [T, k]``."""
+        """``tokens [..., D]`` (``T`` tokens), logical ``expert_ids [T, k]`` int64, float32
+        ``weights [T, k]``."""
 
     @abstractmethod
     def combine(self, expert_out: torch.Tensor, handle: DispatchHandle) -> torch.Tensor:
-        """``expert_out [N, D]`` (rows as dispatched) -> ``[T, D]``: the gate-weighted sum of each
-        token's expert outputs, accumulated in float32 and cast to the tokens' dtype."""
+        """``expert_out [N, D]`` (rows as dispatched) -> ``[..., D]`` (the tokens' shape): the
+        gate-weighted sum of each token's expert outputs, accumulated in float32 and cast to the
+        tokens' dtype, as a fresh tensor (not a view)."""
+
+
+def flat_tokens(tokens: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """``tokens [..., D] -> [T, D]``; ``expert_ids`` and ``weights`` to ``[T, k]``."""
+    k = expert_ids.shape[-1]
+    return tokens.reshape(-1, tokens.shape[-1]), expert_ids.reshape(-1, k), weights.reshape(-1, k)

@@ -25,7 +25,7 @@ import torch.distributed as dist
 from ..placement import ExpertPlacement
 from ._comm import all_to_all_rows, exchange_records, exchange_sizes
 from ._ops import Segments, expert_counts, gather_rows, inverse_permutation, weighted_segment_sum
-from .base import DispatchHandle, DispatchResult, TokenDispatcher
+from .base import DispatchHandle, DispatchResult, TokenDispatcher, flat_tokens
 
 __all__ = ["DedupAllToAllDispatcher"]
 
@@ -59,6 +59,8 @@ class DedupAllToAllDispatcher(TokenDispatcher):
 
     def dispatch(self, tokens: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor) -> DispatchResult:
         ep, G = self.placement.ep, self.num_local_experts
+        shape = tuple(tokens.shape)
+        tokens, expert_ids, weights = flat_tokens(tokens, expert_ids, weights)  # [T, D], [T, k], [T, k]
         T, k = expert_ids.shape
         device = tokens.device
         dest, slot = (t.reshape(-1) for t in self.placement.locate(expert_ids))  # [S] ep rank, [S] local slot
@@ -104,7 +106,7 @@ class DedupAllToAllDispatcher(TokenDispatcher):
         row_bytes = tokens.shape[1] * tokens.element_size()
         sent = ((U - rs[me]) + (R - rr[me])) * row_bytes + (sum(ss) - ss[me]) * _RECORD_BYTES
         handle = _DedupHandle(
-            T, tokens.dtype, counts_host, sent, rs, rr, tok_order, inverse_permutation(tok_order), rows_per_token,
+            shape, tokens.dtype, counts_host, sent, rs, rr, tok_order, inverse_permutation(tok_order), rows_per_token,
             weights_in, group_order, group_inverse, slots_per_row,
         )
         return DispatchResult(x, slots_recv_dev.sum(0), handle)
@@ -112,11 +114,11 @@ class DedupAllToAllDispatcher(TokenDispatcher):
     def combine(self, expert_out: torch.Tensor, handle: DispatchHandle) -> torch.Tensor:
         h = handle
         assert isinstance(h, _DedupHandle) and h.slots_per_row is not None and h.rows_per_token is not None
-        R, T = h.slots_per_row.shape[0], h.num_tokens
+        R, T = h.slots_per_row.shape[0], h.rows_per_token.shape[0]
         partial = weighted_segment_sum(
             expert_out, h.weights_in, h.group_inverse, h.group_order, Segments(R, lengths=h.slots_per_row)
         )  # [R, D]: float32 sum of each row's weighted slots, cast to the wire dtype
         back = all_to_all_rows(partial, h.rows_send, h.rows_recv, self.group)  # [U, D]
         return weighted_segment_sum(
-            back, None, h.tok_order, h.tok_inverse, Segments(T, lengths=h.rows_per_token), h.out_dtype
-        )  # [T, D]
+            back, None, h.tok_order, h.tok_inverse, Segments(T, lengths=h.rows_per_token), h.out_dtype, h.out_shape
+        )  # [..., D]

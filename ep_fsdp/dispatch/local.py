@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import torch
 
 from ._ops import Segments, expert_counts, gather_rows, inverse_permutation, weighted_segment_sum
-from .base import DispatchHandle, DispatchResult, TokenDispatcher
+from .base import DispatchHandle, DispatchResult, TokenDispatcher, flat_tokens
 
 __all__ = ["LocalDispatcher", "SlotSort", "sort_slots"]
 
@@ -38,11 +38,16 @@ def gather_sorted(tokens: torch.Tensor, sort: SlotSort) -> torch.Tensor:
     return gather_rows(tokens, sort.sort_idx // sort.top_k, sort.inverse, Segments(T, uniform=sort.top_k))
 
 
-def combine_sorted(y_sorted: torch.Tensor, weights: torch.Tensor, sort: SlotSort, out_dtype: torch.dtype) -> torch.Tensor:
-    """``[S, D]`` in expert order, ``weights [T, k]`` -> ``[T, D]`` (float32 weighted sum)."""
+def combine_sorted(
+    y_sorted: torch.Tensor, weights: torch.Tensor, sort: SlotSort, out_dtype: torch.dtype,
+    out_shape: tuple[int, ...] | None = None,
+) -> torch.Tensor:
+    """``[S, D]`` in expert order, ``weights [T, k]`` -> ``[T, D]`` or ``out_shape`` (float32 weighted sum)."""
     T = weights.shape[0]
     flat_w = weights.reshape(-1).float()  # [S] in (token, slot) order
-    return weighted_segment_sum(y_sorted, flat_w, sort.inverse, sort.sort_idx, Segments(T, uniform=sort.top_k), out_dtype)
+    return weighted_segment_sum(
+        y_sorted, flat_w, sort.inverse, sort.sort_idx, Segments(T, uniform=sort.top_k), out_dtype, out_shape
+    )
 
 
 @dataclass
@@ -55,11 +60,13 @@ class LocalDispatcher(TokenDispatcher):
     """All experts on this process: rows are the token copies sorted by expert."""
 
     def dispatch(self, tokens: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor) -> DispatchResult:
+        shape = tuple(tokens.shape)
+        tokens, expert_ids, weights = flat_tokens(tokens, expert_ids, weights)  # [T, D], [T, k], [T, k]
         sort = sort_slots(self.placement.to_physical(expert_ids), self.placement.num_experts)
         rows = gather_sorted(tokens, sort)  # [S, D]
-        handle = _LocalHandle(tokens.shape[0], tokens.dtype, None, 0, sort, weights)
+        handle = _LocalHandle(shape, tokens.dtype, None, 0, sort, weights)
         return DispatchResult(rows, sort.counts, handle)
 
     def combine(self, expert_out: torch.Tensor, handle: DispatchHandle) -> torch.Tensor:
         assert isinstance(handle, _LocalHandle) and handle.sort is not None and handle.weights is not None
-        return combine_sorted(expert_out, handle.weights, handle.sort, handle.out_dtype)  # [T, D]
+        return combine_sorted(expert_out, handle.weights, handle.sort, handle.out_dtype, handle.out_shape)
