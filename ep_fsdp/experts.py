@@ -27,37 +27,60 @@ class _GroupedLinear(torch.autograd.Function):
 
     NOTE: written out by hand because the autograd formula of ``grouped_mm`` fails on CPU in
     torch 2.13 ("Invalid strides/sizes"), while the three forward-style calls below all run.
-    NOTE: no zero-length contraction is ever issued: with no rows at all the weight gradient is
-    zeros without a kernel call, and experts with no rows get exact zeros (upstream reports say
-    some CUDA kernels fail on, or return garbage for, empty groups).
+    NOTE: the weight gradient contracts over each expert's rows, so an expert without rows is a
+    zero-length contraction, which upstream reports say some CUDA kernels fail on or fill with
+    garbage. It is never issued when the counts are known on the host (every expert-parallel
+    path: they come with the size exchange): the empty experts are left out of the call and get
+    exact zeros. With no rows at all no kernel runs. Only where the counts are not on the host
+    (the unparallelized layer, which makes no host sync) does the call include empty groups; there
+    the CPU kernel writes zeros (tested) and other devices' results are zeroed explicitly.
     """
 
     @staticmethod
-    def forward(ctx: Any, x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+    def forward(  # type: ignore[override]
+        ctx: Any, x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor, counts: torch.Tensor,
+        counts_host: list[int] | None,
+    ) -> torch.Tensor:
         # x: [N, K], w: [G, M, K], offs: [G] int32 cumulative row ends, counts: [G] -> [N, M]
         ctx.save_for_backward(x, w, offs, counts)
+        ctx.counts_host = counts_host
         if x.shape[0] == 0:
             return x.new_empty(0, w.shape[1])
         return F.grouped_mm(x, w.transpose(-2, -1), offs=offs)
 
     @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None, None, None]:
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         x, w, offs, counts = ctx.saved_tensors
         if x.shape[0] == 0:
             grad_x = x.new_zeros(x.shape) if ctx.needs_input_grad[0] else None
             grad_w = torch.zeros_like(w) if ctx.needs_input_grad[1] else None
-            return grad_x, grad_w, None, None
+            return grad_x, grad_w, None, None, None
         grad = grad.contiguous()  # [N, M]
         grad_x = F.grouped_mm(grad, w, offs=offs) if ctx.needs_input_grad[0] else None  # [N, K]
         grad_w = None
         if ctx.needs_input_grad[1]:
-            grad_w = F.grouped_mm(grad.t(), x, offs=offs)  # [M, N] x [N, K] grouped over N -> [G, M, K]
-            if grad_w.device.type != "cpu":
-                # NOTE: the CPU kernel writes zeros for empty groups (tested); CUDA kernels are not
-                # trusted to (an open upstream report on sm100), so empty experts are zeroed here.
-                empty = (counts == 0).view(-1, 1, 1)  # [G, 1, 1]
-                grad_w = torch.where(empty, torch.zeros((), dtype=grad_w.dtype, device=grad_w.device), grad_w)
-        return grad_x, grad_w, None, None
+            grad_w = _grouped_weight_grad(grad, x, offs, counts, ctx.counts_host, w)  # [G, M, K]
+        return grad_x, grad_w, None, None, None
+
+
+def _grouped_weight_grad(
+    grad: torch.Tensor, x: torch.Tensor, offs: torch.Tensor, counts: torch.Tensor,
+    counts_host: list[int] | None, w: torch.Tensor,
+) -> torch.Tensor:
+    """``[M, N] x [N, K]`` grouped over the rows of each expert -> ``[G, M, K]``, exact zeros for
+    experts without rows (see ``_GroupedLinear``)."""
+    if counts_host is not None:
+        busy = [g for g, c in enumerate(counts_host) if c > 0]
+        if len(busy) == len(counts_host):
+            return F.grouped_mm(grad.t(), x, offs=offs)
+        index = torch.tensor(busy, dtype=torch.long, device=w.device)  # [B] experts with rows
+        part = F.grouped_mm(grad.t(), x, offs=offs.index_select(0, index))  # [B, M, K]
+        return torch.zeros_like(w).index_copy_(0, index, part.to(w.dtype))
+    grad_w = F.grouped_mm(grad.t(), x, offs=offs)
+    if grad_w.device.type != "cpu":
+        empty = (counts == 0).view(-1, 1, 1)  # [G, 1, 1]
+        grad_w = torch.where(empty, torch.zeros((), dtype=grad_w.dtype, device=grad_w.device), grad_w)
+    return grad_w
 
 
 class _SwiGLU(torch.autograd.Function):
@@ -91,10 +114,15 @@ def _loop_linear(x: torch.Tensor, w: torch.Tensor, counts: list[int]) -> torch.T
     return torch.cat([chunk @ w[g].t() for g, chunk in enumerate(chunks)], dim=0)  # [N, M]
 
 
-def use_grouped_mm(device: torch.device, dtype: torch.dtype) -> bool:
-    """Whether ``grouped_mm`` takes this (device, dtype): CPU in float32/bfloat16/float16; CUDA in bfloat16
-    on sm90+ (its fast path; other CUDA cases take torch's own per-group fallback, so the loop
-    below is as good and avoids its host syncs). Override with ``_GROUPED_MM_WORKS``."""
+def use_grouped_mm(device: torch.device, dtype: torch.dtype, dims: tuple[int, ...] = ()) -> bool:
+    """Whether ``grouped_mm`` takes this (device, dtype) and matrix ``dims``: CPU in
+    float32/bfloat16/float16; CUDA in bfloat16 on sm90+ (its fast path; other CUDA cases take
+    torch's own per-group fallback, so the loop below is as good and avoids its host syncs). Every
+    dim in ``dims`` (the experts' D and H) must span a multiple of 16 bytes, grouped_mm's stride
+    rule; otherwise the per-expert loop runs. Override (device, dtype) with ``_GROUPED_MM_WORKS``."""
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    if any(d * itemsize % 16 for d in dims):
+        return False
     key = (device.type, dtype)
     if key in _GROUPED_MM_WORKS:
         return _GROUPED_MM_WORKS[key]
@@ -106,7 +134,8 @@ def use_grouped_mm(device: torch.device, dtype: torch.dtype) -> bool:
 
 
 def grouped_linear(
-    x: torch.Tensor, w: torch.Tensor, counts: torch.Tensor, counts_host: list[int] | None = None
+    x: torch.Tensor, w: torch.Tensor, counts: torch.Tensor, counts_host: list[int] | None = None,
+    *, grouped: bool | None = None,
 ) -> torch.Tensor:
     """Apply expert ``g``'s matrix to its contiguous block of rows.
 
@@ -114,13 +143,16 @@ def grouped_linear(
         x: ``[N, K]`` rows sorted by expert.
         w: ``[G, M, K]`` one ``M x K`` matrix per expert.
         counts: ``[G]`` rows per expert (on x's device), ``sum == N``.
-        counts_host: the same counts as a Python list; required by the per-expert loop (used
-            where ``grouped_mm`` does not run), computed here if missing.
+        counts_host: the same counts as a Python list when already on the host; required by the
+            per-expert loop (computed here if missing), and lets ``grouped_mm`` skip empty experts.
+        grouped: use ``grouped_mm`` (default: :func:`use_grouped_mm` for these shapes).
     Returns ``[N, M]``.
     """
-    if use_grouped_mm(x.device, x.dtype):
+    if grouped is None:
+        grouped = use_grouped_mm(x.device, x.dtype, (x.shape[1], w.shape[1]))
+    if grouped:
         offs = torch.cumsum(counts, dim=0, dtype=torch.int32)  # [G]
-        return _GroupedLinear.apply(x, w, offs, counts)
+        return _GroupedLinear.apply(x, w, offs, counts, counts_host)
     return _loop_linear(x, w, counts_host if counts_host is not None else counts.tolist())
 
 
@@ -164,13 +196,14 @@ class GroupedExperts(nn.Module):
             counts_host: optional host copy of ``counts``.
         Returns ``[N, D]`` in x's dtype.
         """
-        if counts_host is None and not use_grouped_mm(x.device, x.dtype):
-            counts_host = counts.tolist()  # once for both matmuls
+        grouped = use_grouped_mm(x.device, x.dtype, (self.w1.shape[2], self.w1.shape[1]))  # D, H
+        if counts_host is None and not grouped:
+            counts_host = counts.tolist()  # once for the three matmuls
         w1, w3, w2 = self.local_weights()  # [G, H, D], [G, H, D], [G, D, H]
         w1, w3, w2 = w1.to(x.dtype), w3.to(x.dtype), w2.to(x.dtype)
         # NOTE: two matmuls instead of one over cat([w1, w3]): a concatenated weight copy would be
         # made every forward and kept alive until the backward.
-        gate = grouped_linear(x, w1, counts, counts_host)  # [N, H]
-        up = grouped_linear(x, w3, counts, counts_host)  # [N, H]
+        gate = grouped_linear(x, w1, counts, counts_host, grouped=grouped)  # [N, H]
+        up = grouped_linear(x, w3, counts, counts_host, grouped=grouped)  # [N, H]
         hidden = swiglu(gate, up)  # [N, H]
-        return grouped_linear(hidden, w2, counts, counts_host)  # [N, D]
+        return grouped_linear(hidden, w2, counts, counts_host, grouped=grouped)  # [N, D]

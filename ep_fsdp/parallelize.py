@@ -70,7 +70,7 @@ def parallelize_moe(
     2. Optional activation checkpointing of each block (composable, parameter names unchanged).
     3. FSDP2 ``fully_shard``: each MoE layer's ``experts`` over ``dp_shard`` (placement chosen up
        front per weight: ``Shard(0)`` of the local expert block when ``dp_shard`` divides
-       ``E/ep``, else the first other dim it divides; a clear error if none); under a
+       ``E/ep``, else the first other dim it divides, else ``Shard(0)`` padded); under a
        low-precision ``mp_policy`` each ``router`` over all ranks with float32 parameters; each
        block over all ranks; the root last. Each block prefetches the next block and its expert
        and router units (forward), and the previous ones (backward).
@@ -87,9 +87,10 @@ def parallelize_moe(
       token count (torchtitan's convention); gradients are summed over ranks, with no division.
 
     The model may live on the ``meta`` device: nothing is materialized here. Afterwards call
-    ``model.to_empty(device=...)`` and initialize (e.g. ``model.reset_parameters()`` or load a
-    checkpoint); each rank then only ever allocates its own shards. All ranks must hold the same
-    initial weights when the model is built on a real device (same seed), as with FSDP2 itself.
+    :func:`ep_fsdp.materialize` (``to_empty`` of this rank's shards, a layout-independent init of
+    every parameter, ``reset_buffers()`` of every module that has one), and load a checkpoint over
+    it if you have one; each rank then only ever allocates its own shards. All ranks must hold the
+    same initial weights when the model is built on a real device (same seed), as with FSDP2 itself.
 
     Args:
         model: any ``nn.Module`` containing ``ep_fsdp.MoE`` layers.
@@ -115,8 +116,7 @@ def parallelize_moe(
         with torch.device("meta"):
             model = MyMoEModel()
         ep_fsdp.parallelize_moe(model, mesh)
-        model.to_empty(device="cuda")
-        model.reset_parameters()                        # or load a checkpoint
+        ep_fsdp.materialize(model, "cuda", seed=0)      # then load a checkpoint, if any
         loss = F.cross_entropy(model(x_local), y_local) + ep_fsdp.moe_aux_loss(model)
         loss.backward()
     """
@@ -141,7 +141,7 @@ def parallelize_moe(
             "feed-forward blocks with ep_fsdp.MoE(MoEConfig(...)), or use torch's fully_shard for dense models."
         )
     dp_shard, ep = mesh["dp_shard"].size(), mesh["ep"].size()
-    expert_placements: dict[str, Shard] = {}
+    expert_placements: dict[tuple[str, str], Shard] = {}
     for name, layer in layers:
         E = layer.config.num_experts
         if E % ep != 0:
@@ -151,9 +151,8 @@ def parallelize_moe(
             )
         for pname, param in layer.experts.named_parameters(recurse=False):
             local_shape = (E // ep,) + tuple(param.shape[1:])
-            expert_placements[f"{name}.experts.{pname}"] = expert_fsdp_placement(
-                f"{name}.experts.{pname}", local_shape, dp_shard
-            )
+            full_name = f"{name}.experts.{pname}" if name else f"experts.{pname}"
+            expert_placements[(name, pname)] = expert_fsdp_placement(full_name, local_shape, dp_shard)
     block_filter = block_filter or default_block_filter
     mp_policy = mp_policy or MixedPrecisionPolicy()
     ep_mesh, dp_mesh, all_mesh = mesh["ep"], mesh["dp_shard"], flat_mesh(mesh)
@@ -188,10 +187,9 @@ def parallelize_moe(
 
     low_precision = mp_policy.param_dtype not in (None, torch.float32)
     router_policy = MixedPrecisionPolicy(param_dtype=torch.float32, reduce_dtype=mp_policy.reduce_dtype)
-    name_of = {id(p): n for n, p in model.named_parameters()}
-    for _, layer in layers:
-        shard(layer.experts, dp_mesh, shard_placement_fn=lambda p: expert_placements[name_of[id(p)]]
-              if id(p) in name_of else None)
+    for name, layer in layers:
+        by_param = {id(p): expert_placements[(name, pname)] for pname, p in layer.experts.named_parameters(recurse=False)}
+        shard(layer.experts, dp_mesh, shard_placement_fn=lambda p, by_param=by_param: by_param.get(id(p)))
         if low_precision:
             # NOTE: routing decisions must not see a bfloat16 gate weight: the router gets its
             # own unit whose parameters stay float32 (one small extra all-gather per layer).
@@ -224,20 +222,19 @@ def expert_fsdp_placement(name: str, local_shape: tuple[int, ...], dp_shard: int
     """FSDP placement of one expert weight's local block ``[G, a, b]`` over ``dp_shard`` ranks.
 
     ``Shard(0)`` when ``dp_shard`` divides ``G`` (whole experts per rank); else the first of dims
-    1, 2 that it divides (FSDP2 shards dims other than 0 only evenly). Raises before any collective
-    when no dim works.
+    1, 2 that it divides (FSDP2 shards dims other than 0 only evenly); else ``Shard(0)`` uneven
+    (FSDP2 pads dim 0: some ranks hold one expert row more than others). Every layout shards; the
+    choice is made before any collective. ``name`` is used in the error for a bad ``dp_shard``.
     """
+    if not isinstance(dp_shard, int) or dp_shard < 1:
+        raise ValueError(f"parallelize_moe: dp_shard must be a positive int for '{name}', got {dp_shard!r}.")
     if local_shape[0] % dp_shard == 0:
         return Shard(0)
     for dim in range(1, len(local_shape)):
         if local_shape[dim] % dp_shard == 0:
             return Shard(dim)
-    raise ValueError(
-        f"parallelize_moe: cannot shard expert weight '{name}' over dp_shard={dp_shard}: its local block "
-        f"{list(local_shape)} (experts per ep rank first) has no dim divisible by {dp_shard}; choose "
-        f"dp_shard from the divisors of one of {sorted(set(local_shape))}, or change num_experts, ep or "
-        "hidden_dim so that one of them is a multiple of dp_shard."
-    )
+    # NOTE: the last resort; parity and checkpoint resharding are tested for it.
+    return Shard(0)
 
 
 def _fsdp_units_inside(block: nn.Module) -> list[FSDPModule]:

@@ -315,3 +315,39 @@ def test_moe_aux_loss_without_moe_layers():
 def test_build_mesh_needs_process_group():
     with pytest.raises(RuntimeError, match="build_mesh needs an initialized default process group"):
         ep_fsdp.build_mesh(ep=1)
+
+
+def test_weight_gradient_never_contracts_over_an_empty_expert(monkeypatch):
+    """With the counts on the host (every expert-parallel path), grouped_mm's weight gradient is
+    called on the experts with rows only; empty experts get exact zeros."""
+    torch.manual_seed(8)
+    x = torch.randn(5, 8, requires_grad=True)
+    w = torch.randn(4, 16, 8, requires_grad=True)
+    counts_host = [3, 0, 2, 0]
+    counts = torch.tensor(counts_host)
+    seen: list[list[int]] = []
+    real = torch.nn.functional.grouped_mm
+
+    def recording(a, b, offs=None, **kw):
+        ends = offs.tolist()
+        seen.append([e - s for s, e in zip([0] + ends[:-1], ends)])
+        return real(a, b, offs=offs, **kw)
+
+    monkeypatch.setattr(experts_mod.F, "grouped_mm", recording)
+    y = experts_mod.grouped_linear(x, w, counts, counts_host, grouped=True)
+    y.square().sum().backward()
+    assert seen[-1] == [3, 2]  # the weight-gradient call: experts 0 and 2 only
+    loop_x, loop_w = x.detach().clone().requires_grad_(), w.detach().clone().requires_grad_()
+    experts_mod.grouped_linear(loop_x, loop_w, counts, counts_host, grouped=False).square().sum().backward()
+    torch.testing.assert_close(w.grad, loop_w.grad)
+    torch.testing.assert_close(x.grad, loop_x.grad)
+    assert torch.count_nonzero(w.grad[[1, 3]]) == 0
+
+
+def test_dims_grouped_mm_cannot_take_use_the_loop():
+    # grouped_mm needs strides of whole 16 bytes: dim 6 in float32 is 24 bytes
+    assert not experts_mod.use_grouped_mm(torch.device("cpu"), torch.float32, (6, 8))
+    assert experts_mod.use_grouped_mm(torch.device("cpu"), torch.float32, (4, 8))
+    layer = MoE(MoEConfig(dim=6, hidden_dim=6, num_experts=3, top_k=2))
+    x = torch.randn(7, 6, requires_grad=True)
+    torch.testing.assert_close(layer(x), naive_moe(layer, x), rtol=1e-5, atol=1e-6)

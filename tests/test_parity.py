@@ -27,15 +27,15 @@ REGIMES = ["random", "same_experts", "idle_ep_rank"]
 class TinyMoENet(nn.Module):
     """A model a user might write: not the reference transformer, MoE layers in a plain dict."""
 
-    def __init__(self, num_experts: int = 4) -> None:
+    def __init__(self, num_experts: int = 4, dim: int = 16, hidden_dim: int = 24) -> None:
         super().__init__()
         cfg = ep_fsdp.MoEConfig(
-            dim=16, hidden_dim=24, num_experts=num_experts, top_k=2, score_func="sigmoid",
+            dim=dim, hidden_dim=hidden_dim, num_experts=num_experts, top_k=2, score_func="sigmoid",
             aux_loss_coef=0.05, z_loss_coef=1e-3, expert_bias=True,
         )
-        self.proj_in = nn.Linear(8, 16)
+        self.proj_in = nn.Linear(8, dim)
         self.mixers = nn.ModuleDict({"a": ep_fsdp.MoE(cfg), "b": ep_fsdp.MoE(cfg)})
-        self.head = nn.Linear(16, 3)
+        self.head = nn.Linear(dim, 3)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: [B, 8] -> [B, 3]
         h = torch.tanh(self.proj_in(x))
@@ -54,6 +54,8 @@ def build(kind: str) -> nn.Module:
             TransformerConfig(vocab_size=64, dim=32, num_layers=2, num_heads=4, num_kv_heads=2,
                               max_seq_len=16, num_dense_layers=1, moe=moe)
         )
+    if kind == "net6-odd":  # 6 experts, dim 6, hidden 6: over dp_shard=4 no dim divides evenly
+        return TinyMoENet(num_experts=6, dim=6, hidden_dim=6)
     return TinyMoENet(num_experts=6 if kind == "net6" else 4)
 
 
@@ -179,6 +181,7 @@ def test_training_step_matches_single_process(pools, layout, kind, regime):
         ((1, 2), "transformer", {"ac": True, "reshard": False}),
         ((2, 2), "net6", {}),  # E/ep = 3 local experts, dp_shard = 2: FSDP Shard(1) on experts
         ((4, 1), "net6", {}),  # 6 local experts over dp_shard = 4: Shard(1)
+        ((4, 1), "net6-odd", {}),  # [6, 6, 6] blocks over dp_shard = 4: uneven Shard(0), padded
         ((2, 2), "transformer", {"dedup": False}),  # one row per (token, expert)
         ((1, 4), "net", {"dedup": False}),
         ((1, 2), "transformer", {"dedup": False, "ac": True}),
@@ -192,7 +195,7 @@ def test_training_step_matches_single_process(pools, layout, kind, regime):
         ((1, 4), "transformer", {"grad_reduction": "sum", "sizes": [0, 0, 0, 16], "dedup": False}),
         ((2, 2), "net6", {"grad_reduction": "sum", "sizes": [0, 0, 9, 0], "ac": True}),
     ],
-    ids=["ac", "ac-no-reshard", "shard1-2x2", "shard1-4x1", "plain-2x2", "plain-1x4", "plain-ac-1x2",
+    ids=["ac", "ac-no-reshard", "shard1-2x2", "shard1-4x1", "uneven-shard0-4x1", "plain-2x2", "plain-1x4", "plain-ac-1x2",
          "sum-2x2", "sum-1x4", "sum-ac-4x1", "sum-plain-1x2",
          "idle-rank0-2x2", "one-busy-rank-1x4", "one-busy-rank-plain-1x4", "one-busy-rank-ac-2x2"],
 )
