@@ -37,7 +37,10 @@ def routing_stats(model: nn.Module, *, reset: bool = True) -> dict[str, dict[str
     if not layers:
         raise ValueError(f"routing_stats: {type(model).__name__} contains no ep_fsdp.MoE layer.")
     if any(m.routing.tokens_per_expert is None for _, m in layers):
-        raise RuntimeError("routing_stats: run a forward pass first; no routing has been recorded since the last reset.")
+        raise RuntimeError(
+            "routing_stats: no routing recorded since the last reset; counters advance in training-mode "
+            "forwards only (model.train()), so run one first."
+        )
     device = layers[0][1].routing.tokens_per_expert.device
     # per layer: [E counts | a2a bytes | rows processed by this rank's experts]
     packed = torch.cat([

@@ -75,8 +75,9 @@ class MoE(nn.Module):
         """Initialise the full (global) value of parameter ``name`` of this layer in place; the
         per-parameter hook used by :func:`ep_fsdp.materialize`. Same distributions as
         :meth:`reset_parameters`: uniform in ``+-1/sqrt(fan_in)`` for the gate and each expert."""
-        if name not in ("router.gate.weight", "experts.w1", "experts.w3", "experts.w2"):
-            raise ValueError(f"MoE.init_parameter: unknown parameter {name!r}")
+        names = ("router.gate.weight", "experts.w1", "experts.w3", "experts.w2")
+        if name not in names:
+            raise ValueError(f"MoE.init_parameter: unknown parameter {name!r}; an MoE layer has {list(names)}.")
         bound = 1.0 / tensor.shape[-1] ** 0.5
         torch.nn.init.uniform_(tensor, -bound, bound, generator=generator)
 
@@ -148,14 +149,24 @@ def moe_aux_loss(model: nn.Module) -> torch.Tensor:
 def set_aux_loss_scale(model: nn.Module, scale: float) -> None:
     """Multiply the balancing-loss gradient of every MoE layer by ``scale`` from the next forward.
 
-    Use it when the task loss is scaled, e.g. ``1 / grad_accum_steps`` when each micro-batch's loss
-    is divided by the number of micro-batches.
+    The gradient is added inside the layers' backward as if ``moe_aux_loss(model)`` had been added
+    to the loss with weight ``scale`` (default 1). So whenever the loss you backpropagate is scaled,
+    set the same factor here:
+
+    * gradient accumulation that divides each micro-batch loss by ``n``: ``1 / n``;
+    * a weight ``c`` on the whole loss, or ``torch.amp.GradScaler`` (``scaler.scale(loss)``
+      multiplies the loss by ``scaler.get_scale()``, which changes between steps): the same factor,
+      set before each forward (e.g. ``scaler.get_scale() / n``);
+    * ``0`` switches the balancing gradient off (the values are still computed and logged).
 
     Example::
 
         ep_fsdp.set_aux_loss_scale(model, 1 / accum_steps)
     """
-    if not scale > 0:
-        raise ValueError(f"set_aux_loss_scale: scale must be > 0, got {scale!r}; e.g. 1 / grad_accum_steps.")
+    if not scale >= 0:
+        raise ValueError(
+            f"set_aux_loss_scale: scale must be >= 0, got {scale!r}; use the factor your loss is "
+            "multiplied by (e.g. 1 / grad_accum_steps), or 0 to switch the balancing gradient off."
+        )
     for _, m in _require_layers(model, "set_aux_loss_scale"):
         m.aux_loss_scale = float(scale)

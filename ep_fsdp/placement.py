@@ -37,7 +37,9 @@ class ExpertPlacement:
     """
 
     def __init__(self, num_experts: int, ep: int, physical: Sequence[int] | None = None) -> None:
-        if not isinstance(ep, int) or ep < 1 or num_experts % ep != 0:
+        if isinstance(ep, bool) or not isinstance(ep, int) or ep < 1:
+            raise ValueError(f"ExpertPlacement: ep must be a positive int, got {ep!r}; pass e.g. ep=2.")
+        if num_experts % ep != 0:
             raise ValueError(
                 f"ExpertPlacement: num_experts={num_experts} must be divisible by ep={ep}; "
                 f"choose ep from the divisors of {num_experts}."

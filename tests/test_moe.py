@@ -225,8 +225,13 @@ def test_balancing_gradient_scaled_by_set_aux_loss_scale_and_skipped_without_gra
     with torch.no_grad():
         layer(x)
     assert float(ep_fsdp.moe_aux_loss(layer)) == 0.0  # nothing computed under no_grad
-    with pytest.raises(ValueError, match="set_aux_loss_scale: scale must be > 0, got 0"):
-        ep_fsdp.set_aux_loss_scale(layer, 0)
+    layer.zero_grad()
+    layer.train()
+    ep_fsdp.set_aux_loss_scale(layer, 0)
+    (layer(x) * 0).sum().backward()
+    assert torch.count_nonzero(layer.router.gate.weight.grad) == 0  # switched off
+    with pytest.raises(ValueError, match="set_aux_loss_scale: scale must be >= 0, got -1"):
+        ep_fsdp.set_aux_loss_scale(layer, -1)
 
 
 def test_uniform_router_has_unit_balance_loss():

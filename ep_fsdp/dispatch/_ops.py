@@ -37,14 +37,24 @@ class Segments:
         return x.repeat_interleave(self.lengths, dim=0, output_size=total)
 
 
+def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    """float32, or the input's dtype when it is wider (float64)."""
+    return torch.promote_types(dtype, torch.float32)
+
+
 def segment_sum(z: torch.Tensor, seg: Segments) -> torch.Tensor:
-    """``[N, D] -> [R, D]``: sum of each segment of contiguous rows, in order (no atomics)."""
+    """``[N, D] -> [R, D]``: sum of each segment of contiguous rows, in order (no atomics).
+
+    Accumulates in at least float32 (``segment_reduce`` would accumulate in a bf16 input's own
+    dtype); the result has ``z``'s dtype.
+    """
     if seg.uniform == 1:
         return z
     if seg.uniform is not None:
         return z.view(seg.num, seg.uniform, *z.shape[1:]).sum(dim=1)
+    wide = z.to(accumulation_dtype(z.dtype))
     # NOTE: unsafe=True skips a check of sum(lengths) that would synchronise with the host.
-    return torch.segment_reduce(z, "sum", lengths=seg.lengths, axis=0, unsafe=True)
+    return torch.segment_reduce(wide, "sum", lengths=seg.lengths, axis=0, unsafe=True).to(z.dtype)
 
 
 def inverse_permutation(index: torch.Tensor) -> torch.Tensor:
@@ -81,7 +91,7 @@ class _GatherRows(torch.autograd.Function):
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None, None, None]:
         (back_order,) = ctx.saved_tensors
         grouped = grad.index_select(0, back_order)  # [N, D] grouped by source row
-        return segment_sum(grouped, ctx.back_seg), None, None, None  # [R, D]
+        return segment_sum(grouped, ctx.back_seg), None, None, None  # [R, D], summed in >= float32
 
 
 def gather_rows(x: torch.Tensor, index: torch.Tensor, back_order: torch.Tensor, back_seg: Segments) -> torch.Tensor:
@@ -90,7 +100,7 @@ def gather_rows(x: torch.Tensor, index: torch.Tensor, back_order: torch.Tensor, 
 
 
 class _WeightedSegmentSum(torch.autograd.Function):
-    """``out[r] = sum_{j in segment r} w[j] * y[order[j]]`` accumulated in float32.
+    """``out[r] = sum_{j in segment r} w[j] * y[order[j]]`` accumulated in float32 (or float64).
 
     ``order`` is a permutation of ``y``'s rows that makes the segments contiguous; ``inverse`` is
     its inverse. Saves ``y`` in its own dtype (needed for the gate-weight gradient) and the indices.
@@ -107,9 +117,10 @@ class _WeightedSegmentSum(torch.autograd.Function):
         out_dtype: torch.dtype,
         out_shape: tuple[int, ...] | None,
     ) -> torch.Tensor:
-        z = y.index_select(0, order).float()  # [N, D] in segment order
+        acc = accumulation_dtype(y.dtype)
+        z = y.index_select(0, order).to(acc)  # [N, D] in segment order
         if weights is not None:
-            z = z * weights.unsqueeze(1)
+            z = z * weights.unsqueeze(1).to(acc)
         ctx.seg, ctx.has_weights, ctx.y_dtype = seg, weights is not None, y.dtype
         ctx.save_for_backward(y, weights if weights is not None else y.new_empty(0), order, inverse)
         summed = segment_sum(z, seg)  # [R, D] float32
@@ -124,14 +135,25 @@ class _WeightedSegmentSum(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[Any, ...]:
         y, weights, order, inverse = ctx.saved_tensors
-        g = ctx.seg.expand(grad.reshape(-1, y.shape[1]).float(), y.shape[0])  # [N, D] in segment order
+        seg: Segments = ctx.seg
+        acc = accumulation_dtype(y.dtype)
+        N, D = y.shape
+        grad = grad.reshape(-1, D).to(acc)  # [R, D]
+        if seg.uniform is not None:
+            # NOTE: broadcast over each segment's k rows instead of materialising [N, D] copies
+            g = grad.unsqueeze(1)  # [R, 1, D] against [R, k, D]
+            shape = (seg.num, seg.uniform, D)
+        else:
+            g, shape = seg.expand(grad, N), (N, D)  # [N, D] in segment order
         grad_w = None
         if ctx.has_weights and ctx.needs_input_grad[1]:
-            grad_w = (g * y.index_select(0, order).float()).sum(dim=1)  # [N]
+            y_seg = y.index_select(0, order).to(acc).view(shape)
+            grad_w = (y_seg * g).sum(dim=-1).reshape(-1).to(weights.dtype)  # [N]
+            del y_seg
         grad_y = None
         if ctx.needs_input_grad[0]:
-            gz = g * weights.unsqueeze(1) if ctx.has_weights else g
-            grad_y = gz.index_select(0, inverse).to(ctx.y_dtype)  # [N, D] in y's order
+            gz = g * weights.to(acc).view(shape[:-1] + (1,)) if ctx.has_weights else g.expand(shape)
+            grad_y = gz.reshape(N, D).index_select(0, inverse).to(ctx.y_dtype)  # [N, D] in y's order
         return grad_y, grad_w, None, None, None, None, None
 
 

@@ -18,7 +18,7 @@ import torch.distributed as dist
 from ..placement import ExpertPlacement
 from ._comm import all_to_all_rows, exchange_sizes
 from ._ops import Segments, gather_rows, inverse_permutation
-from .base import DispatchHandle, DispatchResult, TokenDispatcher, flat_tokens
+from .base import DispatchHandle, DispatchResult, TokenDispatcher, check_handle, flat_tokens
 from .local import SlotSort, combine_sorted, gather_sorted, sort_slots
 
 __all__ = ["AllToAllDispatcher", "regroup_by_expert"]
@@ -84,7 +84,7 @@ class AllToAllDispatcher(TokenDispatcher):
 
     def combine(self, expert_out: torch.Tensor, handle: DispatchHandle) -> torch.Tensor:
         h = handle
-        assert isinstance(h, _AllToAllHandle) and h.sort is not None and h.weights is not None
+        check_handle(h, _AllToAllHandle, type(self).__name__)
         R = expert_out.shape[0]
         y_received = gather_rows(expert_out, h.regroup_inverse, h.regroup, Segments(R, uniform=1))  # [R, D]
         y_sorted = all_to_all_rows(y_received, h.input_splits, h.output_splits, self.group)  # [S, D]

@@ -24,7 +24,7 @@ import torch
 
 from ..placement import ExpertPlacement
 
-__all__ = ["TokenDispatcher", "DispatchResult", "DispatchHandle", "flat_tokens"]
+__all__ = ["TokenDispatcher", "DispatchResult", "DispatchHandle", "flat_tokens", "check_handle"]
 
 
 @dataclass
@@ -79,3 +79,12 @@ def flat_tokens(tokens: torch.Tensor, expert_ids: torch.Tensor, weights: torch.T
     """``tokens [..., D] -> [T, D]``; ``expert_ids`` and ``weights`` to ``[T, k]``."""
     k = expert_ids.shape[-1]
     return tokens.reshape(-1, tokens.shape[-1]), expert_ids.reshape(-1, k), weights.reshape(-1, k)
+
+
+def check_handle(handle: DispatchHandle, expected: type, dispatcher: str) -> None:
+    """Raise unless ``handle`` came from this kind of dispatcher's ``dispatch``."""
+    if not isinstance(handle, expected):
+        raise TypeError(
+            f"{dispatcher}.combine: got a {type(handle).__name__}, expected the {expected.__name__} returned "
+            f"by {dispatcher}.dispatch; pass the handle of the matching dispatch call."
+        )

@@ -25,7 +25,7 @@ import torch.distributed as dist
 from ..placement import ExpertPlacement
 from ._comm import all_to_all_rows, exchange_records, exchange_sizes
 from ._ops import Segments, expert_counts, gather_rows, inverse_permutation, weighted_segment_sum
-from .base import DispatchHandle, DispatchResult, TokenDispatcher, flat_tokens
+from .base import DispatchHandle, DispatchResult, TokenDispatcher, check_handle, flat_tokens
 
 __all__ = ["DedupAllToAllDispatcher"]
 
@@ -113,7 +113,7 @@ class DedupAllToAllDispatcher(TokenDispatcher):
 
     def combine(self, expert_out: torch.Tensor, handle: DispatchHandle) -> torch.Tensor:
         h = handle
-        assert isinstance(h, _DedupHandle) and h.slots_per_row is not None and h.rows_per_token is not None
+        check_handle(h, _DedupHandle, type(self).__name__)
         R, T = h.slots_per_row.shape[0], h.rows_per_token.shape[0]
         partial = weighted_segment_sum(
             expert_out, h.weights_in, h.group_inverse, h.group_order, Segments(R, lengths=h.slots_per_row)

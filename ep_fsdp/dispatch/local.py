@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import torch
 
 from ._ops import Segments, expert_counts, gather_rows, inverse_permutation, weighted_segment_sum
-from .base import DispatchHandle, DispatchResult, TokenDispatcher, flat_tokens
+from .base import DispatchHandle, DispatchResult, TokenDispatcher, check_handle, flat_tokens
 
 __all__ = ["LocalDispatcher", "SlotSort", "sort_slots"]
 
@@ -68,5 +68,5 @@ class LocalDispatcher(TokenDispatcher):
         return DispatchResult(rows, sort.counts, handle)
 
     def combine(self, expert_out: torch.Tensor, handle: DispatchHandle) -> torch.Tensor:
-        assert isinstance(handle, _LocalHandle) and handle.sort is not None and handle.weights is not None
+        check_handle(handle, _LocalHandle, type(self).__name__)
         return combine_sorted(expert_out, handle.weights, handle.sort, handle.out_dtype, handle.out_shape)
