@@ -15,7 +15,11 @@
    step of the reference transformer against the unparallelized model on the same batch; and an
    idle rank: a Linear + MoE model given a batch of zero tokens after a normal step, whose backward
    runs and leaves exactly zero expert gradients.
-5. The layer benchmark figures (recipes/benchmarks/moe_layer.py) on the device.
+5. The exchange paths on a 1-rank group (NCCL on CUDA): the all-to-all and deduplicated
+   dispatchers against the local layer, with a contiguous and a permuted placement, with normal
+   routing, experts without rows and zero tokens; and the host synchronisations of one forward of
+   each dispatcher (CUDA sync debug mode: 1 for the exchanges, 0 for the local grouped_mm path).
+6. The layer benchmark figures (recipes/benchmarks/moe_layer.py) on the device.
 Prints PASS/FAIL lines and exits non-zero on any failure.
 """
 
@@ -212,8 +216,89 @@ def parallel_checks(device: torch.device) -> None:
     try:
         parallel_step_check(device)
         idle_rank_check(device)
+        exchange_path_check(device)
     finally:
         dist.destroy_process_group()
+
+
+def _permute_experts(layer: ep_fsdp.MoE, physical: list[int]) -> None:
+    """Store logical expert ``e`` in row ``physical[e]`` of w1/w3/w2 (what a placement map expects)."""
+    with torch.no_grad():
+        for w in (layer.experts.w1, layer.experts.w3, layer.experts.w2):
+            moved = torch.empty_like(w)
+            moved[physical] = w
+            w.copy_(moved)
+
+
+def _count_host_syncs(fn) -> int | None:
+    """Device-to-host synchronisations made by ``fn()`` (CUDA sync debug mode); None off CUDA."""
+    if not torch.cuda.is_available():
+        return None
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            fn()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    return sum("synchronizing" in str(w.message) for w in caught)
+
+
+def exchange_path_check(device: torch.device) -> None:
+    """The all-to-all and deduplicated dispatchers on a 1-rank group: their collectives (NCCL on
+    CUDA), segment sums and index math on the device, against the local layer; with a permuted
+    placement too; zero tokens and experts without rows; host syncs per forward (CUDA only)."""
+    from ep_fsdp.dispatch import AllToAllDispatcher, DedupAllToAllDispatcher, LocalDispatcher
+
+    group = dist.group.WORLD
+    physical = [(3 * e + 1) % 8 for e in range(8)]
+    cfg = ep_fsdp.MoEConfig(dim=64, hidden_dim=128, num_experts=8, top_k=2, aux_loss_coef=0.01, z_loss_coef=1e-3,
+                            expert_bias=True)
+    for dtype, tol in ((torch.float32, 1e-5), (torch.bfloat16, 2e-2)):
+        torch.manual_seed(0)
+        ref = ep_fsdp.MoE(cfg).to(device=device, dtype=dtype)
+        for case in ("routing", "empty experts", "zero tokens"):
+            x = torch.randn(0 if case == "zero tokens" else 512, cfg.dim, device=device, dtype=dtype)
+            with torch.no_grad():
+                ref.router.expert_bias.zero_()
+                if case == "empty experts":  # every token picks experts 1 and 4: six experts get no rows
+                    ref.router.expert_bias[[1, 4]] = 100.0
+            want = forward_backward(ref, x)
+            for cls in (AllToAllDispatcher, DedupAllToAllDispatcher):
+                for permuted in (False, True):
+                    layer = copy.deepcopy(ref)
+                    placement = ep_fsdp.ExpertPlacement(8, 1, physical=physical if permuted else None)
+                    if permuted:
+                        _permute_experts(layer, physical)
+                    layer.dispatcher = cls(placement, group)
+                    name = (f"{cls.__name__} {device.type} {str(dtype)[6:]} {case}"
+                            + (" permuted placement" if permuted else ""))
+                    try:
+                        got = forward_backward(layer, x)
+                    except Exception as e:  # noqa: BLE001 - reported as a failure
+                        check(f"{name}: runs", False, f"{type(e).__name__}: {e}")
+                        continue
+                    if permuted:  # expert gradients back to logical order
+                        got = got[:3] + [g[physical] for g in got[3:]]
+                    if x.shape[0] == 0:
+                        check(f"{name}: empty output, zero grads", got[0].shape == (0, cfg.dim)
+                              and all(exactly_zero(g) for g in got[3:]))
+                    else:
+                        report(f"{name}: output+grads vs local", max(rel(a, b) for a, b in zip(got, want)), tol)
+        for cls in (LocalDispatcher, AllToAllDispatcher, DedupAllToAllDispatcher):
+            layer = copy.deepcopy(ref)
+            if cls is not LocalDispatcher:
+                layer.dispatcher = cls(ep_fsdp.ExpertPlacement.contiguous(8, 1), group)
+            x = torch.randn(512, cfg.dim, device=device, dtype=dtype)
+            syncs = _count_host_syncs(lambda: layer(x))
+            expected = 1 if cls is not LocalDispatcher or not experts_mod.use_grouped_mm(device, dtype, (64, 128)) else 0
+            name = f"{cls.__name__} {device.type} {str(dtype)[6:]}: host syncs per forward"
+            if syncs is None:
+                print(f"SKIP  {name} (CUDA only)", flush=True)
+            else:
+                check(name, syncs == expected, f"{syncs} (expected {expected})")
 
 
 def idle_rank_check(device: torch.device) -> None:
