@@ -15,10 +15,21 @@
    step of the reference transformer against the unparallelized model on the same batch; and an
    idle rank: a Linear + MoE model given a batch of zero tokens after a normal step, whose backward
    runs and leaves exactly zero expert gradients.
-5. The exchange paths on a 1-rank group (NCCL on CUDA): the all-to-all and deduplicated
-   dispatchers against the local layer, with a contiguous and a permuted placement, with normal
-   routing, experts without rows and zero tokens; and the host synchronisations of one forward of
-   each dispatcher (CUDA sync debug mode: 1 for the exchanges, 0 for the local grouped_mm path).
+5. The exchange paths on the same 1-rank group (gloo on CPU, NCCL on CUDA), which world size 1
+   otherwise never takes (parallelize_moe picks the local dispatcher there):
+   a. AllToAllDispatcher and DedupAllToAllDispatcher set on copies of the layer against the layer
+      with its LocalDispatcher: output and input, gate, w1/w3/w2 gradients (rel err <= 1e-5 in
+      float32, <= 2e-2 in bfloat16), for normal routing, experts without rows (``expert_bias``)
+      and zero tokens (``[0, D]`` out, exactly zero expert gradients), with the contiguous
+      placement and a permuted one (``physical[e] = (3e + 1) % 8``, expert weights moved to the
+      rows it names, gradients compared in logical order). That the permutation matters is
+      checked too: permuted weights read through the contiguous placement give another output.
+   b. Host synchronisations of one layer forward, per dispatcher and dtype (CUDA only, sync debug
+      mode; SKIP on CPU): exactly 1 for the exchanges (the split sizes), 0 for the local layer on
+      the grouped_mm path (bfloat16 on sm90+; 1 on the per-expert loop path).
+   c. Deterministic mode: each exchange's forward+backward run twice give bitwise identical
+      outputs and gradients, in float32 and bfloat16 (CUBLAS_WORKSPACE_CONFIG is set by main()
+      before any CUDA work).
 6. The layer benchmark figures (recipes/benchmarks/moe_layer.py) on the device.
 Prints PASS/FAIL lines and exits non-zero on any failure.
 """
@@ -31,7 +42,8 @@ import os
 import socket
 import subprocess
 import sys
-from collections.abc import Iterator
+import warnings
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
@@ -42,7 +54,8 @@ from torch.distributed.tensor import DTensor
 
 import ep_fsdp
 from ep_fsdp import experts as experts_mod
-from ep_fsdp.dispatch import expert_counts
+from ep_fsdp.dispatch import (AllToAllDispatcher, DedupAllToAllDispatcher, LocalDispatcher, TokenDispatcher,
+                              expert_counts)
 from ep_fsdp.models import MoETransformer, TransformerConfig
 
 FAILURES: list[str] = []
@@ -216,12 +229,47 @@ def parallel_checks(device: torch.device) -> None:
     try:
         parallel_step_check(device)
         idle_rank_check(device)
-        exchange_path_check(device)
+        exchange_parity_check(device)
+        placement_matters_check(device)
+        host_sync_check(device)
+        exchange_determinism_check(device)
     finally:
         dist.destroy_process_group()
 
 
-def _permute_experts(layer: ep_fsdp.MoE, physical: list[int]) -> None:
+EXCHANGE_DTYPES = ((torch.float32, 1e-5), (torch.bfloat16, 2e-2))  # (dtype, tolerance against the local layer)
+EXCHANGES: tuple[type[TokenDispatcher], ...] = (AllToAllDispatcher, DedupAllToAllDispatcher)
+PERMUTED = [(3 * e + 1) % 8 for e in range(8)]  # storage row of each logical expert: a non-contiguous placement
+RESULTS = ("output", "input grad", "gate grad", "w1 grad", "w3 grad", "w2 grad")  # what forward_backward returns
+
+
+def exchange_ref(device: torch.device, dtype: torch.dtype, case: str) -> ep_fsdp.MoE:
+    """The local layer of one exchange case; for ``"empty experts"`` every token picks experts 1
+    and 4 (``expert_bias``), so the six other experts get no rows."""
+    torch.manual_seed(0)
+    cfg = ep_fsdp.MoEConfig(dim=64, hidden_dim=128, num_experts=8, top_k=2, aux_loss_coef=0.01, z_loss_coef=0.001,
+                            expert_bias=case == "empty experts")
+    layer = ep_fsdp.MoE(cfg).to(device=device, dtype=dtype)
+    if case == "empty experts":
+        with torch.no_grad():
+            layer.router.expert_bias[[1, 4]] = 100.0  # scores are in (0, 1)
+    return layer
+
+
+def with_dispatcher(ref: ep_fsdp.MoE, cls: type[TokenDispatcher], physical: list[int] | None) -> ep_fsdp.MoE:
+    """A copy of ``ref`` that routes through ``cls`` on the 1-rank WORLD group; with ``physical``,
+    a non-contiguous placement and the expert weights moved to the rows it names."""
+    layer = copy.deepcopy(ref)
+    if physical is None:
+        placement = ep_fsdp.ExpertPlacement.contiguous(8, 1)
+    else:
+        placement = ep_fsdp.ExpertPlacement(8, 1, physical=physical)
+        permute_experts(layer, physical)
+    layer.dispatcher = cls(placement, dist.group.WORLD) if cls is not LocalDispatcher else cls(placement)
+    return layer
+
+
+def permute_experts(layer: ep_fsdp.MoE, physical: list[int]) -> None:
     """Store logical expert ``e`` in row ``physical[e]`` of w1/w3/w2 (what a placement map expects)."""
     with torch.no_grad():
         for w in (layer.experts.w1, layer.experts.w3, layer.experts.w2):
@@ -230,12 +278,58 @@ def _permute_experts(layer: ep_fsdp.MoE, physical: list[int]) -> None:
             w.copy_(moved)
 
 
-def _count_host_syncs(fn) -> int | None:
-    """Device-to-host synchronisations made by ``fn()`` (CUDA sync debug mode); None off CUDA."""
-    if not torch.cuda.is_available():
-        return None
-    import warnings
+def to_logical(results: list[torch.Tensor], physical: list[int] | None) -> list[torch.Tensor]:
+    """forward_backward results with the expert gradients (w1/w3/w2) back in logical expert order."""
+    return results if physical is None else results[:3] + [g[physical] for g in results[3:]]
 
+
+def exchange_parity_check(device: torch.device) -> None:
+    """The all-to-all and deduplicated dispatchers on the 1-rank group against the local layer:
+    output, input/gate/w1/w3/w2 gradients, for each case, dtype and placement."""
+    for dtype, tol in EXCHANGE_DTYPES:
+        for case in ("routing", "empty experts", "zero tokens"):
+            ref = exchange_ref(device, dtype, case)
+            x = torch.randn(0 if case == "zero tokens" else 512, 64, device=device, dtype=dtype)  # [T, D]
+            want = forward_backward(ref, x)
+            for cls in EXCHANGES:
+                for physical in (None, PERMUTED):
+                    name = f"{cls.__name__} {device.type} {str(dtype)[6:]} {case}"
+                    compare_exchange(name + (" permuted" if physical else ""), with_dispatcher(ref, cls, physical),
+                                     x, want, tol, physical)
+
+
+def compare_exchange(name: str, layer: ep_fsdp.MoE, x: torch.Tensor, want: list[torch.Tensor], tol: float,
+                     physical: list[int] | None) -> None:
+    try:
+        got = to_logical(forward_backward(layer, x), physical)
+    except Exception as e:  # noqa: BLE001 - reported as a failure
+        check(f"{name}: forward+backward", False, f"{type(e).__name__}: {e}")
+        return
+    errs = [rel(a, b) for a, b in zip(got, want)]
+    worst = max(range(len(errs)), key=errs.__getitem__)
+    where = f", worst: {RESULTS[worst]}" if errs[worst] > 0 else ""
+    check(f"{name}: vs local", errs[worst] <= tol, f"rel err {errs[worst]:.2e} (tol {tol:.0e}{where})")
+    if x.shape[0] == 0:
+        check(f"{name}: [0, D] out, expert grads == 0", tuple(got[0].shape) == (0, 64)
+              and all(exactly_zero(g) for g in got[3:]), f"shape {list(got[0].shape)}")
+
+
+def placement_matters_check(device: torch.device) -> None:
+    """The permuted comparisons can fail: permuted weights read through the contiguous placement
+    give another layer."""
+    for dtype, tol in EXCHANGE_DTYPES:
+        ref = exchange_ref(device, dtype, "routing")
+        x = torch.randn(512, 64, device=device, dtype=dtype)
+        layer = copy.deepcopy(ref)
+        permute_experts(layer, PERMUTED)
+        with torch.no_grad():
+            err = rel(layer(x), ref(x))
+        check(f"permuted weights, contiguous placement {device.type} {str(dtype)[6:]}: differ", err > 0.1,
+              f"rel err {err:.2e} (must exceed 1e-01, far above the tolerance {tol:.0e})")
+
+
+def count_host_syncs(fn: Callable[[], object]) -> int:
+    """Device-to-host synchronisations made by ``fn()`` (CUDA sync debug mode; CUDA only)."""
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         torch.cuda.set_sync_debug_mode("warn")
@@ -246,59 +340,49 @@ def _count_host_syncs(fn) -> int | None:
     return sum("synchronizing" in str(w.message) for w in caught)
 
 
-def exchange_path_check(device: torch.device) -> None:
-    """The all-to-all and deduplicated dispatchers on a 1-rank group: their collectives (NCCL on
-    CUDA), segment sums and index math on the device, against the local layer; with a permuted
-    placement too; zero tokens and experts without rows; host syncs per forward (CUDA only)."""
-    from ep_fsdp.dispatch import AllToAllDispatcher, DedupAllToAllDispatcher, LocalDispatcher
-
-    group = dist.group.WORLD
-    physical = [(3 * e + 1) % 8 for e in range(8)]
-    cfg = ep_fsdp.MoEConfig(dim=64, hidden_dim=128, num_experts=8, top_k=2, aux_loss_coef=0.01, z_loss_coef=1e-3,
-                            expert_bias=True)
-    for dtype, tol in ((torch.float32, 1e-5), (torch.bfloat16, 2e-2)):
-        torch.manual_seed(0)
-        ref = ep_fsdp.MoE(cfg).to(device=device, dtype=dtype)
-        for case in ("routing", "empty experts", "zero tokens"):
-            x = torch.randn(0 if case == "zero tokens" else 512, cfg.dim, device=device, dtype=dtype)
-            with torch.no_grad():
-                ref.router.expert_bias.zero_()
-                if case == "empty experts":  # every token picks experts 1 and 4: six experts get no rows
-                    ref.router.expert_bias[[1, 4]] = 100.0
-            want = forward_backward(ref, x)
-            for cls in (AllToAllDispatcher, DedupAllToAllDispatcher):
-                for permuted in (False, True):
-                    layer = copy.deepcopy(ref)
-                    placement = ep_fsdp.ExpertPlacement(8, 1, physical=physical if permuted else None)
-                    if permuted:
-                        _permute_experts(layer, physical)
-                    layer.dispatcher = cls(placement, group)
-                    name = (f"{cls.__name__} {device.type} {str(dtype)[6:]} {case}"
-                            + (" permuted placement" if permuted else ""))
-                    try:
-                        got = forward_backward(layer, x)
-                    except Exception as e:  # noqa: BLE001 - reported as a failure
-                        check(f"{name}: runs", False, f"{type(e).__name__}: {e}")
-                        continue
-                    if permuted:  # expert gradients back to logical order
-                        got = got[:3] + [g[physical] for g in got[3:]]
-                    if x.shape[0] == 0:
-                        check(f"{name}: empty output, zero grads", got[0].shape == (0, cfg.dim)
-                              and all(exactly_zero(g) for g in got[3:]))
-                    else:
-                        report(f"{name}: output+grads vs local", max(rel(a, b) for a, b in zip(got, want)), tol)
-        for cls in (LocalDispatcher, AllToAllDispatcher, DedupAllToAllDispatcher):
-            layer = copy.deepcopy(ref)
-            if cls is not LocalDispatcher:
-                layer.dispatcher = cls(ep_fsdp.ExpertPlacement.contiguous(8, 1), group)
-            x = torch.randn(512, cfg.dim, device=device, dtype=dtype)
-            syncs = _count_host_syncs(lambda: layer(x))
-            expected = 1 if cls is not LocalDispatcher or not experts_mod.use_grouped_mm(device, dtype, (64, 128)) else 0
+def host_sync_check(device: torch.device) -> None:
+    """Host syncs of one layer forward: 1 per exchange (the split sizes), 0 for the local layer on
+    the grouped_mm path (1 on the loop path, which needs the counts on the host)."""
+    for dtype, _ in EXCHANGE_DTYPES:
+        ref = exchange_ref(device, dtype, "routing")
+        x = torch.randn(512, 64, device=device, dtype=dtype)
+        for cls in (LocalDispatcher,) + EXCHANGES:
             name = f"{cls.__name__} {device.type} {str(dtype)[6:]}: host syncs per forward"
-            if syncs is None:
+            if device.type != "cuda":
                 print(f"SKIP  {name} (CUDA only)", flush=True)
-            else:
-                check(name, syncs == expected, f"{syncs} (expected {expected})")
+                continue
+            layer = with_dispatcher(ref, cls, None)
+            try:
+                layer(x)  # warm-up: lazy initialisation is not counted
+                syncs = count_host_syncs(lambda: layer(x))
+            except Exception as e:  # noqa: BLE001 - reported as a failure
+                check(name, False, f"{type(e).__name__}: {e}")
+                continue
+            grouped = experts_mod.use_grouped_mm(device, dtype, (64, 128))
+            expected = 0 if cls is LocalDispatcher and grouped else 1
+            path = "grouped_mm" if grouped else "loop"
+            check(name, syncs == expected, f"{syncs} (expected {expected}, {path} path)")
+
+
+def exchange_determinism_check(device: torch.device) -> None:
+    """Each exchange, forward+backward twice under use_deterministic_algorithms(True): bitwise identical."""
+    torch.use_deterministic_algorithms(True)
+    try:
+        for dtype, _ in DTYPES:
+            ref = exchange_ref(device, dtype, "routing")
+            x = torch.randn(1024, 64, device=device, dtype=dtype)
+            for cls in EXCHANGES:
+                name = f"deterministic {cls.__name__} {device.type} {str(dtype)[6:]}"
+                layer = with_dispatcher(ref, cls, None)
+                try:
+                    first, second = (forward_backward(layer, x) for _ in range(2))
+                except Exception as e:  # noqa: BLE001 - e.g. an op without a deterministic kernel
+                    check(f"{name}: runs", False, f"{type(e).__name__}: {e}")
+                    continue
+                same = [torch.equal(a, b) for a, b in zip(first, second)]
+                check(f"{name}: bitwise identical", all(same), f"{sum(same)}/{len(same)} of {', '.join(RESULTS)}")
+    finally:
+        torch.use_deterministic_algorithms(False)
 
 
 def idle_rank_check(device: torch.device) -> None:
