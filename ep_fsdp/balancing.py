@@ -135,17 +135,19 @@ def begin_balancing(
     z_loss_coef: float,
     top_k: int,
     group: dist.ProcessGroup | None,
+    in_recompute: bool = False,
 ) -> tuple[torch.Tensor, PendingBalancing | None]:
     """Issue the global statistics of one forward and hook the loss gradient onto the gate weights.
 
     Returns ``(weights to dispatch, pending)``; call :func:`finish_balancing` with ``pending``
     before the backward (the all-reduce overlaps the token exchange in between). Nothing happens
     (``route.weights, None``) when both coefficients are 0, when no gradient is needed, or during
-    activation-checkpoint recomputation.
+    activation-checkpoint recomputation, unless ``in_recompute`` says this recomputation is the
+    one whose graph will be backpropagated (reentrant checkpointing, see ``MoE.forward``).
     """
     if (aux_loss_coef == 0 and z_loss_coef == 0) or not torch.is_grad_enabled() or not route.logits.requires_grad:
         return route.weights, None
-    if in_backward():
+    if in_backward() and not in_recompute:
         return route.weights, None
     with torch.no_grad():
         stats = all_reduce_sum_(balancing_stats(route, counts), group)  # [2E + 2] float64, in flight

@@ -60,6 +60,7 @@ class MoE(nn.Module):
         self.aux_grad_factor: float = 1.0
         self.aux_loss_scale: float = 1.0
         self.routing = RoutingCounters()
+        self._balancing_to_replay = 0
 
     @property
     def placement(self) -> ExpertPlacement:
@@ -92,10 +93,10 @@ class MoE(nn.Module):
         route = self.router(tokens)  # weights [T, k] fp32, expert_ids [T, k] logical
         slots = expert_counts(route.expert_ids, cfg.num_experts)  # [E] logical
         weights, pending = route.weights, None
-        if self.training:  # NOTE: like Megatron, balancing losses act in training mode only
+        if self.training and (cfg.aux_loss_coef or cfg.z_loss_coef):  # NOTE: training mode only, like Megatron
             weights, pending = begin_balancing(
                 route, slots, aux_loss_coef=cfg.aux_loss_coef, z_loss_coef=cfg.z_loss_coef, top_k=cfg.top_k,
-                group=self.stats_group,
+                group=self.stats_group, in_recompute=self._replay_balancing(),
             )
         rows, counts, handle = self.dispatcher.dispatch(x, route.expert_ids, weights)  # [N, D], [G]
         y = self.experts(rows, counts, handle.counts_host)  # [N, D]
@@ -105,6 +106,25 @@ class MoE(nn.Module):
         if self.training and not in_backward():  # NOTE: checkpoint recomputation records nothing
             self.routing.add_forward(slots, counts, handle.sent_bytes)
         return out
+
+
+    def _replay_balancing(self) -> bool:
+        """Whether this forward must hook the balancing gradient although it runs in the backward.
+
+        NOTE: a *reentrant* checkpoint runs its first forward under ``no_grad`` and backpropagates
+        the graph of the recomputation; a non-reentrant one (``parallelize_moe``'s) records the
+        graph in its first forward and discards the recomputed one. So a training forward without
+        grad outside the backward is remembered, and the next recomputation of this layer replays
+        the balancing. A forward with grad clears the memory (a no-grad forward followed by one
+        with grad was not a checkpoint's first pass).
+        """
+        if in_backward():
+            if self._balancing_to_replay > 0:
+                self._balancing_to_replay -= 1
+                return True
+            return False
+        self._balancing_to_replay = self._balancing_to_replay + 1 if not torch.is_grad_enabled() else 0
+        return False
 
 
 def moe_layers(model: nn.Module) -> list[tuple[str, MoE]]:

@@ -356,3 +356,19 @@ def test_dims_grouped_mm_cannot_take_use_the_loop():
     layer = MoE(MoEConfig(dim=6, hidden_dim=6, num_experts=3, top_k=2))
     x = torch.randn(7, 6, requires_grad=True)
     torch.testing.assert_close(layer(x), naive_moe(layer, x), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("reentrant", [False, True], ids=["non-reentrant", "reentrant"])
+def test_balancing_gradient_under_either_checkpoint_flavour(reentrant):
+    from torch.utils.checkpoint import checkpoint
+
+    torch.manual_seed(0)
+    layer = MoE(MoEConfig(dim=8, hidden_dim=16, num_experts=4, top_k=2, aux_loss_coef=0.5, z_loss_coef=0.1))
+    ref = copy.deepcopy(layer)
+    x = torch.randn(10, 8, requires_grad=True)
+    checkpoint(layer, x, use_reentrant=reentrant).square().sum().backward()
+    ref(x).square().sum().backward()
+    for p, q in zip(layer.parameters(), ref.parameters()):
+        torch.testing.assert_close(p.grad, q.grad)
+    assert layer.routing.forwards == 1 and layer.routing.loss_forwards == 1  # values logged once
+    assert layer._balancing_to_replay == 0
