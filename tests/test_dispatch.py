@@ -212,3 +212,68 @@ def test_round_trip_with_a_non_contiguous_placement(pools, kind):
         torch.testing.assert_close(r["out"], out, rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(r["grad_tokens"], grad_tokens, rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(r["grad_weights"], grad_weights, rtol=1e-5, atol=1e-6)
+
+
+def collectives_and_host_copies(kind: str, grouped: bool) -> dict:
+    """One MoE layer forward+backward on 2 ranks with c10d's blocking collectives disabled (only
+    functional collectives may run) and every host copy (.tolist/.item) of the forward counted."""
+    import torch.distributed as dist
+
+    import ep_fsdp
+    from dist_pool import worker_mesh
+    from ep_fsdp import experts as experts_mod
+
+    torch.manual_seed(0)
+    layer = ep_fsdp.MoE(ep_fsdp.MoEConfig(dim=8, hidden_dim=16, num_experts=4, top_k=2, aux_loss_coef=0.1))
+    group = worker_mesh(1, 2)["ep"].get_group()
+    cls = {"plain": AllToAllDispatcher, "dedup": DedupAllToAllDispatcher}[kind]
+    layer.dispatcher = cls(ExpertPlacement.contiguous(4, 2), group)
+    layer.stats_group = group
+    with torch.no_grad():  # this rank's half of the experts, as parallelize_moe would hold them
+        for name in ("w1", "w3", "w2"):
+            full_w = getattr(layer.experts, name)
+            setattr(layer.experts, name, torch.nn.Parameter(full_w[2 * dist.get_rank():2 * dist.get_rank() + 2].clone()))
+    x = torch.randn(6, 8, requires_grad=True)
+    blocked = {}
+    host_copies = {"n": 0}
+    real_tolist, real_item = torch.Tensor.tolist, torch.Tensor.item
+
+    def forbid(name):
+        def f(*a, **k):
+            raise RuntimeError(f"blocking c10d {name} called by the layer")
+        return f
+
+    def counting(real):
+        def f(self, *a, **k):
+            host_copies["n"] += 1
+            return real(self, *a, **k)
+        return f
+
+    saved = {n: getattr(dist, n) for n in ("all_to_all_single", "all_reduce", "all_gather", "broadcast")}
+    experts_mod._GROUPED_MM_WORKS[("cpu", torch.float32)] = grouped
+    try:
+        for n in saved:
+            setattr(dist, n, forbid(n))
+        torch.Tensor.tolist, torch.Tensor.item = counting(real_tolist), counting(real_item)
+        y = layer(x)
+        forward_copies = host_copies["n"]
+        y.square().sum().backward()
+        backward_copies = host_copies["n"] - forward_copies
+    except RuntimeError as e:
+        blocked["error"] = str(e)
+        forward_copies = backward_copies = -1
+    finally:
+        for n, f in saved.items():
+            setattr(dist, n, f)
+        torch.Tensor.tolist, torch.Tensor.item = real_tolist, real_item
+        experts_mod._GROUPED_MM_WORKS.pop(("cpu", torch.float32), None)
+    return {"error": blocked.get("error"), "forward": forward_copies, "backward": backward_copies}
+
+
+@pytest.mark.parametrize("kind", ["plain", "dedup"])
+@pytest.mark.parametrize("grouped", [True, False], ids=["grouped_mm", "loop"])
+def test_functional_collectives_and_one_host_copy_per_forward(pools, kind, grouped):
+    for r in pools(2).run(collectives_and_host_copies, kind, grouped):
+        assert r["error"] is None, r["error"]
+        assert r["forward"] == 1, r  # the size exchange's one copy, also on the loop path
+        assert r["backward"] == 0, r
