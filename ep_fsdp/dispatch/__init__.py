@@ -7,12 +7,13 @@ import torch.distributed as dist
 from ..placement import ExpertPlacement
 from ._ops import expert_counts
 from .all_to_all import AllToAllDispatcher
-from .base import DispatchHandle, DispatchResult, TokenDispatcher
+from .base import DispatchHandle, DispatchResult, ExchangeDispatcher, TokenDispatcher
 from .dedup import DedupAllToAllDispatcher
 from .local import LocalDispatcher
 
 __all__ = [
     "TokenDispatcher",
+    "ExchangeDispatcher",
     "DispatchResult",
     "DispatchHandle",
     "LocalDispatcher",

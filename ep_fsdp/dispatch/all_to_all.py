@@ -15,10 +15,9 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from ..placement import ExpertPlacement
 from ._comm import all_to_all_rows, exchange_sizes
 from ._ops import Segments, gather_rows, inverse_permutation
-from .base import DispatchHandle, DispatchResult, TokenDispatcher, check_handle, flat_tokens
+from .base import DispatchHandle, DispatchResult, ExchangeDispatcher, check_handle, flat_tokens
 from .local import SlotSort, combine_sorted, gather_sorted, sort_slots
 
 __all__ = ["AllToAllDispatcher", "regroup_by_expert"]
@@ -47,17 +46,8 @@ class _AllToAllHandle(DispatchHandle):
     regroup_inverse: torch.Tensor | None = None  # [R]
 
 
-class AllToAllDispatcher(TokenDispatcher):
+class AllToAllDispatcher(ExchangeDispatcher):
     """One row per (token, expert) to the expert's rank; results come back and are combined there."""
-
-    def __init__(self, placement: ExpertPlacement, group: dist.ProcessGroup) -> None:
-        super().__init__(placement)
-        if dist.get_world_size(group) != placement.ep:
-            raise ValueError(
-                f"AllToAllDispatcher: placement.ep={placement.ep} != size of the exchange group "
-                f"{dist.get_world_size(group)}; build the placement for the ep mesh dim."
-            )
-        self.group = group
 
     def dispatch(self, tokens: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor) -> DispatchResult:
         ep, G = self.placement.ep, self.num_local_experts

@@ -21,10 +21,11 @@ from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
+import torch.distributed as dist
 
 from ..placement import ExpertPlacement
 
-__all__ = ["TokenDispatcher", "DispatchResult", "DispatchHandle", "flat_tokens", "check_handle"]
+__all__ = ["TokenDispatcher", "ExchangeDispatcher", "DispatchResult", "DispatchHandle", "flat_tokens", "check_handle"]
 
 
 @dataclass
@@ -73,6 +74,19 @@ class TokenDispatcher(ABC):
         """``expert_out [N, D]`` (rows as dispatched) -> ``[..., D]`` (the tokens' shape): the
         gate-weighted sum of each token's expert outputs, accumulated in float32 and cast to the
         tokens' dtype, as a fresh tensor (not a view)."""
+
+
+class ExchangeDispatcher(TokenDispatcher):
+    """A dispatcher that moves rows between the ranks of ``group`` (one rank per ep index)."""
+
+    def __init__(self, placement: ExpertPlacement, group: dist.ProcessGroup) -> None:
+        super().__init__(placement)
+        if dist.get_world_size(group) != placement.ep:
+            raise ValueError(
+                f"{type(self).__name__}: placement.ep={placement.ep} != size of the exchange group "
+                f"{dist.get_world_size(group)}; build the placement for the ep mesh dim."
+            )
+        self.group = group
 
 
 def flat_tokens(tokens: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor) -> tuple[torch.Tensor, ...]:

@@ -22,10 +22,9 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from ..placement import ExpertPlacement
 from ._comm import all_to_all_rows, exchange_records, exchange_sizes
 from ._ops import Segments, expert_counts, gather_rows, inverse_permutation, weighted_segment_sum
-from .base import DispatchHandle, DispatchResult, TokenDispatcher, check_handle, flat_tokens
+from .base import DispatchHandle, DispatchResult, ExchangeDispatcher, check_handle, flat_tokens
 
 __all__ = ["DedupAllToAllDispatcher"]
 
@@ -45,17 +44,8 @@ class _DedupHandle(DispatchHandle):
     slots_per_row: torch.Tensor | None = None  # [R]
 
 
-class DedupAllToAllDispatcher(TokenDispatcher):
+class DedupAllToAllDispatcher(ExchangeDispatcher):
     """One row per (token, destination rank); gate weights applied on the expert's rank."""
-
-    def __init__(self, placement: ExpertPlacement, group: dist.ProcessGroup) -> None:
-        super().__init__(placement)
-        if dist.get_world_size(group) != placement.ep:
-            raise ValueError(
-                f"DedupAllToAllDispatcher: placement.ep={placement.ep} != size of the exchange group "
-                f"{dist.get_world_size(group)}; build the placement for the ep mesh dim."
-            )
-        self.group = group
 
     def dispatch(self, tokens: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor) -> DispatchResult:
         ep, G = self.placement.ep, self.num_local_experts
