@@ -8,13 +8,13 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from .moe import moe_layers
+from .expert_modules import expert_layers, layer_num_experts
 
 __all__ = ["routing_stats"]
 
 
 def routing_stats(model: nn.Module, *, reset: bool = True) -> dict[str, dict[str, Any]]:
-    """Per MoE layer, over the forwards since the last call and over all ranks (collective when
+    """Per MoE layer (``ep_fsdp.MoE`` or expert-parallelized transformers experts module), over the forwards since the last call and over all ranks (collective when
     distributed; call it on every rank):
 
     * ``tokens_per_expert``: routed slots of each logical expert (global batch);
@@ -33,9 +33,12 @@ def routing_stats(model: nn.Module, *, reset: bool = True) -> dict[str, dict[str
         stats = ep_fsdp.routing_stats(model)
         stats["layers.1.feed_forward"]["imbalance"]
     """
-    layers = moe_layers(model)
+    layers = expert_layers(model)
     if not layers:
-        raise ValueError(f"routing_stats: {type(model).__name__} contains no ep_fsdp.MoE layer.")
+        raise ValueError(
+            f"routing_stats: {type(model).__name__} contains no ep_fsdp.MoE layer and no expert-parallelized "
+            "experts module; pass the model after ep_fsdp.parallelize_moe (or one built with ep_fsdp.MoE)."
+        )
     if any(m.routing.tokens_per_expert is None for _, m in layers):
         raise RuntimeError(
             "routing_stats: no routing recorded since the last reset; counters advance in training-mode "
@@ -51,7 +54,7 @@ def routing_stats(model: nn.Module, *, reset: bool = True) -> dict[str, dict[str
         ])
         for _, m in layers
     ])
-    ends = torch.tensor([m.config.num_experts + 2 for _, m in layers]).cumsum(0).tolist()  # per-layer ends
+    ends = torch.tensor([layer_num_experts(m) + 2 for _, m in layers]).cumsum(0).tolist()  # per-layer ends
     loads = packed[[e - 1 for e in ends]].clone()  # [layers] this rank's rows
     group = layers[0][1].stats_group  # all ranks of the mesh (None in a single process)
     world = 1
@@ -61,7 +64,7 @@ def routing_stats(model: nn.Module, *, reset: bool = True) -> dict[str, dict[str
         dist.all_reduce(loads, op=dist.ReduceOp.MAX, group=group)
     out: dict[str, dict[str, Any]] = {}
     for i, (name, m) in enumerate(layers):
-        E = m.config.num_experts
+        E = layer_num_experts(m)
         row = packed[ends[i] - E - 2:ends[i]]
         counts, a2a, mean_load = row[:E], row[E], row[E + 1] / world
         losses = None if m.routing.losses is None else (m.routing.losses / m.routing.loss_forwards).tolist()

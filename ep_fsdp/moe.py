@@ -10,8 +10,10 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
+from .aux_loss import has_router_logits, router_logits_loss
 from .balancing import RoutingCounters, begin_balancing, finish_balancing, in_backward
 from .config import MoEConfig
+from .expert_modules import expert_layers
 from .dispatch import LocalDispatcher, TokenDispatcher, expert_counts
 from .experts import GroupedExperts
 from .placement import ExpertPlacement
@@ -146,23 +148,35 @@ def moe_aux_loss(model: nn.Module) -> torch.Tensor:
     """Coefficient-weighted balancing + z losses of all MoE layers, for the forwards since the last call.
 
     The value is the global-batch loss (all ranks), summed over layers and averaged over the
-    forwards since the previous call, as a detached float32 scalar; the call resets it. Its
-    gradient is already hooked into the layers' backward, so adding the value to the task loss
-    (as below) gives the printed loss its true value and changes no gradient. Returns a float32
-    zero when no layer computed a balancing loss (both coefficients 0, or no gradient needed).
+    forwards since the previous call, as a float32 scalar; the call resets it. Add it to the loss:
+
+    * for ``ep_fsdp.MoE`` layers the value is detached and its gradient is already hooked into
+      the layers' backward, so adding it gives the printed loss its true value and changes no
+      gradient;
+    * for transformers models parallelized by :func:`ep_fsdp.parallelize_moe` it is transformers'
+      ``load_balancing_loss_func`` over the global batch times the config's
+      ``router_aux_loss_coef``, returned *live*: its gradient reaches the routers only when it is
+      added to the loss you backpropagate (see ``ep_fsdp/aux_loss.py``).
+
+    Returns a float32 zero when no layer computed a balancing loss (coefficients 0, or no
+    gradient needed).
 
     Example::
 
         loss = F.cross_entropy(logits, targets) + ep_fsdp.moe_aux_loss(model)
     """
-    layers = _require_layers(model, "moe_aux_loss")
-    total: torch.Tensor | None = None
+    layers = moe_layers(model)
+    contract = router_logits_loss(model)
+    if not layers and contract is None and not has_router_logits(model) and not expert_layers(model):
+        _require_layers(model, "moe_aux_loss")
+    total: torch.Tensor | None = contract
     for _, m in layers:
         value = m.routing.take_aux()
         if value is not None:
             total = value if total is None else total + value
     if total is None:
-        return torch.zeros((), dtype=torch.float32, device=layers[0][1].router.gate.weight.device)
+        device = next((p.device for p in model.parameters()), torch.device("cpu"))
+        return torch.zeros((), dtype=torch.float32, device=device)
     return total.float()
 
 

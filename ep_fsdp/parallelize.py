@@ -13,7 +13,9 @@ from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor, Shard, distribute_tensor
 
+from .aux_loss import record_router_logits
 from .dispatch import make_dispatcher
+from .expert_modules import contract_num_experts, find_expert_modules, make_expert_parallel
 from .mesh import check_mesh, flat_mesh
 from .moe import MoE, moe_layers
 from .placement import ExpertPlacement
@@ -135,39 +137,55 @@ def parallelize_moe(
             "divided by the global token count."
         )
     layers = moe_layers(model)
-    if not layers:
+    contract = find_expert_modules(model, skip=(MoE,))
+    if not layers and not contract:
         raise ValueError(
-            f"parallelize_moe: {type(model).__name__} contains no ep_fsdp.MoE layer; build the model's "
-            "feed-forward blocks with ep_fsdp.MoE(MoEConfig(...)), or use torch's fully_shard for dense models."
+            f"parallelize_moe: {type(model).__name__} contains no ep_fsdp.MoE layer and no experts module "
+            "of the transformers v5 contract (experts(hidden_states, top_k_index, top_k_weights) with [E, ...] "
+            "weights); build the feed-forward blocks with ep_fsdp.MoE(MoEConfig(...)), or use torch's "
+            "fully_shard for dense models."
         )
     dp_shard, ep = mesh["dp_shard"].size(), mesh["ep"].size()
+    # (layer name, name of the module holding the [E, ...] weights, that module, E)
+    sharded: list[tuple[str, str, nn.Module, int]] = [
+        (name, f"{name}.experts" if name else "experts", layer.experts, layer.config.num_experts)
+        for name, layer in layers
+    ] + [(name, name, module, contract_num_experts(name, module)) for name, module in contract]
     expert_placements: dict[tuple[str, str], Shard] = {}
-    for name, layer in layers:
-        E = layer.config.num_experts
+    for name, prefix, holder, E in sharded:
         if E % ep != 0:
             raise ValueError(
                 f"parallelize_moe: num_experts={E} of MoE layer '{name}' is not divisible by ep={ep}; "
                 f"choose ep from the divisors of {E} or change num_experts to a multiple of {ep}."
             )
-        for pname, param in layer.experts.named_parameters(recurse=False):
+        for pname, param in holder.named_parameters(recurse=False):
             local_shape = (E // ep,) + tuple(param.shape[1:])
-            full_name = f"{name}.experts.{pname}" if name else f"experts.{pname}"
+            full_name = f"{prefix}.{pname}" if prefix else pname
             expert_placements[(name, pname)] = expert_fsdp_placement(full_name, local_shape, dp_shard)
     block_filter = block_filter or default_block_filter
     mp_policy = mp_policy or MixedPrecisionPolicy()
     ep_mesh, dp_mesh, all_mesh = mesh["ep"], mesh["dp_shard"], flat_mesh(mesh)
     world = all_mesh.size()
+    ep_group = ep_mesh.get_group() if ep > 1 else None
+    stats_group = all_mesh.get_group() if world > 1 else None
 
     for _, layer in layers:
         placement = ExpertPlacement.contiguous(layer.config.num_experts, ep)
-        _shard_experts(layer, ep_mesh)
-        layer.dispatcher = make_dispatcher(
-            placement, ep_mesh.get_group() if ep > 1 else None, top_k=layer.config.top_k, dedup_tokens=dedup_tokens
-        )
-        layer.stats_group = all_mesh.get_group() if world > 1 else None
+        _shard_experts(layer.experts, ep_mesh)
+        layer.dispatcher = make_dispatcher(placement, ep_group, top_k=layer.config.top_k, dedup_tokens=dedup_tokens)
+        layer.stats_group = stats_group
         # NOTE: under "mean" FSDP divides every gradient by world; the balancing-loss gradient
         # each rank injects is the partial derivative of the global loss, so it is multiplied back.
         layer.aux_grad_factor = float(world) if grad_reduction == "mean" else 1.0
+    for name, module in contract:
+        E = contract_num_experts(name, module)
+        _shard_experts(module, ep_mesh)
+        dispatcher = make_dispatcher(ExpertPlacement.contiguous(E, ep), ep_group, top_k=_contract_top_k(module),
+                                     dedup_tokens=dedup_tokens)
+        make_expert_parallel(module, num_experts=E, dispatcher=dispatcher, stats_group=stats_group)
+    if contract:
+        record_router_logits(model, stats_group=stats_group,
+                             grad_factor=float(world) if grad_reduction == "mean" else 1.0)
 
     named = dict(model.named_modules())
     blocks = [
@@ -187,9 +205,10 @@ def parallelize_moe(
 
     low_precision = mp_policy.param_dtype not in (None, torch.float32)
     router_policy = MixedPrecisionPolicy(param_dtype=torch.float32, reduce_dtype=mp_policy.reduce_dtype)
+    for name, _, holder, _ in sharded:
+        by_param = {id(p): expert_placements[(name, pname)] for pname, p in holder.named_parameters(recurse=False)}
+        shard(holder, dp_mesh, shard_placement_fn=lambda p, by_param=by_param: by_param.get(id(p)))
     for name, layer in layers:
-        by_param = {id(p): expert_placements[(name, pname)] for pname, p in layer.experts.named_parameters(recurse=False)}
-        shard(layer.experts, dp_mesh, shard_placement_fn=lambda p, by_param=by_param: by_param.get(id(p)))
         if low_precision:
             # NOTE: routing decisions must not see a bfloat16 gate weight: the router gets its
             # own unit whose parameters stay float32 (one small extra all-gather per layer).
@@ -264,9 +283,15 @@ def _set_prefetch(root: nn.Module, blocks: list[FSDPModule]) -> None:
             block.set_modules_to_backward_prefetch(behind)
 
 
-def _shard_experts(layer: MoE, ep_mesh: DeviceMesh) -> None:
-    """Turn the experts' global ``[E, ...]`` parameters into ``Shard(0)`` DTensors over ``ep``."""
-    experts = layer.experts
+def _contract_top_k(module: nn.Module) -> int:
+    """``k`` of a contract experts module when its config says (``num_experts_per_tok``); else 2,
+    which only chooses the deduplicated exchange (correct for any ``k``)."""
+    k = getattr(getattr(module, "config", None), "num_experts_per_tok", None)
+    return k if isinstance(k, int) and k > 0 else 2
+
+
+def _shard_experts(experts: nn.Module, ep_mesh: DeviceMesh) -> None:
+    """Turn an experts module's global ``[E, ...]`` parameters into ``Shard(0)`` DTensors over ``ep``."""
     for name, param in list(experts.named_parameters(recurse=False)):
         # NOTE: src_data_rank=None slices locally, like fully_shard: every rank holds the same init
         # (or nothing yet, on the meta device).

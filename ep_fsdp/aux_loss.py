@@ -1,0 +1,118 @@
+"""The load-balancing loss of transformers MoE models, over the global batch.
+
+Legend: T tokens on this rank, E experts, k experts per token, L MoE layers.
+
+transformers computes ``load_balancing_loss_func`` from the router logits of one forward, all
+layers pooled: ``E * sum_e f_e * P_e`` where ``f_e`` is the fraction of top-k slots (of softmax
+probabilities) that chose expert ``e`` and ``P_e`` its mean probability, both over the ``L * T``
+rows of every layer. Under data parallelism each rank would compute it on its own tokens: a
+different loss per rank, and not the loss of the batch the step trains on. Here the sums are
+all-reduced over every rank first, so each rank gets the value for the global batch; the gradient
+each rank backpropagates is that value's derivative with respect to its own tokens' probabilities
+(times ``grad_factor``, which undoes FSDP's mean over ranks under ``grad_reduction="mean"``).
+
+The pooling over layers couples them: the loss is only known after the last layer, so it is
+returned live (with its graph) by :func:`ep_fsdp.moe_aux_loss`, to be added to the loss.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+
+from .balancing import in_backward
+
+__all__ = ["record_router_logits", "router_logits_loss", "has_router_logits"]
+
+_ATTR = "_ep_fsdp_router_logits"
+
+
+@dataclass
+class _RouterLogits:
+    coef: float
+    top_k: int
+    routers: int  # router modules hooked (L): one logits tensor each per forward
+    stats_group: dist.ProcessGroup | None
+    grad_factor: float
+    logits: list[torch.Tensor] = field(default_factory=list)  # [T, E] per router per forward
+
+
+def _router_class(model: nn.Module) -> tuple[type, int] | None:
+    """The router class and output index that transformers records as ``router_logits``."""
+    recorder = (getattr(model, "_can_record_outputs", None) or {}).get("router_logits")
+    if recorder is None:
+        return None
+    if isinstance(recorder, type):
+        return recorder, 0
+    target = getattr(recorder, "target_class", None)
+    return (target, int(getattr(recorder, "index", 0) or 0)) if isinstance(target, type) else None
+
+
+def record_router_logits(model: nn.Module, *, stats_group: dist.ProcessGroup | None, grad_factor: float) -> bool:
+    """Record every router's logits in training forwards when the model's config asks for a
+    balancing loss (``router_aux_loss_coef > 0``); returns whether it does."""
+    config = getattr(model, "config", None)
+    coef = getattr(config, "router_aux_loss_coef", None)
+    top_k = getattr(config, "num_experts_per_tok", None)
+    found = _router_class(model)
+    if not coef or not isinstance(top_k, int) or found is None:
+        return False
+    cls, index = found
+    routers = [m for m in model.modules() if isinstance(m, cls)]
+    if not routers:
+        return False
+    state = _RouterLogits(float(coef), top_k, len(routers), stats_group, grad_factor)
+
+    def hook(module: nn.Module, args: object, output: object) -> None:
+        if module.training and torch.is_grad_enabled() and not in_backward():
+            logits = output[index] if isinstance(output, (tuple, list)) else output
+            state.logits.append(logits)  # type: ignore[arg-type]
+
+    for router in routers:
+        router.register_forward_hook(hook)
+    setattr(model, _ATTR, state)
+    return True
+
+
+def has_router_logits(model: nn.Module) -> bool:
+    return getattr(model, _ATTR, None) is not None
+
+
+def router_logits_loss(model: nn.Module) -> torch.Tensor | None:
+    """``router_aux_loss_coef`` times the global-batch balancing loss, averaged over the forwards
+    recorded since the last call (which it clears); ``None`` when nothing was recorded."""
+    state: _RouterLogits | None = getattr(model, _ATTR, None)
+    if state is None or not state.logits:
+        return None
+    logits, state.logits = state.logits, []
+    per_forward = state.routers if len(logits) % state.routers == 0 else len(logits)
+    losses = [
+        _global_loss(logits[i:i + per_forward], state) for i in range(0, len(logits), per_forward)
+    ]
+    return torch.stack(losses).mean() * state.coef
+
+
+def _global_loss(layer_logits: list[torch.Tensor], state: _RouterLogits) -> torch.Tensor:
+    E = layer_logits[0].shape[-1]
+    device = layer_logits[0].device
+    counts = torch.zeros(E, dtype=torch.float32, device=device)  # [E] top-k slots per expert
+    prob_sum = torch.zeros(E, dtype=torch.float32, device=device)  # [E] summed probabilities
+    rows = 0
+    for logits in layer_logits:
+        probs = torch.softmax(logits.reshape(-1, E), dim=-1)  # [T, E]
+        chosen = torch.topk(probs, state.top_k, dim=-1).indices  # [T, k]
+        counts = counts + torch.bincount(chosen.reshape(-1), minlength=E).float()
+        prob_sum = prob_sum + probs.float().sum(0)
+        rows += probs.shape[0]
+    if state.stats_group is not None:
+        packed = torch.cat([counts, prob_sum.detach(), counts.new_tensor([float(rows)])])  # [2E + 1]
+        dist.all_reduce(packed, group=state.stats_group)
+        counts, total_probs, total_rows = packed[:E], packed[E:2 * E], packed[2 * E]
+        # NOTE: the value is the global sum; the gradient is grad_factor times this rank's part.
+        prob_sum = prob_sum * state.grad_factor + (total_probs - prob_sum.detach() * state.grad_factor)
+    else:
+        total_rows = counts.new_tensor(float(rows))
+    return E * torch.sum((counts / total_rows) * (prob_sum / total_rows))

@@ -1,0 +1,233 @@
+"""transformers MoE models parallelized in place: training-step parity with the unparallelized model.
+
+One step on the global batch (float32): logits, loss (with transformers' balancing loss over the
+global batch), every full gradient and every parameter after AdamW within ``REL_TOL`` of the
+single-process transformers model, on (dp_shard, ep) = (2,2), (1,4), (4,1), for five families
+that share the v5 experts contract but differ in router, activation, biases, layout and shared
+experts. Plus a batch where one ep rank's experts receive no token, a model that mixes
+``ep_fsdp.MoE`` with transformers blocks, and the contract's clear errors.
+"""
+
+from __future__ import annotations
+
+import copy
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+
+import ep_fsdp
+from dist_pool import worker_mesh
+from parity_utils import REL_TOL, full, mean_over_ranks, rel_err, worst
+
+pytest.importorskip("transformers")
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "recipes"))
+from hf_tiny_model import FAMILIES, tiny_config  # noqa: E402
+
+LAYOUTS = [(2, 2), (1, 4), (4, 1)]
+SEQ = 12
+
+
+def build_hf(family: str, seed: int = 0, **overrides) -> nn.Module:
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(tiny_config(family, **overrides)).float()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith(("gate.weight", "router.weight")):  # zero at init in some families
+                p.normal_(0, 0.5)
+            elif not p.any():  # zero biases: after one AdamW step their relative error would be that of the step
+                p.normal_(0, 0.02)
+    return model
+
+
+def starve_last_rank(model: nn.Module, ep: int) -> list[int]:
+    """Route nothing to the experts of the last ep rank, through the router's bias (GPT-OSS
+    ``router.bias``, DeepSeek-V3 ``e_score_correction_bias``). Returns the starved experts."""
+    starved: list[int] = []
+    with torch.no_grad():
+        for name, t in [*model.named_parameters(), *model.named_buffers()]:
+            if name.endswith(("router.bias", "gate.e_score_correction_bias")):
+                E = t.shape[0]
+                starved = list(range(E - E // ep, E))
+                t[starved] = -1e4
+    if not starved:
+        raise ValueError("starve_last_rank: this family's router has no bias")
+    return starved
+
+
+def hf_parity_step(dp_shard: int, ep: int, family: str, starve: bool = False, mix: bool = False) -> dict:
+    """One AdamW step of the parallel and the reference model; errors, computed on every rank."""
+    mesh = worker_mesh(dp_shard, ep)
+    rank, world = dist.get_rank(), dist.get_world_size()
+    model = build_hf(family)
+    if mix:  # an ep_fsdp.MoE in place of layer 0's transformers MoE block
+        cfg = model.config
+        torch.manual_seed(1)
+        model.model.layers[0].mlp = ep_fsdp.MoE(ep_fsdp.MoEConfig(
+            dim=cfg.hidden_size, hidden_dim=24, num_experts=8, top_k=2, aux_loss_coef=0.01))
+    starved = starve_last_rank(model, max(ep, 2)) if starve else []
+    ref = copy.deepcopy(model)
+    ref.config.output_router_logits = True  # transformers adds coef * its balancing loss
+    names_before = [n for n, _ in model.named_parameters()]
+    gen = torch.Generator().manual_seed(7)
+    x = torch.randint(0, 256, (2 * world, SEQ), generator=gen)
+
+    ref.train()
+    out_ref = ref(x, labels=x)
+    loss_ref = out_ref.loss + (ep_fsdp.moe_aux_loss(ref) if mix else 0.0)  # the ep_fsdp.MoE layer's part
+    loss_ref.backward()
+    grads_ref = {n: p.grad.clone() for n, p in ref.named_parameters() if p.grad is not None}
+    opt = dict(lr=1e-3, weight_decay=0.1)
+    torch.optim.AdamW(ref.parameters(), **opt).step()
+
+    ep_fsdp.parallelize_moe(model, mesh)
+    model.train()
+    xs = x[2 * rank:2 * rank + 2]
+    out = model(xs, labels=xs)
+    loss = out.loss + ep_fsdp.moe_aux_loss(model)
+    loss.backward()
+    grad_err = {n: rel_err(full(p.grad), grads_ref[n]) for n, p in model.named_parameters() if n in grads_ref}
+    missing_grads = [n for n, p in model.named_parameters() if (p.grad is None) != (n not in grads_ref)]
+    torch.optim.AdamW(model.parameters(), **opt).step()
+    ref_params = dict(ref.named_parameters())
+    param_err = {n: rel_err(full(p), ref_params[n].detach()) for n, p in model.named_parameters()}
+    layers = [m for n, m in model.named_modules() if isinstance(m, ep_fsdp.expert_modules.ExpertParallelExperts)]
+    stats = ep_fsdp.routing_stats(model)
+    placements = {
+        n: [(type(pl).__name__, getattr(pl, "dim", None)) for pl in p.placements] for n, p in model.named_parameters() if ".experts." in n and "mlp.experts" in n
+    }
+    return {
+        "loss": mean_over_ranks(loss),
+        "loss_ref": float(loss_ref),
+        "logits": rel_err(out.logits.detach(), out_ref.logits[2 * rank:2 * rank + 2].detach()),
+        "grad": worst(grad_err),
+        "param": worst(param_err),
+        "missing_grads": missing_grads,
+        "names_kept": names_before == [n for n, _ in model.named_parameters()],
+        "state_dict_keys_kept": sorted(ref.state_dict()) == sorted(model.state_dict()),
+        "contract_layers": len(layers),
+        "rows_received": [int(m.routing.expert_load.sum()) if m.routing.expert_load is not None else 0 for m in layers],
+        "starved_slots": sum(s["tokens_per_expert"][e] for s in stats.values() for e in starved if len(s["tokens_per_expert"]) > e),
+        "placements": placements,
+    }
+
+
+def check(results: list[dict]) -> None:
+    for r in results:
+        assert r["names_kept"] and r["state_dict_keys_kept"], "parameter names changed"
+        assert r["contract_layers"] >= 1
+        assert not r["missing_grads"], r["missing_grads"]
+        assert abs(r["loss"] - r["loss_ref"]) <= REL_TOL * abs(r["loss_ref"]), r
+        assert r["logits"] <= REL_TOL, r["logits"]
+        assert r["grad"][1] <= REL_TOL, f"gradient {r['grad']}"
+        assert r["param"][1] <= REL_TOL, f"parameter after AdamW {r['param']}"
+        assert r["placements"]
+        for name, pl in r["placements"].items():  # (dp_shard, ep) mesh: FSDP's shard, then Shard(0) over ep
+            assert len(pl) == 2 and "Shard" in pl[0][0] and pl[-1] == ("Shard", 0), (name, pl)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS, ids=lambda l: f"dp{l[0]}xep{l[1]}")
+@pytest.mark.parametrize("family", FAMILIES)
+def test_transformers_model_step_matches_single_process(pools, layout, family):
+    results = pools(layout[0] * layout[1]).run(hf_parity_step, *layout, family)
+    check(results)
+
+
+@pytest.mark.parametrize("layout", [(1, 4), (2, 2)], ids=lambda l: f"dp{l[0]}xep{l[1]}")
+@pytest.mark.parametrize("family", ["deepseek_v3", "gpt_oss"])
+def test_ep_rank_without_tokens(pools, layout, family):
+    results = pools(4).run(hf_parity_step, *layout, family, starve=True)
+    check(results)
+    assert results[0]["starved_slots"] == 0
+    # the last ep rank's experts processed no row, in every layer, on every rank of that ep index
+    ep = layout[1]
+    for rank, r in enumerate(results):
+        if rank % ep == ep - 1:
+            assert all(rows == 0 for rows in r["rows_received"]), r["rows_received"]
+
+
+def test_model_mixing_ep_fsdp_moe_and_transformers_blocks(pools):
+    results = pools(4).run(hf_parity_step, 2, 2, "qwen3_moe", mix=True)
+    check(results)
+
+
+def one_process_balancing_loss() -> tuple[float, float, float]:
+    from transformers.models.qwen3_moe.modeling_qwen3_moe import load_balancing_loss_func
+
+    model = build_hf("qwen3_moe")
+    ref = copy.deepcopy(model)
+    ep_fsdp.parallelize_moe(model, worker_mesh(1, 1))
+    x = torch.randint(0, 256, (3, SEQ), generator=torch.Generator().manual_seed(3))
+    model.train(), ref.train()
+    model(x)
+    out = ref(x, output_router_logits=True)
+    expected = ref.config.router_aux_loss_coef * load_balancing_loss_func(
+        out.router_logits, ref.config.num_experts, ref.config.num_experts_per_tok)
+    got = ep_fsdp.moe_aux_loss(model)
+    return float(got), float(expected), float(ep_fsdp.moe_aux_loss(model))
+
+
+def test_balancing_loss_equals_transformers_on_one_process(pools):
+    """moe_aux_loss on a parallelized model (one rank) == coef * load_balancing_loss_func."""
+    got, expected, after = pools(1).run(one_process_balancing_loss)[0]
+    assert got == pytest.approx(expected, rel=1e-6, abs=0) and expected > 0, (got, expected)
+    assert after == 0.0  # the call consumed the recorded forward
+
+
+class _NoContract(nn.Module):
+    """Named like an experts module, but a list of per-expert MLPs (transformers < 5)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.experts = nn.ModuleList(nn.Linear(4, 4) for _ in range(4))
+
+
+class _Stacked(nn.Module):
+    def __init__(self, E: int = 6) -> None:
+        super().__init__()
+        self.gate_up_proj = nn.Parameter(torch.randn(E, 8, 4))
+        self.down_proj = nn.Parameter(torch.randn(E, 4, 4))
+
+    def forward(self, hidden_states, top_k_index, top_k_weights):
+        return hidden_states
+
+
+class _Wrapper(nn.Module):
+    def __init__(self, inner: nn.Module) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList([inner])
+
+
+def test_contract_errors_name_the_module():
+    from ep_fsdp.expert_modules import contract_num_experts, find_expert_modules
+
+    with pytest.raises(ValueError, match=r"'layers.0.experts'.*no expert-leading weights"):
+        find_expert_modules(_Wrapper(_NoContract()))
+    bad = _Stacked()
+    bad.bias = nn.Parameter(torch.zeros(3))
+    with pytest.raises(ValueError, match=r"every own parameter must be \[E, \.\.\.\] with one E"):
+        contract_num_experts("m", bad)
+    wrong = _Stacked()
+    wrong.num_experts = 4
+    with pytest.raises(ValueError, match="num_experts=4 but its weights hold 6"):
+        contract_num_experts("m", wrong)
+    assert contract_num_experts("m", _Stacked()) == 6
+
+
+def indivisible(ep: int) -> str:
+    model = _Wrapper(_Stacked(E=6))
+    try:
+        ep_fsdp.parallelize_moe(model, worker_mesh(4 // ep, ep))
+    except ValueError as e:
+        return str(e)
+    return "no error"
+
+
+def test_experts_not_divisible_by_ep(pools):
+    msg = pools(4).run(indivisible, 4)[0]
+    assert "num_experts=6 of MoE layer 'layers.0'" in msg and "not divisible by ep=4" in msg, msg
