@@ -105,7 +105,7 @@ def find_expert_modules(model: nn.Module, skip: tuple[type, ...] = ()) -> list[t
     found: list[tuple[str, nn.Module]] = []
     skipped: list[str] = []
     for name, module in model.named_modules():
-        if any(name == s or name.startswith(s + ".") for s in skipped):
+        if any(s == "" or name == s or name.startswith(s + ".") for s in skipped):
             continue
         if isinstance(module, skip):
             skipped.append(name)

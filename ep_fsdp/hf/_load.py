@@ -1,0 +1,230 @@
+"""Fill a (parallelized) transformers model from a hub-format directory, reading only this rank's slices.
+
+Hub files hold tensors under the names ``save_pretrained`` writes; transformers' own conversion
+mapping (``get_model_conversion_mapping``) says how they become the model's parameters: renamings,
+and converters such as "stack ``experts.{j}.gate_proj.weight`` over ``j``, then concatenate with
+``up_proj`` along dim 1" (``MergeModulelist(dim=0)`` + ``Concatenate(dim=1)``). Both are applied
+here as *index arithmetic*: for the box of the global tensor this rank holds (its FSDP and ep
+shard), only the intersecting rows of the intersecting source tensors are read
+(``safe_open(...).get_slice``). A converter made of other operations is applied by transformers
+itself on the full source tensors of that one parameter, then sliced (correct, not memory-lean).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+from safetensors import safe_open
+from torch.distributed.tensor import DTensor
+from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+__all__ = ["load_hub_weights", "LoadStats", "hub_weight_map"]
+
+INDEX_FILE = "model.safetensors.index.json"
+
+
+@dataclass
+class LoadStats:
+    """What one rank read: ``bytes_read`` from the files, ``local_bytes`` it holds, ``full_bytes``
+    of the whole model, and which parameters needed a full read (``full_reads``)."""
+
+    bytes_read: int = 0
+    local_bytes: int = 0
+    full_bytes: int = 0
+    full_reads: list[str] = field(default_factory=list)
+
+
+def hub_weight_map(directory: Path, api: str = "from_pretrained") -> dict[str, str]:
+    """``{tensor name: file name}`` of a hub-format directory (sharded with an index, or one file)."""
+    index_file = directory / INDEX_FILE
+    if index_file.is_file():
+        return json.loads(index_file.read_text())["weight_map"]
+    files = sorted(directory.glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(
+            f"{api}: {directory} has no {INDEX_FILE} and no *.safetensors file; pass a directory written by "
+            "save_pretrained (or by ep_fsdp.checkpoint.export_safetensors)."
+        )
+    out: dict[str, str] = {}
+    for f in files:
+        with safe_open(f, framework="pt") as h:
+            out.update({k: f.name for k in h.keys()})
+    return out
+
+
+class _Files:
+    """Open safetensors handles, one per file, and a byte counter."""
+
+    def __init__(self, directory: Path, weight_map: dict[str, str], stats: LoadStats) -> None:
+        self.directory, self.weight_map, self.stats = directory, weight_map, stats
+        self.handles: dict[str, Any] = {}
+
+    def slice(self, key: str) -> Any:
+        fname = self.weight_map[key]
+        if fname not in self.handles:
+            self.handles[fname] = safe_open(self.directory / fname, framework="pt")
+        return self.handles[fname].get_slice(key)
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        return tuple(self.slice(key).get_shape())
+
+    def read(self, key: str, index: tuple[slice, ...] | None = None) -> torch.Tensor:
+        sl = self.slice(key)
+        t = sl[index] if index else sl[:]
+        self.stats.bytes_read += t.numel() * t.element_size()
+        return t
+
+
+def _local_box(value: torch.Tensor) -> tuple[torch.Tensor, tuple[int, ...], tuple[int, ...]]:
+    """``(local tensor, local shape, global offset)`` of a (DTensor) parameter on this rank."""
+    if isinstance(value, DTensor):
+        shape, offset = compute_local_shape_and_global_offset(value.shape, value.device_mesh, value.placements)
+        return value.to_local(), tuple(shape), tuple(offset)
+    return value, tuple(value.shape), (0,) * value.dim()
+
+
+def _conversions(model: nn.Module) -> tuple[list[Any], list[Any]]:
+    from transformers.conversion_mapping import get_model_conversion_mapping
+    from transformers.core_model_loading import WeightConverter, WeightRenaming
+
+    transforms = get_model_conversion_mapping(model)
+    return ([t for t in transforms if isinstance(t, WeightRenaming)],
+            [t for t in transforms if isinstance(t, WeightConverter)])
+
+
+def load_hub_weights(model: nn.Module, directory: str | Path, *, api: str = "from_pretrained") -> LoadStats:
+    """Copy the hub-format weights in ``directory`` into ``model`` (plain or parallelized, already
+    materialized), each rank reading only the slices it holds. Every parameter and persistent
+    buffer must be found (tied weights aside); shapes are checked before any copy."""
+    from transformers.core_model_loading import rename_source_key
+
+    directory = Path(directory)
+    weight_map = hub_weight_map(directory, api)
+    stats = LoadStats()
+    files = _Files(directory, weight_map, stats)
+    renamings, converters = _conversions(model)
+    by_pattern = {p: c for c in converters for p in c.source_patterns}
+    state = model.state_dict()
+    prefix = getattr(model, "base_model_prefix", None)
+    sources: dict[str, list[tuple[str, str | None]]] = {}  # model key -> [(hub key, converter pattern)]
+    for key in weight_map:
+        target, pattern = rename_source_key(key, renamings, converters, prefix, state)
+        sources.setdefault(target, []).append((key, pattern))
+    tied = set(getattr(model, "all_tied_weights_keys", {}) or {})
+    missing = sorted(k for k in state if k not in sources and k not in tied)
+    if missing:
+        raise ValueError(
+            f"{api}: {directory} lacks {len(missing)} tensors of {type(model).__name__}, e.g. {missing[:4]}; "
+            "the directory and its config.json do not describe the same model."
+        )
+    with torch.no_grad():
+        for key, value in state.items():
+            if key not in sources:
+                continue
+            local, shape, offset = _local_box(value)
+            stats.local_bytes += local.numel() * local.element_size()
+            stats.full_bytes += value.numel() * value.element_size()
+            found = sources[key]
+            if len(found) == 1 and found[0][1] is None:
+                _copy_direct(files, found[0][0], key, local, tuple(value.shape), shape, offset, api)
+            else:
+                ops = by_pattern[found[0][1]].operations if found[0][1] in by_pattern else []
+                if not _copy_stacked(files, found, by_pattern, ops, local, tuple(value.shape), shape, offset):
+                    stats.full_reads.append(key)
+                    full = _convert_full(files, found, by_pattern, key, model)
+                    index = tuple(slice(o, o + s) for o, s in zip(offset, shape))
+                    local.copy_(full[index])
+    files.handles.clear()
+    return stats
+
+
+def _copy_direct(files: _Files, src: str, key: str, local: torch.Tensor, global_shape: tuple[int, ...],
+                 shape: tuple[int, ...], offset: tuple[int, ...], api: str) -> None:
+    if files.shape(src) != global_shape:
+        raise ValueError(
+            f"{api}: {src} has shape {files.shape(src)} in the files, the model's {key} is {global_shape}; "
+            "the directory and its config.json do not describe the same model."
+        )
+    index = tuple(slice(o, o + s) for o, s in zip(offset, shape))
+    local.copy_(files.read(src, index if index else None))
+
+
+def _expert_index(pattern: str, key: str) -> int:
+    """The expert number ``j`` that a converter pattern's ``*`` matches in a hub key."""
+    rx = re.escape(pattern).replace(r"\*", r"(\d+)")
+    m = re.search(rx, key)
+    if m is None:
+        raise ValueError(f"hub key {key!r} does not match its converter pattern {pattern!r}")
+    return int(m.group(1))
+
+
+def _copy_stacked(files: _Files, found: list[tuple[str, str | None]], by_pattern: dict[str, Any], ops: list[Any],
+                  local: torch.Tensor, global_shape: tuple[int, ...], shape: tuple[int, ...],
+                  offset: tuple[int, ...]) -> bool:
+    """``target = cat_p(stack_j(src[p][j]), dim=c)``: read only the slices that land in this rank's
+    box. Returns False when the converter is another kind (the caller converts in full)."""
+    from transformers.core_model_loading import Concatenate, MergeModulelist
+
+    kinds = [type(op) for op in ops]
+    if not ops or kinds[0] is not MergeModulelist or ops[0].dim != 0:
+        return False
+    if kinds == [MergeModulelist]:
+        cat_dim = None
+    elif kinds == [MergeModulelist, Concatenate] and ops[1].dim >= 1:
+        cat_dim = ops[1].dim
+    else:
+        return False
+    patterns = list(by_pattern[found[0][1]].source_patterns)
+    per: dict[str, dict[int, str]] = {p: {} for p in patterns}
+    for key, pattern in found:
+        if pattern not in per:
+            return False
+        per[pattern][_expert_index(pattern, key)] = key
+    if cat_dim is None and len(patterns) != 1:
+        return False
+    # extent of each pattern along the concatenated dim (of the stacked target)
+    starts, start = [], 0
+    for p in patterns:
+        if not per[p]:
+            return False
+        sub = files.shape(next(iter(per[p].values())))
+        starts.append((start, sub))
+        start += sub[cat_dim - 1] if cat_dim is not None else 0
+    for j in range(offset[0], offset[0] + shape[0]):  # only the experts of this rank's box
+        for (p_start, sub), p in zip(starts, patterns):
+            key = per[p].get(j)
+            if key is None:
+                raise ValueError(f"from_pretrained: expert {j} of pattern {p!r} is missing from the files")
+            index: list[slice] = []
+            dst: list[slice] = [slice(j - offset[0], j - offset[0] + 1)]
+            for d in range(1, len(global_shape)):
+                lo, hi = offset[d], offset[d] + shape[d]
+                if d == cat_dim:
+                    lo, hi = max(lo, p_start), min(hi, p_start + sub[d - 1])
+                    if lo >= hi:
+                        break
+                    index.append(slice(lo - p_start, hi - p_start))
+                else:
+                    index.append(slice(lo, hi))
+                dst.append(slice(lo - offset[d], hi - offset[d]))
+            else:
+                local[tuple(dst)] = files.read(key, tuple(index)).unsqueeze(0)
+    return True
+
+
+def _convert_full(files: _Files, found: list[tuple[str, str | None]], by_pattern: dict[str, Any], target: str,
+                  model: nn.Module) -> torch.Tensor:
+    """Apply transformers' own converter to the full source tensors of one parameter."""
+    converter = copy.deepcopy(by_pattern[found[0][1]])
+    for key, pattern in found:
+        converter.add_tensor(target, key, pattern, files.read(key))
+    out = converter.convert(target, model=model, config=getattr(model, "config", None))
+    value = out[target]
+    return value[0] if isinstance(value, list) else value
