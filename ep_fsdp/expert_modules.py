@@ -35,7 +35,7 @@ from .dispatch import TokenDispatcher, expert_counts
 from .placement import ExpertPlacement
 
 __all__ = ["find_expert_modules", "contract_num_experts", "make_expert_parallel", "ExpertParallelExperts",
-           "expert_layers", "layer_num_experts"]
+           "expert_layers", "layer_num_experts", "original_class"]
 
 
 def _positional_inputs(module: nn.Module) -> int | None:
@@ -210,6 +210,14 @@ def expert_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
     from .moe import MoE
 
     return [(n, m) for n, m in model.named_modules() if isinstance(m, (MoE, ExpertParallelExperts))]
+
+
+def original_class(module: nn.Module) -> type:
+    """The module's own class under the classes ``fully_shard`` and :func:`make_expert_parallel`
+    put in front of it."""
+    from torch.distributed.fsdp import FSDPModule
+
+    return next(c for c in type(module).__mro__ if not issubclass(c, (FSDPModule, ExpertParallelExperts)))
 
 
 def layer_num_experts(layer: nn.Module) -> int:

@@ -32,6 +32,7 @@ from ._format import (
     file_crc32,
     is_complete,
     moe_layer_records,
+    transformers_record,
     partial_path,
     read_metadata,
     write_json_atomic,
@@ -189,6 +190,7 @@ def save(
     params = _param_records(state["model"])
     layout = _layout_record(model)
     moe = moe_layer_records(model, layout["ep"])
+    hf = transformers_record(model)
 
     try:
         if extra is not None:
@@ -236,6 +238,8 @@ def save(
             "versions": {"ep_fsdp": __version__, "torch": torch.__version__},
             "user": metadata,
         }
+        if hf is not None:
+            meta["transformers"] = hf
         write_json_atomic(tmp / METADATA_FILE, meta)
         _fsync_dir(tmp)
         os.rename(tmp, path)
@@ -321,7 +325,7 @@ def _check_model_matches(path: Path, meta: dict[str, Any], model_sd: dict[str, A
     ]
     # Only fields that shape tensors must agree; routing options and loss coefficients may change.
     structural = ("dim", "hidden_dim", "num_experts", "expert_bias")
-    moe_now = {n: {f: r["config"][f] for f in structural} for n, r in moe_layer_records(model).items()}
+    moe_now = {n: {f: r["config"].get(f) for f in structural} for n, r in moe_layer_records(model).items()}
     moe_saved = {n: {f: r["config"].get(f) for f in structural} for n, r in meta["moe_layers"].items()}
     configs = [
         f"{name}.{field}: model {moe_now[name][field]!r} vs checkpoint {moe_saved[name][field]!r}"
@@ -329,7 +333,7 @@ def _check_model_matches(path: Path, meta: dict[str, Any], model_sd: dict[str, A
         for field in moe_now[name]
         if moe_now[name][field] != moe_saved[name].get(field)
     ]
-    if set(moe_now) != set(moe_saved):
+    if set(moe_now) != set(moe_saved) and moe_now:  # NOTE: a plain transformers model has none
         configs.append(f"MoE layers: model {sorted(moe_now)} vs checkpoint {sorted(moe_saved)}")
     if missing or unexpected or shapes or configs:
         parts = []

@@ -29,6 +29,7 @@ __all__ = [
     "extra_path",
     "read_metadata",
     "moe_layer_records",
+    "transformers_record",
     "file_crc32",
     "write_json_atomic",
     "is_complete",
@@ -91,27 +92,50 @@ def read_metadata(path: str | os.PathLike[str], api: str = "load") -> dict[str, 
 
 
 def moe_layer_records(model: torch.nn.Module, ep: int | None = None) -> dict[str, dict[str, Any]]:
-    """For every MoE layer: its config and which ep rank holds which logical experts.
+    """For every expert-parallel layer: its config and which ep rank holds which logical experts.
 
-    Ownership comes from each layer's :class:`~ep_fsdp.placement.ExpertPlacement` (``ep`` is the
-    layout's degree, checked against it when given).
+    ``ep_fsdp.MoE`` layers record their :class:`~ep_fsdp.MoEConfig`; transformers experts modules
+    record ``num_experts`` and their class. Ownership comes from each layer's
+    :class:`~ep_fsdp.placement.ExpertPlacement` (``ep`` is the layout's degree, checked against it
+    when given). An unparallelized transformers model has no such layer: its experts are plain.
     """
-    from ..moe import moe_layers
+    from ..expert_modules import ExpertParallelExperts, expert_layers
 
     records = {}
-    for name, layer in moe_layers(model):
+    for name, layer in expert_layers(model):
         placement = layer.placement
         if ep is not None and placement.ep != ep:
             raise ValueError(
                 f"checkpoint: MoE layer '{name}' has a placement over ep={placement.ep}, the layout has ep={ep}; "
                 "parallelize the whole model with one parallelize_moe call."
             )
+        config = (
+            {"num_experts": layer.ep_num_experts, "experts_class": layer._ep_base_class.__name__}
+            if isinstance(layer, ExpertParallelExperts) else asdict(layer.config)
+        )
         records[name] = {
-            "config": asdict(layer.config),
+            "config": config,
             "placement": placement.to_dict(),
             "expert_owner": [{"ep_rank": r, "experts": placement.experts_on(r)} for r in range(placement.ep)],
         }
     return records
+
+
+def transformers_record(model: torch.nn.Module) -> dict[str, Any] | None:
+    """The transformers config (and generation config) of a transformers model, as JSON, else
+    ``None``. Duck-typed: nothing here imports transformers."""
+    config = getattr(model, "config", None)
+    if not (hasattr(config, "to_json_string") and hasattr(model, "save_pretrained")):
+        return None
+    generation = getattr(model, "generation_config", None)
+    from ..expert_modules import original_class
+
+    record = {
+        "config": json.loads(config.to_json_string(use_diff=False)),
+        "generation_config": json.loads(generation.to_json_string(use_diff=True)) if generation is not None else None,
+    }
+    record["config"]["architectures"] = [original_class(model).__name__]
+    return record
 
 
 def file_crc32(path: Path, chunk: int = 1 << 24) -> int:

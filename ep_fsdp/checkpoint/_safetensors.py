@@ -87,6 +87,12 @@ def export_safetensors(
     gets its own file) plus ``model.safetensors.index.json``. Values are copied bit for bit and
     every expert of every layer is written (see the module docstring for the names).
 
+    A checkpoint of a transformers model (its config is recorded by :func:`save`) is written in
+    hub format instead: the keys ``save_pretrained`` would write (per-expert keys, the family's
+    legacy names), ``config.json`` and ``generation_config.json``, one decoder layer in memory at
+    a time; ``transformers.AutoModelForCausalLM.from_pretrained(out_dir)`` loads it. This needs
+    the ``hf`` extra.
+
     The directory is built as ``.NAME.partial`` and renamed when complete; an existing
     ``out_dir`` is never touched.
 
@@ -101,6 +107,10 @@ def export_safetensors(
             f"export_safetensors: {out_dir} already exists; choose a new directory or remove it first."
         )
     _verify_files(checkpoint_path, meta, "export_safetensors", collective=False)
+    if meta.get("transformers"):  # a transformers model: hub keys, config.json (needs the hf extra)
+        from ..hf._export import export_hub
+
+        return export_hub(checkpoint_path, out_dir, meta, max_shard_bytes)
     plan = _plan(meta, max_shard_bytes)
     tmp = out_dir.with_name(f".{out_dir.name}.partial")
     if tmp.exists():
@@ -162,12 +172,20 @@ def _write_tensor(f: Any, tensor: torch.Tensor, split: bool) -> None:
 def load_safetensors(model: nn.Module, directory: str | os.PathLike[str]) -> None:
     """Load a safetensors directory (as written by :func:`export_safetensors`) into ``model``.
 
+    A transformers model reads hub-format directories (``save_pretrained``'s or an export's)
+    through its conversion mapping, see :func:`ep_fsdp.hf.load_hub_weights`.
+
     Works on a parallelized model (any layout) and on a plain one. Each rank reads only the
     slices it holds (``safe_open(...).get_slice``): the rows of its FSDP shard of dense tensors
     and, for experts, only experts of its own ep block, so no rank materialises foreign experts.
     Raises ``ValueError`` listing missing/unexpected names or shape differences before loading.
     """
     directory = Path(directory)
+    if hasattr(model, "save_pretrained") and hasattr(getattr(model, "config", None), "to_json_string"):
+        from ..hf import load_hub_weights  # a transformers model: hub keys through its conversion mapping
+
+        load_hub_weights(model, directory, api="load_safetensors")
+        return
     index_file = directory / INDEX_FILE
     if index_file.is_file():
         weight_map: dict[str, str] = json.loads(index_file.read_text())["weight_map"]

@@ -8,16 +8,8 @@ from typing import Any
 
 import torch
 import torch.nn as nn
-from torch.distributed.fsdp import FSDPModule
 
-__all__ = ["build_on_meta", "init_non_persistent_buffers", "original_class", "model_class_for"]
-
-
-def original_class(model: nn.Module) -> type:
-    """The model's own class under the classes that ``fully_shard`` and ep_fsdp put in front of it."""
-    from ..expert_modules import ExpertParallelExperts
-
-    return next(c for c in type(model).__mro__ if not issubclass(c, (FSDPModule, ExpertParallelExperts)))
+__all__ = ["build_on_meta", "init_non_persistent_buffers", "model_class_for"]
 
 
 def model_class_for(config: Any) -> type:

@@ -1,0 +1,132 @@
+"""transformers models: ``ep_fsdp.hf.from_pretrained`` with sliced reads, DCP checkpoints that reshard,
+and the export back to a directory transformers loads."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+
+import ep_fsdp
+from dist_pool import worker_mesh
+from parity_utils import REL_TOL, full, rel_err
+
+pytest.importorskip("transformers")
+import ep_fsdp.hf  # noqa: E402  (the optional extra under test)
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "recipes"))
+import hf_tiny_model  # noqa: E402
+
+SEQ = 10
+
+
+@pytest.fixture(scope="module")
+def hub_dirs(tmp_path_factory) -> dict[str, str]:
+    """save_pretrained directories: per-expert keys (Qwen3-MoE), legacy names (Mixtral), fused (GPT-OSS)."""
+    root = tmp_path_factory.mktemp("hub")
+    out = {}
+    for family in ("qwen3_moe", "mixtral", "gpt_oss"):
+        out[family] = str(root / family)
+        hf_tiny_model.main([out[family], "--family", family, "--hidden", "32", "--seed", "1"])
+    return out
+
+
+def _batch(world: int, seed: int = 5) -> torch.Tensor:
+    return torch.randint(0, 256, (2 * world, SEQ), generator=torch.Generator().manual_seed(seed))
+
+
+def load_and_compare(directory: str, dp_shard: int, ep: int) -> dict:
+    from transformers import AutoModelForCausalLM
+
+    rank, world = dist.get_rank(), dist.get_world_size()
+    model = ep_fsdp.hf.from_pretrained(directory, worker_mesh(dp_shard, ep))
+    ref = AutoModelForCausalLM.from_pretrained(directory)
+    x = _batch(world)[2 * rank:2 * rank + 2]
+    model.eval(), ref.eval()
+    with torch.no_grad():
+        err = rel_err(model(x).logits, ref(x).logits)
+    buffers = {n: b for n, b in ref.named_buffers()}
+    stats = model.ep_fsdp_load_stats
+    return {
+        "logits": err,
+        "params": max(rel_err(full(p), dict(ref.named_parameters())[n]) for n, p in model.named_parameters()),
+        "buffers": max(rel_err(b, buffers[n]) for n, b in model.named_buffers()),
+        "bytes_read": stats.bytes_read, "local_bytes": stats.local_bytes, "full_bytes": stats.full_bytes,
+        "full_reads": stats.full_reads,
+    }
+
+
+@pytest.mark.parametrize("family", ["qwen3_moe", "mixtral", "gpt_oss"])
+@pytest.mark.parametrize("layout", [(2, 2), (1, 4)], ids=lambda l: f"dp{l[0]}xep{l[1]}")
+def test_from_pretrained_reads_only_this_ranks_slices(pools, hub_dirs, family, layout):
+    for r in pools(4).run(load_and_compare, hub_dirs[family], *layout):
+        assert r["logits"] <= REL_TOL and r["params"] == 0.0 and r["buffers"] == 0.0, r
+        assert not r["full_reads"], r["full_reads"]
+        # every byte read is a byte this rank keeps: a quarter of the model, not all of it
+        assert r["bytes_read"] == r["local_bytes"], r
+        assert r["bytes_read"] * 3 < r["full_bytes"], r
+
+
+def test_from_pretrained_without_config_is_a_clear_error(tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"has no config\.json"):
+        ep_fsdp.hf.from_pretrained(tmp_path, mesh=None)  # type: ignore[arg-type]
+
+
+def _step(model: torch.nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor) -> float:
+    model.train()
+    out = model(x, labels=x)
+    loss = out.loss + ep_fsdp.moe_aux_loss(model)
+    loss.backward()
+    opt.step()
+    opt.zero_grad()
+    total = loss.detach().clone()
+    dist.all_reduce(total)
+    return float(total) / dist.get_world_size()
+
+
+def train_save_reshard_export(directory: str, root: str) -> dict:
+    """(2,2): step 1, save, step 2. (1,4): load the checkpoint with the optimizer, step 2. Rank 0
+    exports the checkpoint; transformers loads the export and must give the saved model's logits."""
+    from transformers import AutoModelForCausalLM
+
+    from ep_fsdp import checkpoint as ckpt
+
+    rank, world = dist.get_rank(), dist.get_world_size()
+    x1, x2 = (_batch(world, s)[2 * rank:2 * rank + 2] for s in (11, 12))
+    a = ep_fsdp.hf.from_pretrained(directory, worker_mesh(2, 2))
+    opt_a = torch.optim.AdamW(a.parameters(), lr=1e-3)
+    _step(a, opt_a, x1)
+    ckpt.save(f"{root}/step1", a, opt_a, step=1)
+    a.eval()
+    with torch.no_grad():
+        saved_logits = a(x2).logits
+    loss_a = _step(a, opt_a, x2)
+
+    b = ep_fsdp.hf.from_pretrained(directory, worker_mesh(1, 4))
+    opt_b = torch.optim.AdamW(b.parameters(), lr=1e-3)
+    meta = ckpt.load(f"{root}/step1", b, opt_b)
+    loss_b = _step(b, opt_b, x2)
+    params = max(rel_err(full(p), full(q)) for p, q in zip(a.parameters(), b.parameters()))
+
+    if rank == 0:
+        ckpt.export_safetensors(f"{root}/step1", f"{root}/hf")
+    dist.barrier()
+    exported = AutoModelForCausalLM.from_pretrained(f"{root}/hf").eval()
+    with torch.no_grad():
+        export_err = rel_err(exported(x2).logits, saved_logits)
+    files = sorted(p.name for p in Path(f"{root}/hf").iterdir())
+    return {"loss_a": loss_a, "loss_b": loss_b, "params": params, "export": export_err, "files": files,
+            "has_config": "transformers" in ckpt.read_metadata(f"{root}/step1"), "layers": sorted(meta["moe_layers"])}
+
+
+@pytest.mark.parametrize("family", ["qwen3_moe", "gpt_oss"])
+def test_checkpoint_reshards_and_exports_to_transformers(pools, hub_dirs, family, tmp_path):
+    results = pools(4).run(train_save_reshard_export, hub_dirs[family], str(tmp_path))
+    for r in results:
+        assert r["has_config"] and r["layers"], r
+        assert abs(r["loss_a"] - r["loss_b"]) <= REL_TOL * abs(r["loss_a"]), r
+        assert r["params"] <= REL_TOL, r
+        assert r["export"] <= REL_TOL, r
+        assert {"config.json", "generation_config.json", "model.safetensors.index.json"} <= set(r["files"]), r
