@@ -202,5 +202,8 @@ def set_aux_loss_scale(model: nn.Module, scale: float) -> None:
             f"set_aux_loss_scale: scale must be >= 0, got {scale!r}; use the factor your loss is "
             "multiplied by (e.g. 1 / grad_accum_steps), or 0 to switch the balancing gradient off."
         )
-    for _, m in _require_layers(model, "set_aux_loss_scale"):
+    # NOTE: transformers models' balancing loss is returned live by moe_aux_loss: it is scaled
+    # with the loss it is added to, so only ep_fsdp.MoE layers hold a scale.
+    layers = moe_layers(model) if expert_layers(model) else _require_layers(model, "set_aux_loss_scale")
+    for _, m in layers:
         m.aux_loss_scale = float(scale)

@@ -3,8 +3,10 @@
     python recipes/export.py --output-dir outputs/tiny --out outputs/tiny/hf     # newest checkpoint
     python recipes/export.py --checkpoint outputs/tiny/checkpoints/step_00000300 --out hf_dir
 
-Writes the sharded *.safetensors files, model.safetensors.index.json and config.json (the
-training config the checkpoint was made with).
+Writes the sharded *.safetensors files, model.safetensors.index.json and config.json: the
+training config the checkpoint was made with, or, for a transformers model (model.hf_path), the
+model's transformers config (then the training config goes to train_config.json), so that
+transformers.AutoModelForCausalLM.from_pretrained(out) loads it.
 """
 
 from __future__ import annotations
@@ -28,9 +30,11 @@ def main() -> None:
     if path is None:
         p.error(f"no complete checkpoint under {args.output_dir / 'checkpoints'}")
     out = ckpt.export_safetensors(path, args.out, max_shard_bytes=int(args.max_shard_gb * 1024**3))
-    user = ckpt.read_metadata(path).get("user") or {}
+    meta = ckpt.read_metadata(path)
+    user = meta.get("user") or {}
     if "train_config" in user:
-        (out / "config.json").write_text(json.dumps(user["train_config"], indent=1))
+        name = "train_config.json" if meta.get("transformers") else "config.json"
+        (out / name).write_text(json.dumps(user["train_config"], indent=1))
     index = json.loads((out / "model.safetensors.index.json").read_text())
     print(f"exported {path} -> {out}: {len(index['weight_map'])} tensors, "
           f"{index['metadata']['total_size'] / 2**20:.1f} MiB")

@@ -1,6 +1,9 @@
 """Sample text from a training checkpoint in one process (no torchrun), to see what the model learned.
 
     python recipes/generate.py --output-dir outputs/tiny --prompt "def " --max-new-tokens 300
+    python recipes/generate.py --hf-dir outputs/qwen3/hf      # an export of a transformers model
+
+With ``--hf-dir`` the directory is loaded by transformers itself (``from_pretrained``).
 """
 
 from __future__ import annotations
@@ -24,10 +27,11 @@ def sample(model: torch.nn.Module, prompt: bytes, max_new_tokens: int, temperatu
     """Byte-level sampling with temperature and top-k; the context is cut to max_seq_len."""
     g = torch.Generator().manual_seed(seed)
     tokens = list(prompt) or [10]
-    limit = model.config.max_seq_len
+    limit = getattr(model.config, "max_seq_len", None) or model.config.max_position_embeddings
     for _ in range(max_new_tokens):
         x = torch.tensor([tokens[-limit:]])
-        logits = model(x)[0, -1]  # [V]
+        out = model(x)
+        logits = (out if isinstance(out, torch.Tensor) else out.logits)[0, -1]  # [V]
         if temperature <= 0:
             nxt = int(logits.argmax())
         else:
@@ -45,12 +49,21 @@ def main() -> None:
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--checkpoint", type=Path)
     src.add_argument("--output-dir", type=Path, help="use the newest checkpoint of this training run")
+    src.add_argument("--hf-dir", type=Path, help="a transformers model directory (e.g. from recipes/export.py)")
     p.add_argument("--prompt", default="def ")
     p.add_argument("--max-new-tokens", type=int, default=200)
     p.add_argument("--temperature", type=float, default=0.8)
     p.add_argument("--top-k", type=int, default=40)
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args()
+    if args.hf_dir is not None:
+        from transformers import AutoModelForCausalLM
+
+        model = AutoModelForCausalLM.from_pretrained(args.hf_dir).eval()
+        text = sample(model, args.prompt.encode(), args.max_new_tokens, args.temperature, args.top_k, args.seed)
+        print(f"# {args.hf_dir} (transformers {type(model).__name__})")
+        print(text.decode("utf-8", errors="replace"))
+        return
     path = args.checkpoint or ckpt.latest(args.output_dir / "checkpoints")
     if path is None:
         p.error(f"no complete checkpoint under {args.output_dir / 'checkpoints'}")

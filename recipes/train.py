@@ -72,6 +72,30 @@ def build_model(cfg: JobConfig) -> MoETransformer:
         return MoETransformer(tcfg)
 
 
+def build_hf_model(cfg: JobConfig, mesh: Any, mp: MixedPrecisionPolicy | None) -> torch.nn.Module:
+    """A transformers MoE model from ``model.hf_path``: built on meta, parallelized, and only this
+    rank's shards read from the directory (``ep_fsdp.hf.from_pretrained``). The recipe feeds bytes,
+    so the vocabulary must hold 256 tokens."""
+    import ep_fsdp.hf
+    from transformers import AutoConfig
+
+    path = Path(cfg.model.hf_path)
+    vocab = AutoConfig.from_pretrained(path).vocab_size if (path / "config.json").is_file() else 256
+    if vocab < 256:
+        raise ValueError(
+            f"model.hf_path={path}: vocab_size={vocab}, the recipe feeds bytes (token ids 0..255) and needs "
+            "vocab_size >= 256; use a model with a larger vocabulary."
+        )
+    model = ep_fsdp.hf.from_pretrained(path, mesh, torch_dtype=torch.float32, mp_policy=mp,
+                                       activation_checkpointing=cfg.train.activation_checkpointing)
+    return model
+
+
+def logits_of(output: Any) -> torch.Tensor:
+    """``[B, S, V]`` logits of the reference model (a tensor) or of a transformers model (``.logits``)."""
+    return output if isinstance(output, torch.Tensor) else output.logits
+
+
 def lr_lambda(cfg: JobConfig):
     """Linear warmup to lr, then cosine decay towards lr * min_lr_ratio (reached after the last step)."""
     t = cfg.train
@@ -149,7 +173,7 @@ def validate(model: torch.nn.Module, val_set: WindowDataset, cfg: JobConfig, dev
         idx = [i % len(val_set) for i in range(first, first + per_rank)]
         x = torch.stack([val_set[i][0] for i in idx]).to(device)
         y = torch.stack([val_set[i][1] for i in idx]).to(device)
-        losses.append(float(F.cross_entropy(model(x).flatten(0, 1), y.flatten())))
+        losses.append(float(F.cross_entropy(logits_of(model(x)).flatten(0, 1), y.flatten())))
     model.train()
     return global_mean([sum(losses) / len(losses)], device)[0]
 
@@ -169,12 +193,15 @@ def main(argv: list[str] | None = None) -> None:
         )
 
     # model, optimizer, schedule
-    model = build_model(cfg)
     mp = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
           if t.mixed_precision == "bf16" else None)
-    ep_fsdp.parallelize_moe(model, mesh, mp_policy=mp, activation_checkpointing=t.activation_checkpointing)
-    # each rank allocates and initializes only its own shards; the values do not depend on the layout
-    ep_fsdp.materialize(model, device, seed=t.seed)
+    if cfg.model.hf_path:
+        model = build_hf_model(cfg, mesh, mp)
+    else:
+        model = build_model(cfg)
+        ep_fsdp.parallelize_moe(model, mesh, mp_policy=mp, activation_checkpointing=t.activation_checkpointing)
+        # each rank allocates and initializes only its own shards; the values do not depend on the layout
+        ep_fsdp.materialize(model, device, seed=t.seed)
     torch.manual_seed(t.seed)  # router jitter and any other randomness: the same on every rank
     # each micro-batch's loss is divided by the number of micro-batches: so is the balancing gradient
     ep_fsdp.set_aux_loss_scale(model, 1.0 / t.grad_accum_steps)
@@ -223,9 +250,11 @@ def main(argv: list[str] | None = None) -> None:
     metrics = Metrics(out, rank)
     if rank == 0:
         n_params = sum(p.numel() for p in model.parameters())
+        what = (f"model={type(model).__name__.removeprefix('FSDP')}" if cfg.model.hf_path
+                else f"experts/layer={cfg.model.moe.num_experts}")
         (out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=1))
         print(f"ep_fsdp train: world={world} dp_shard={mesh['dp_shard'].size()} ep={ep} device={device.type} "
-              f"params={n_params / 1e6:.2f}M experts/layer={cfg.model.moe.num_experts} "
+              f"params={n_params / 1e6:.2f}M {what} "
               f"corpus={len(train_tokens) / 1e6:.1f}MB train / {len(val_tokens) / 1e6:.2f}MB val "
               f"steps {start_step}->{t.steps}", flush=True)
 
@@ -254,9 +283,11 @@ def main(argv: list[str] | None = None) -> None:
         task_sum = aux_sum = 0.0
         for _ in range(t.grad_accum_steps):
             x, y = (v.to(device) for v in next(data_iter))
-            logits = model(x)
+            logits = logits_of(model(x))
             task = F.cross_entropy(logits.flatten(0, 1), y.flatten())
-            aux = ep_fsdp.moe_aux_loss(model)  # value only: its gradient is attached to the layers
+            # ep_fsdp.MoE: the value only (its gradient is attached to the layers); transformers
+            # models: the live global-batch balancing loss, whose gradient flows from here
+            aux = ep_fsdp.moe_aux_loss(model)
             ((task + aux) / t.grad_accum_steps).backward()
             task_sum += float(task.detach())
             aux_sum += float(aux.detach())
@@ -271,6 +302,8 @@ def main(argv: list[str] | None = None) -> None:
             routing = ep_fsdp.routing_stats(model)  # since the last logged step; resets the counters
             # per-layer means of the global balancing and z losses of this step's micro-batches
             balance = sum(r["balance_loss"] or 0.0 for r in routing.values()) / len(routing)
+            if cfg.model.hf_path and model.config.router_aux_loss_coef:  # transformers' loss, all layers pooled
+                balance = aux_mean / model.config.router_aux_loss_coef
             z = sum(r["z_loss"] or 0.0 for r in routing.values()) / len(routing)
             step_time = time.perf_counter() - step_start
             mem = global_max(peak_memory_mb(device), device)

@@ -31,8 +31,10 @@ class MoEFields:
 
 @dataclass
 class ModelFields:
-    """``[model]``: the reference MoE transformer."""
+    """``[model]``: the reference MoE transformer, or a transformers MoE model directory (``hf_path``:
+    then the other fields here are not used; the directory's config.json says what the model is)."""
 
+    hf_path: str = ""
     vocab_size: int = 256
     dim: int = 128
     num_layers: int = 4

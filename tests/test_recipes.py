@@ -190,3 +190,42 @@ def test_bf16_mixed_precision_run(reference, tmp_path):
     got, ref = losses(tmp_path), losses(reference)
     assert abs(got[1] - ref[1]) <= 2e-2 * ref[1]  # bf16 parameters, fp32 reductions
     assert got[4] < got[1]
+
+
+def test_transformers_model_fine_tunes_resumes_exports_and_samples(tmp_path):
+    """model.hf_path: a save_pretrained directory is fine-tuned (loss falls), a stopped run resumes
+    bitwise, the export loads in transformers and generate.py samples from it."""
+    pytest.importorskip("transformers")
+    hub = tmp_path / "hub"
+    subprocess.run([sys.executable, str(ROOT / "recipes" / "hf_tiny_model.py"), str(hub), "--family", "qwen3_moe"],
+                   check=True, capture_output=True, timeout=TIMEOUT, cwd=ROOT)
+    hf = ("--ep", "2", "--set", f"model.hf_path='{hub}'")
+    full, stopped = tmp_path / "full", tmp_path / "stopped"
+    out = train(full, 2, *hf)
+    assert "model=Qwen3MoeForCausalLM" in out
+    ref = losses(full)
+    assert ref[STEPS] < ref[1] - 1.0, ref  # it learns
+    train(stopped, 2, *hf, "--stop-after", "6")
+    assert "at step 6" in train(stopped, 2, *hf)
+    got = losses(stopped)
+    assert [got[s] for s in range(1, STEPS + 1)] == [ref[s] for s in range(1, STEPS + 1)]
+    subprocess.run([sys.executable, str(ROOT / "recipes" / "export.py"), "--output-dir", str(full),
+                    "--out", str(tmp_path / "hf")], check=True, capture_output=True, timeout=TIMEOUT, cwd=ROOT)
+    assert json.loads((tmp_path / "hf" / "config.json").read_text())["model_type"] == "qwen3_moe"
+    assert json.loads((tmp_path / "hf" / "train_config.json").read_text())["model"]["hf_path"] == str(hub)
+    gen = subprocess.run([sys.executable, str(ROOT / "recipes" / "generate.py"), "--hf-dir", str(tmp_path / "hf"),
+                          "--max-new-tokens", "20"], capture_output=True, text=True, timeout=TIMEOUT, cwd=ROOT)
+    assert gen.returncode == 0 and "Qwen3MoeForCausalLM" in gen.stdout, gen.stderr[-2000:]
+
+
+def test_transformers_model_with_a_small_vocabulary_is_refused(tmp_path):
+    pytest.importorskip("transformers")
+    sys.path.insert(0, str(ROOT / "recipes"))
+    from hf_tiny_model import tiny_config
+    from transformers import AutoModelForCausalLM
+
+    AutoModelForCausalLM.from_config(tiny_config("mixtral", vocab=200)).save_pretrained(tmp_path / "hub")
+    cmd = torchrun("--nproc-per-node", "1", str(ROOT / "recipes" / "train.py"), "--output-dir", str(tmp_path / "o"),
+                   *FAST, "--ep", "1", "--set", f"model.hf_path='{tmp_path / 'hub'}'")
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=TIMEOUT, cwd=ROOT)
+    assert proc.returncode != 0 and "vocab_size=200" in proc.stderr and "needs vocab_size >= 256" in proc.stderr
