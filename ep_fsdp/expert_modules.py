@@ -136,6 +136,16 @@ class ExpertParallelExperts(nn.Module):
 
     def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
         # hidden_states [T, D], top_k_index [T, k] logical ids, top_k_weights [T, k]
+        placement = self.dispatcher.placement
+        if placement.ep == 1 and placement.is_contiguous() and hidden_states.shape[0] > 0:
+            # NOTE: every expert is here, in order: the module's own forward on all tokens is the
+            # layer (and the fastest path; no regrouping around it).
+            with _local_parameters(self):
+                out = self._ep_base_forward(hidden_states, top_k_index, top_k_weights)
+            if self.training and not in_backward():
+                slots = expert_counts(top_k_index, self.ep_num_experts)
+                self.routing.add_forward(slots, slots, 0)
+            return out
         weights = top_k_weights.float()  # NOTE: the dispatcher combines in float32 and casts back
         rows, counts, handle = self.dispatcher.dispatch(hidden_states, top_k_index, weights)  # [N, D], [G]
         y = self._local_forward(rows, counts)  # [N, D]

@@ -4,6 +4,12 @@ The floor is one dense SwiGLU (gate and up projections fused, as in the layer) a
 ``T*k`` routed rows: the expert matmuls of the MoE layer without routing, permutation or combine.
 Layer and floor run interleaved in the same process; the table shows medians and their ratio.
 
+With transformers installed (``--hf``, the default when it is), more rows on the same shapes:
+transformers' Qwen3-MoE sparse block as transformers runs it (its ``grouped_mm`` experts), the same
+block after ``ep_fsdp.parallelize_moe`` at world size 1 (ep_fsdp's dispatcher around the block's
+own experts forward), and ``ep_fsdp.MoE`` parallelized the same way; ratios to the floor and
+of the parallelized transformers block to the parallelized ``ep_fsdp.MoE``.
+
     python recipes/benchmarks/moe_layer.py                       # D=256 H=512 E=8 k=2 T=4096
     python recipes/benchmarks/moe_layer.py --dtypes bfloat16 --repeats 30
 """
@@ -11,13 +17,19 @@ Layer and floor run interleaved in the same process; the table shows medians and
 from __future__ import annotations
 
 import argparse
+import copy
+import importlib.util
+import os
 import statistics
 import time
 from collections.abc import Callable
 
 import torch
+import torch.distributed as dist
+import torch.nn as nn
 import torch.nn.functional as F
 
+import ep_fsdp
 from ep_fsdp import MoE, MoEConfig
 
 
@@ -34,6 +46,51 @@ def moe_step(layer: MoE, x: torch.Tensor, grad: torch.Tensor) -> Callable[[], No
         layer(x).backward(grad)
 
     return step
+
+
+def block_step(block: nn.Module, x: torch.Tensor, grad: torch.Tensor) -> Callable[[], None]:
+    """A module of ``[1, T, D] -> [1, T, D]`` (a transformers sparse MoE block)."""
+    def step() -> None:
+        x.grad = None
+        block.zero_grad(set_to_none=True)
+        block(x[None]).backward(grad[None])
+
+    return step
+
+
+def qwen3_moe_block(D: int, H: int, E: int, k: int) -> nn.Module:
+    """transformers' Qwen3-MoE sparse block (router + experts) with its grouped_mm experts."""
+    from transformers import Qwen3MoeConfig
+    from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeSparseMoeBlock
+
+    config = Qwen3MoeConfig(hidden_size=D, moe_intermediate_size=H, num_experts=E, num_experts_per_tok=k,
+                            norm_topk_prob=True)
+    config._experts_implementation = "grouped_mm"
+    block = Qwen3MoeSparseMoeBlock(config)
+    with torch.no_grad():
+        for p in block.parameters():
+            nn.init.uniform_(p, -p.shape[-1] ** -0.5, p.shape[-1] ** -0.5)
+    return block
+
+
+class _Holder(nn.Module):
+    def __init__(self, module: nn.Module) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList([module])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.layers[0](x)
+
+
+def parallelized_world1(module: nn.Module) -> nn.Module:
+    """``module`` as the one block of a model parallelized by ep_fsdp on a 1-rank mesh."""
+    if not dist.is_initialized():
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", "29591")
+        dist.init_process_group("gloo", rank=0, world_size=1)
+    holder = _Holder(module)
+    ep_fsdp.parallelize_moe(holder, ep_fsdp.build_mesh(ep=1, device_type="cpu"))
+    return holder
 
 
 def dense_step(rows: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, grad: torch.Tensor) -> Callable[[], None]:
@@ -56,13 +113,16 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"])
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--hf", action=argparse.BooleanOptionalAction,
+                   default=importlib.util.find_spec("transformers") is not None,
+                   help="add the transformers rows (default: when transformers is installed)")
     args = p.parse_args()
     D, H, E, k, T = args.dim, args.hidden_dim, args.experts, args.top_k, args.tokens
     device = torch.device(args.device)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     print(f"MoE layer forward+backward, D={D} H={H} E={E} k={k} T={T}, device={device}, "
           f"threads={torch.get_num_threads()}, torch {torch.__version__}")
-    print(f"{'dtype':<10}{'moe layer ms':>14}{'dense floor ms':>16}{'ratio':>8}")
+    print(f"{'dtype':<10}{'row':<34}{'ms':>9}{'/ floor':>9}")
     for name in args.dtypes:
         dtype = getattr(torch, name)
         torch.manual_seed(0)
@@ -73,7 +133,12 @@ def main() -> None:
         w13 = torch.randn(2 * H, D, device=device, dtype=dtype, requires_grad=True)
         w2 = torch.randn(D, H, device=device, dtype=dtype, requires_grad=True)
         grad_rows = torch.randn(T * k, D, device=device, dtype=dtype)
-        candidates = {"moe": moe_step(layer, x, grad), "dense": dense_step(rows, w13, w2, grad_rows)}
+        candidates = {"dense floor": dense_step(rows, w13, w2, grad_rows), "ep_fsdp.MoE": moe_step(layer, x, grad)}
+        if args.hf and device.type == "cpu":
+            block = qwen3_moe_block(D, H, E, k).to(dtype=dtype)
+            candidates["transformers Qwen3-MoE block"] = block_step(block, x, grad)
+            candidates["  parallelized by ep_fsdp"] = block_step(parallelized_world1(copy.deepcopy(block)), x, grad)
+            candidates["ep_fsdp.MoE parallelized"] = moe_step(parallelized_world1(copy.deepcopy(layer)), x, grad)
         times: dict[str, list[float]] = {key: [] for key in candidates}
         for i in range(args.warmup + args.repeats):
             for key, fn in candidates.items():  # interleaved: noise hits both alike
@@ -81,9 +146,12 @@ def main() -> None:
                 t = time_once(lambda: (fn(), sync()))
                 if i >= args.warmup:
                     times[key].append(t)
-        moe_ms = statistics.median(times["moe"]) * 1e3
-        dense_ms = statistics.median(times["dense"]) * 1e3
-        print(f"{name:<10}{moe_ms:>14.2f}{dense_ms:>16.2f}{moe_ms / dense_ms:>7.2f}x")
+        ms = {key: statistics.median(v) * 1e3 for key, v in times.items()}
+        for key, value in ms.items():
+            print(f"{name:<10}{key:<34}{value:>9.2f}{value / ms['dense floor']:>8.2f}x")
+        if "  parallelized by ep_fsdp" in ms:
+            ratio = ms["  parallelized by ep_fsdp"] / ms["ep_fsdp.MoE parallelized"]
+            print(f"{name:<10}{'transformers block / ep_fsdp.MoE':<34}{'':>9}{ratio:>8.2f}x  (both parallelized)")
 
 
 if __name__ == "__main__":
