@@ -25,7 +25,7 @@ import torch.nn as nn
 
 from .balancing import in_backward
 
-__all__ = ["record_router_logits", "router_logits_loss", "has_router_logits"]
+__all__ = ["record_router_logits", "router_logits_loss", "has_router_logits", "router_modules"]
 
 _ATTR = "_ep_fsdp_router_logits"
 
@@ -51,6 +51,12 @@ def _router_class(model: nn.Module) -> tuple[type, int] | None:
     return (target, int(getattr(recorder, "index", 0) or 0)) if isinstance(target, type) else None
 
 
+def router_modules(model: nn.Module) -> list[nn.Module]:
+    """The routers of a transformers model: the modules whose output it records as ``router_logits``."""
+    found = _router_class(model)
+    return [] if found is None else [m for m in model.modules() if isinstance(m, found[0])]
+
+
 def record_router_logits(model: nn.Module, *, stats_group: dist.ProcessGroup | None, grad_factor: float) -> bool:
     """Record every router's logits in training forwards when the model's config asks for a
     balancing loss (``router_aux_loss_coef > 0``); returns whether it does."""
@@ -60,8 +66,8 @@ def record_router_logits(model: nn.Module, *, stats_group: dist.ProcessGroup | N
     found = _router_class(model)
     if not coef or not isinstance(top_k, int) or found is None:
         return False
-    cls, index = found
-    routers = [m for m in model.modules() if isinstance(m, cls)]
+    index = found[1]
+    routers = router_modules(model)
     if not routers:
         return False
     state = _RouterLogits(float(coef), top_k, len(routers), stats_group, grad_factor)

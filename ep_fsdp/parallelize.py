@@ -13,7 +13,7 @@ from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor, Shard, distribute_tensor
 
-from .aux_loss import record_router_logits
+from .aux_loss import record_router_logits, router_modules
 from .dispatch import make_dispatcher
 from .expert_modules import contract_num_experts, find_expert_modules, make_expert_parallel
 from .mesh import check_mesh, flat_mesh
@@ -208,11 +208,12 @@ def parallelize_moe(
     for name, _, holder, _ in sharded:
         by_param = {id(p): expert_placements[(name, pname)] for pname, p in holder.named_parameters(recurse=False)}
         shard(holder, dp_mesh, shard_placement_fn=lambda p, by_param=by_param: by_param.get(id(p)))
-    for name, layer in layers:
-        if low_precision:
-            # NOTE: routing decisions must not see a bfloat16 gate weight: the router gets its
-            # own unit whose parameters stay float32 (one small extra all-gather per layer).
-            shard(layer.router, all_mesh, router_policy)
+    if low_precision:
+        # NOTE: routing decisions must not see a bfloat16 gate weight: each router gets its own
+        # unit whose parameters stay float32 (one small extra all-gather per layer); a transformers
+        # router (the module it records as router_logits) also gets its input cast to float32.
+        for router in [layer.router for _, layer in layers] + (router_modules(model) if contract else []):
+            shard(router, all_mesh, router_policy)
     # Children before parents: reverse module order puts nested blocks first.
     for _, block in reversed(blocks):
         if not isinstance(block, FSDPModule):
