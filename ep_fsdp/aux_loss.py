@@ -17,6 +17,7 @@ returned live (with its graph) by :func:`ep_fsdp.moe_aux_loss`, to be added to t
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 
 import torch
@@ -66,6 +67,13 @@ def record_router_logits(model: nn.Module, *, stats_group: dist.ProcessGroup | N
     found = _router_class(model)
     if not coef or not isinstance(top_k, int) or found is None:
         return False
+    if getattr(config, "output_router_logits", False):
+        warnings.warn(
+            f"parallelize_moe: {type(model).__name__}.config.output_router_logits is True, so transformers adds "
+            "its balancing loss of this rank's tokens to out.loss; set it to False and add "
+            "ep_fsdp.moe_aux_loss(model) (the global-batch loss) instead, or the loss is counted twice.",
+            stacklevel=3,
+        )
     index = found[1]
     routers = router_modules(model)
     if not routers:

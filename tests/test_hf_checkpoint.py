@@ -117,8 +117,11 @@ def train_save_reshard_export(directory: str, root: str) -> dict:
     with torch.no_grad():
         export_err = rel_err(exported(x2).logits, saved_logits)
     files = sorted(p.name for p in Path(f"{root}/hf").iterdir())
+    from ep_fsdp.checkpoint.__main__ import info
+
+    text = info(Path(f"{root}/step1"))
     return {"loss_a": loss_a, "loss_b": loss_b, "params": params, "export": export_err, "files": files,
-            "has_config": "transformers" in ckpt.read_metadata(f"{root}/step1"), "layers": sorted(meta["moe_layers"])}
+            "has_config": "transformers" in ckpt.read_metadata(f"{root}/step1"), "layers": sorted(meta["moe_layers"]), "info": text}
 
 
 @pytest.mark.parametrize("family", ["qwen3_moe", "gpt_oss"])
@@ -130,3 +133,4 @@ def test_checkpoint_reshards_and_exports_to_transformers(pools, hub_dirs, family
         assert r["params"] <= REL_TOL, r
         assert r["export"] <= REL_TOL, r
         assert {"config.json", "generation_config.json", "model.safetensors.index.json"} <= set(r["files"]), r
+        assert "transformers " in r["info"] and "experts ep0: 0-3, ep1: 4-7" in r["info"], r["info"]

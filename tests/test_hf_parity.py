@@ -11,6 +11,7 @@ experts. Plus a batch where one ep rank's experts receive no token, a model that
 from __future__ import annotations
 
 import copy
+import subprocess
 import sys
 from pathlib import Path
 
@@ -60,11 +61,12 @@ def starve_last_rank(model: nn.Module, ep: int) -> list[int]:
     return starved
 
 
-def hf_parity_step(dp_shard: int, ep: int, family: str, starve: bool = False, mix: bool = False) -> dict:
+def hf_parity_step(dp_shard: int, ep: int, family: str, starve: bool = False, mix: bool = False,
+                   **overrides) -> dict:
     """One AdamW step of the parallel and the reference model; errors, computed on every rank."""
     mesh = worker_mesh(dp_shard, ep)
     rank, world = dist.get_rank(), dist.get_world_size()
-    model = build_hf(family)
+    model = build_hf(family, **overrides)
     if mix:  # an ep_fsdp.MoE in place of layer 0's transformers MoE block
         cfg = model.config
         torch.manual_seed(1)
@@ -156,6 +158,18 @@ def test_model_mixing_ep_fsdp_moe_and_transformers_blocks(pools):
     check(results)
 
 
+def test_tied_input_output_embeddings(pools):
+    results = pools(4).run(hf_parity_step, 2, 2, "qwen3_moe", tie_word_embeddings=True)
+    check(results)
+
+
+def test_import_ep_fsdp_never_imports_transformers():
+    code = ("import sys, ep_fsdp, ep_fsdp.checkpoint, ep_fsdp.expert_modules; "
+            "assert 'transformers' not in sys.modules, 'transformers was imported'")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+
+
 def one_process_balancing_loss() -> tuple[float, float, float]:
     from transformers.models.qwen3_moe.modeling_qwen3_moe import load_balancing_loss_func
 
@@ -217,6 +231,16 @@ def test_contract_errors_name_the_module():
     with pytest.raises(ValueError, match="num_experts=4 but its weights hold 6"):
         contract_num_experts("m", wrong)
     assert contract_num_experts("m", _Stacked()) == 6
+
+    class _TwoInputs(_Stacked):
+        def forward(self, hidden_states, top_k_index):
+            return hidden_states
+
+    block = nn.Module()
+    block.experts = _TwoInputs()
+    with pytest.raises(ValueError, match=r"'layers.0.experts' \(_TwoInputs\).*forward takes 2 positional inputs"):
+        find_expert_modules(_Wrapper(block))
+    assert find_expert_modules(_Wrapper(_TwoInputs())) == []  # not named experts, not the contract: dense
 
 
 def indivisible(ep: int) -> str:

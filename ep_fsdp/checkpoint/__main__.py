@@ -58,16 +58,21 @@ def info(path: Path) -> str:
         f"model        {len(params)} tensors, {numel:,} values; files {len(files)}, "
         f"{_human(sum(f['bytes'] for f in files.values()))} on disk"
     )
+    if meta.get("transformers"):
+        hf = meta["transformers"]["config"]
+        lines.append(f"transformers {', '.join(hf.get('architectures') or [])} (model_type {hf.get('model_type')}); "
+                     "export_safetensors writes hub format")
     for name, rec in meta["moe_layers"].items():
         c = rec["config"]
         if "placement" in rec:  # experts listed one by one
             owners = ", ".join(f"ep{o['ep_rank']}: {_ranges(o['experts'])}" for o in rec["expert_owner"])
         else:  # checkpoints written before placements: [start, end) blocks
             owners = ", ".join(f"ep{o['ep_rank']}: {o['experts'][0]}-{o['experts'][1] - 1}" for o in rec["expert_owner"])
-        lines.append(
-            f"moe layer    {name}: E={c['num_experts']} k={c['top_k']} D={c['dim']} H={c['hidden_dim']} "
-            f"{c['score_func']}; experts {owners}"
+        what = (
+            f"E={c['num_experts']} {c['experts_class']}" if "experts_class" in c  # a transformers experts module
+            else f"E={c['num_experts']} k={c['top_k']} D={c['dim']} H={c['hidden_dim']} {c['score_func']}"
         )
+        lines.append(f"moe layer    {name}: {what}; experts {owners}")
     width = max(len(k) for k in params) if params else 0
     lines.append("tensors:")
     for key, rec in params.items():
