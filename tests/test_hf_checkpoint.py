@@ -24,10 +24,11 @@ SEQ = 10
 
 @pytest.fixture(scope="module")
 def hub_dirs(tmp_path_factory) -> dict[str, str]:
-    """save_pretrained directories: per-expert keys (Qwen3-MoE), legacy names (Mixtral), fused (GPT-OSS)."""
+    """save_pretrained directories: per-expert keys (Qwen3-MoE, Qwen2-MoE, DeepSeek-V3), legacy names
+    (Mixtral), fused (GPT-OSS)."""
     root = tmp_path_factory.mktemp("hub")
     out = {}
-    for family in ("qwen3_moe", "mixtral", "gpt_oss"):
+    for family in hf_tiny_model.FAMILIES:
         out[family] = str(root / family)
         hf_tiny_model.main([out[family], "--family", family, "--hidden", "32", "--seed", "1"])
     return out
@@ -58,7 +59,7 @@ def load_and_compare(directory: str, dp_shard: int, ep: int) -> dict:
     }
 
 
-@pytest.mark.parametrize("family", ["qwen3_moe", "mixtral", "gpt_oss"])
+@pytest.mark.parametrize("family", hf_tiny_model.FAMILIES)
 @pytest.mark.parametrize("layout", [(2, 2), (1, 4)], ids=lambda l: f"dp{l[0]}xep{l[1]}")
 def test_from_pretrained_reads_only_this_ranks_slices(pools, hub_dirs, family, layout):
     for r in pools(4).run(load_and_compare, hub_dirs[family], *layout):
@@ -124,7 +125,7 @@ def train_save_reshard_export(directory: str, root: str) -> dict:
             "has_config": "transformers" in ckpt.read_metadata(f"{root}/step1"), "layers": sorted(meta["moe_layers"]), "info": text}
 
 
-@pytest.mark.parametrize("family", ["qwen3_moe", "gpt_oss"])
+@pytest.mark.parametrize("family", ["qwen3_moe", "mixtral", "gpt_oss"])
 def test_checkpoint_reshards_and_exports_to_transformers(pools, hub_dirs, family, tmp_path):
     results = pools(4).run(train_save_reshard_export, hub_dirs[family], str(tmp_path))
     for r in results:
