@@ -1,6 +1,7 @@
 """ep_fsdp: expert parallelism composed with FSDP2 for PyTorch Mixture-of-Experts models."""
 
 from .config import MoEConfig
+from .expert_bias import update_expert_bias
 from .grad import clip_grad_norm_
 from .launch import init_distributed
 from .materialize import materialize
@@ -18,6 +19,7 @@ __all__ = [
     "moe_aux_loss",
     "moe_layers",
     "set_aux_loss_scale",
+    "update_expert_bias",
     "ExpertPlacement",
     "init_distributed",
     "build_mesh",

@@ -54,9 +54,12 @@ class RoutingCounters:
     loss_forwards: int = 0
     pending_aux: torch.Tensor | None = None  # float64 aux value not yet taken by moe_aux_loss
     pending_forwards: int = 0
+    dropped: torch.Tensor | int = 0  # slots dropped by the capacity limit
 
-    def add_forward(self, counts: torch.Tensor, load: torch.Tensor, a2a_bytes: int) -> None:
+    def add_forward(self, counts: torch.Tensor, load: torch.Tensor, a2a_bytes: int,
+                    dropped: torch.Tensor | int = 0) -> None:
         counts, load = counts.detach(), load.detach()
+        self.dropped = self.dropped + dropped
         self.tokens_per_expert = counts.clone() if self.tokens_per_expert is None else self.tokens_per_expert + counts
         self.expert_load = load.clone() if self.expert_load is None else self.expert_load + load
         self.a2a_bytes += a2a_bytes
@@ -82,6 +85,7 @@ class RoutingCounters:
         """Forget counts, bytes and loss values (the aux value pending for moe_aux_loss is kept)."""
         self.tokens_per_expert = self.expert_load = self.losses = None
         self.a2a_bytes = self.forwards = self.loss_forwards = 0
+        self.dropped = 0
 
 
 @dataclass

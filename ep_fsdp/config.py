@@ -34,9 +34,26 @@ class MoEConfig:
         z_loss_coef: weight of the router z-loss ``mean(logsumexp(logits) ** 2)``; 0 disables it.
         expert_bias: register a ``router.expert_bias`` buffer ``[E]`` (zeros) that is added to
             the scores for expert *selection only*, as in DeepSeek-V3's auxiliary-loss-free
-            balancing; the gate weights come from the unbiased scores. The buffer is the user's to
-            update (e.g. from ``last_global_tokens_per_expert``, identically on every rank); it is
-            saved in checkpoints.
+            balancing; the gate weights come from the unbiased scores. It is saved in checkpoints;
+            :func:`ep_fsdp.update_expert_bias` moves it when ``bias_update_rate > 0``.
+        num_shared_experts: shared experts applied to every token (DeepSeek-V3): one SwiGLU of
+            width ``num_shared_experts * hidden_dim`` whose output is added to the routed output.
+            A dense parameter; under expert parallelism it runs while the token exchange is in flight.
+        num_expert_groups: split the experts into this many contiguous groups for group-limited
+            (device-limited) routing; ``None`` disables it.
+        num_limited_groups: each token keeps its best ``num_limited_groups`` groups (a group's
+            score is the sum of its two best selection scores) and picks its ``top_k`` experts
+            inside them. Required with ``num_expert_groups``.
+        bias_update_rate: auxiliary-loss-free balancing: :func:`ep_fsdp.update_expert_bias`
+            moves ``expert_bias`` by ``rate * sign(mean_load - load)`` from the global load since
+            its last call; needs ``expert_bias=True``. 0 disables it.
+        capacity_factor: each expert takes at most ``ceil(capacity_factor * T * k / E)`` routed
+            slots of the ``T`` tokens of one forward call on one rank; the lowest-scored slots
+            beyond it are dropped (they contribute zero; weights are not renormalized). ``None``
+            is dropless.
+        expert_dropout: while training, mask each (token, expert) selection score with this
+            probability before top-k, so tokens explore other experts. The mask is a function of
+            the global token index, so it is the same on every layout. 0 disables it.
 
     Example::
 
@@ -55,6 +72,12 @@ class MoEConfig:
     aux_loss_coef: float = 0.0
     z_loss_coef: float = 0.0
     expert_bias: bool = False
+    num_shared_experts: int = 0
+    num_expert_groups: int | None = None
+    num_limited_groups: int | None = None
+    bias_update_rate: float = 0.0
+    capacity_factor: float | None = None
+    expert_dropout: float = 0.0
 
     def __post_init__(self) -> None:
         for name in ("dim", "hidden_dim", "num_experts"):
@@ -92,3 +115,51 @@ class MoEConfig:
                 raise ValueError(
                     f"MoEConfig.{name} must be >= 0, got {value!r}; use 0 to disable the loss."
                 )
+        self._check_routing_extensions()
+
+    def _check_routing_extensions(self) -> None:
+        if not isinstance(self.num_shared_experts, int) or self.num_shared_experts < 0:
+            raise ValueError(
+                f"MoEConfig.num_shared_experts must be an int >= 0, got {self.num_shared_experts!r}; "
+                "use 0 for no shared expert, 1 for DeepSeek-V3's one."
+            )
+        groups, limited, E = self.num_expert_groups, self.num_limited_groups, self.num_experts
+        if (groups is None) != (limited is None):
+            raise ValueError(
+                f"MoEConfig.num_expert_groups={groups!r} and num_limited_groups={limited!r}: set both for "
+                "group-limited routing, or neither."
+            )
+        if groups is not None:
+            if not isinstance(groups, int) or groups < 1 or E % groups != 0:
+                raise ValueError(
+                    f"MoEConfig.num_expert_groups must be a positive divisor of num_experts={E}, got {groups!r}; "
+                    f"choose one of {[d for d in range(1, E + 1) if E % d == 0]}."
+                )
+            if not isinstance(limited, int) or not 1 <= limited <= groups:
+                raise ValueError(
+                    f"MoEConfig.num_limited_groups must be in 1..num_expert_groups={groups}, got {limited!r}."
+                )
+            if self.top_k > limited * (E // groups):
+                raise ValueError(
+                    f"MoEConfig.top_k={self.top_k} > num_limited_groups * experts per group = {limited} * "
+                    f"{E // groups}: a token could not find top_k experts in its groups; raise "
+                    "num_limited_groups or lower top_k."
+                )
+        if not self.bias_update_rate >= 0:
+            raise ValueError(
+                f"MoEConfig.bias_update_rate must be >= 0, got {self.bias_update_rate!r}; use 0 to disable."
+            )
+        if self.bias_update_rate > 0 and not self.expert_bias:
+            raise ValueError(
+                f"MoEConfig.bias_update_rate={self.bias_update_rate} needs expert_bias=True (the buffer it "
+                "updates); set expert_bias=True or bias_update_rate=0."
+            )
+        if self.capacity_factor is not None and not self.capacity_factor > 0:
+            raise ValueError(
+                f"MoEConfig.capacity_factor must be > 0 or None (dropless), got {self.capacity_factor!r}; "
+                "e.g. 1.25 keeps up to 1.25x the mean load per expert."
+            )
+        if not 0 <= self.expert_dropout < 1:
+            raise ValueError(
+                f"MoEConfig.expert_dropout must be in [0, 1), got {self.expert_dropout!r}; use 0 to disable."
+            )

@@ -16,7 +16,7 @@ from torch.distributed.tensor import DTensor
 
 from .config import MoEConfig
 
-__all__ = ["GroupedExperts", "grouped_linear", "swiglu", "use_grouped_mm"]
+__all__ = ["GroupedExperts", "SharedExperts", "grouped_linear", "swiglu", "use_grouped_mm"]
 
 # (device type, dtype) -> forced choice of grouped_mm (True) or the per-expert loop (False).
 _GROUPED_MM_WORKS: dict[tuple[str, torch.dtype], bool] = {}
@@ -207,3 +207,17 @@ class GroupedExperts(nn.Module):
         up = grouped_linear(x, w3, counts, counts_host, grouped=grouped)  # [N, H]
         hidden = swiglu(gate, up)  # [N, H]
         return grouped_linear(hidden, w2, counts, counts_host, grouped=grouped)  # [N, D]
+
+
+class SharedExperts(nn.Module):
+    """Shared experts (DeepSeek-V3): one dense SwiGLU of width ``num_shared_experts * hidden_dim``
+    applied to every token, ``[T, D] -> [T, D]``."""
+
+    def __init__(self, dim: int, width: int) -> None:
+        super().__init__()
+        self.gate_proj = nn.Linear(dim, width, bias=False)
+        self.up_proj = nn.Linear(dim, width, bias=False)
+        self.down_proj = nn.Linear(width, dim, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: [T, D]
+        return self.down_proj(swiglu(self.gate_proj(x), self.up_proj(x)))  # [T, D]

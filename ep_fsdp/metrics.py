@@ -22,6 +22,8 @@ def routing_stats(model: nn.Module, *, reset: bool = True) -> dict[str, dict[str
     * ``imbalance``: max / mean over ranks of the rows each rank's experts processed (1.0 is
       perfectly even; the busiest rank sets the step time);
     * ``a2a_bytes``: bytes all ranks sent to other ranks in the layer's exchanges;
+    * ``dropped_fraction``: fraction of the routed slots dropped by the capacity limit (0 when
+      dropless);
     * ``balance_loss`` / ``z_loss``: mean global-batch values over the forwards that computed
       them (``None`` if none did);
     * ``forwards``: how many forwards the figures cover.
@@ -45,16 +47,17 @@ def routing_stats(model: nn.Module, *, reset: bool = True) -> dict[str, dict[str
             "forwards only (model.train()), so run one first."
         )
     device = layers[0][1].routing.tokens_per_expert.device
-    # per layer: [E counts | a2a bytes | rows processed by this rank's experts]
+    # per layer: [E counts | a2a bytes | dropped slots | rows processed by this rank's experts]
     packed = torch.cat([
         torch.cat([
             m.routing.tokens_per_expert.double(),
             torch.full((1,), float(m.routing.a2a_bytes), dtype=torch.float64, device=device),
+            torch.as_tensor(m.routing.dropped, device=device).double().reshape(1),
             m.routing.expert_load.sum().double().reshape(1),
         ])
         for _, m in layers
     ])
-    ends = torch.tensor([layer_num_experts(m) + 2 for _, m in layers]).cumsum(0).tolist()  # per-layer ends
+    ends = torch.tensor([layer_num_experts(m) + 3 for _, m in layers]).cumsum(0).tolist()  # per-layer ends
     loads = packed[[e - 1 for e in ends]].clone()  # [layers] this rank's rows
     group = layers[0][1].stats_group  # all ranks of the mesh (None in a single process)
     world = 1
@@ -65,14 +68,15 @@ def routing_stats(model: nn.Module, *, reset: bool = True) -> dict[str, dict[str
     out: dict[str, dict[str, Any]] = {}
     for i, (name, m) in enumerate(layers):
         E = layer_num_experts(m)
-        row = packed[ends[i] - E - 2:ends[i]]
-        counts, a2a, mean_load = row[:E], row[E], row[E + 1] / world
+        row = packed[ends[i] - E - 3:ends[i]]
+        counts, a2a, dropped, mean_load = row[:E], row[E], row[E + 1], row[E + 2] / world
         losses = None if m.routing.losses is None else (m.routing.losses / m.routing.loss_forwards).tolist()
         out[name] = {
             "tokens_per_expert": [int(c) for c in counts.tolist()],
             "utilization": (counts / counts.sum().clamp(min=1.0)).tolist(),
             "imbalance": float(loads[i] / mean_load) if mean_load > 0 else 1.0,
             "a2a_bytes": int(a2a),
+            "dropped_fraction": float(dropped / counts.sum().clamp(min=1.0)),
             "balance_loss": None if losses is None else losses[0],
             "z_loss": None if losses is None else losses[1],
             "forwards": m.routing.forwards,

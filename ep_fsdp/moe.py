@@ -15,9 +15,11 @@ from .balancing import RoutingCounters, begin_balancing, finish_balancing, in_ba
 from .config import MoEConfig
 from .expert_modules import expert_layers
 from .dispatch import LocalDispatcher, TokenDispatcher, expert_counts
-from .experts import GroupedExperts
+from .dispatch._comm import token_offset
+from .experts import GroupedExperts, SharedExperts
 from .placement import ExpertPlacement
 from .router import Router
+from .selection import capacity, capacity_keep
 
 __all__ = ["MoE", "moe_aux_loss", "moe_layers", "set_aux_loss_scale"]
 
@@ -55,6 +57,9 @@ class MoE(nn.Module):
         self.config = config
         self.router = Router(config)
         self.experts = GroupedExperts(config)
+        self.shared_experts = (
+            SharedExperts(config.dim, config.num_shared_experts * config.hidden_dim) if config.num_shared_experts else None
+        )
         self.dispatcher: TokenDispatcher = LocalDispatcher(ExpertPlacement.contiguous(config.num_experts, 1))
         # The group of all ranks that share one global batch (balancing statistics); set by
         # parallelize_moe together with the gradient factor of the balancing losses.
@@ -63,6 +68,12 @@ class MoE(nn.Module):
         self.aux_loss_scale: float = 1.0
         self.routing = RoutingCounters()
         self._balancing_to_replay = 0
+        # Selected slots per logical expert since the last ep_fsdp.update_expert_bias (this rank's).
+        self.bias_load: torch.Tensor | None = None
+        # Global index of this rank's first token (expert dropout); None: the tokens of the ranks
+        # before this one in stats_group (each rank feeds a contiguous slice of the global batch,
+        # in rank order), 0 without a group. Set it when your data is split otherwise.
+        self.token_offset: int | None = None
 
     @property
     def placement(self) -> ExpertPlacement:
@@ -70,15 +81,20 @@ class MoE(nn.Module):
         return self.dispatcher.placement
 
     def reset_parameters(self) -> None:
-        """Re-initialise the router gate (``nn.Linear``'s default) and the experts."""
+        """Re-initialise the router gate (``nn.Linear``'s default), the experts and shared experts."""
         self.router.gate.reset_parameters()
         self.experts.reset_parameters()
+        if self.shared_experts is not None:
+            for m in self.shared_experts.children():
+                m.reset_parameters()
 
     def init_parameter(self, name: str, tensor: torch.Tensor, generator: torch.Generator | None = None) -> None:
         """Initialise the full (global) value of parameter ``name`` of this layer in place; the
         per-parameter hook used by :func:`ep_fsdp.materialize`. Same distributions as
-        :meth:`reset_parameters`: uniform in ``+-1/sqrt(fan_in)`` for the gate and each expert."""
-        names = ("router.gate.weight", "experts.w1", "experts.w3", "experts.w2")
+        :meth:`reset_parameters`: uniform in ``+-1/sqrt(fan_in)`` for the gate, each expert and
+        the shared experts."""
+        names = ("router.gate.weight", "experts.w1", "experts.w3", "experts.w2", "shared_experts.gate_proj.weight",
+                 "shared_experts.up_proj.weight", "shared_experts.down_proj.weight")
         if name not in names:
             raise ValueError(f"MoE.init_parameter: unknown parameter {name!r}; an MoE layer has {list(names)}.")
         bound = 1.0 / tensor.shape[-1] ** 0.5
@@ -92,23 +108,54 @@ class MoE(nn.Module):
                 "reshape the input to [..., dim] or build the layer with the matching MoEConfig.dim."
             )
         tokens = x.reshape(-1, cfg.dim)  # [T, D]
-        route = self.router(tokens)  # weights [T, k] fp32, expert_ids [T, k] logical
-        slots = expert_counts(route.expert_ids, cfg.num_experts)  # [E] logical
+        T = tokens.shape[0]
+        token_index, salt = None, None
+        if self.training and cfg.expert_dropout > 0:
+            # NOTE: the mask hashes the global token index with a per-forward salt drawn from the
+            # default generator (seeded alike on every rank; checkpoint recomputation restores it).
+            offset = (token_offset(T, tokens.device, self.stats_group) if self.token_offset is None
+                      else torch.tensor(self.token_offset, device=tokens.device))
+            token_index = offset + torch.arange(T, device=tokens.device)  # [T] global token index
+            salt = tuple(int(v) for v in torch.randint(0, 2**31 - 1, (2,)).tolist())
+        route = self.router(tokens, token_index=token_index, dropout_salt=salt)  # weights/ids [T, k]
+        slots = expert_counts(route.expert_ids, cfg.num_experts)  # [E] logical, selected
+        keep = None
+        if cfg.capacity_factor is not None:  # NOTE: decided here, before any exchange
+            limit = capacity(cfg.capacity_factor, T, cfg.top_k, cfg.num_experts)
+            keep = capacity_keep(route.expert_ids, route.slot_scores, cfg.num_experts, limit)  # [T, k]
         weights, pending = route.weights, None
         if self.training and (cfg.aux_loss_coef or cfg.z_loss_coef):  # NOTE: training mode only, like Megatron
             weights, pending = begin_balancing(
                 route, slots, aux_loss_coef=cfg.aux_loss_coef, z_loss_coef=cfg.z_loss_coef, top_k=cfg.top_k,
                 group=self.stats_group, in_recompute=self._replay_balancing(),
             )
-        rows, counts, handle = self.dispatcher.dispatch(x, route.expert_ids, weights)  # [N, D], [G]
+        shared: list[torch.Tensor] = []
+        in_flight = None
+        if self.shared_experts is not None:  # NOTE: computed while the tokens are on the wire
+            in_flight = lambda: shared.append(self.shared_experts(tokens))  # noqa: E731
+        rows, counts, handle = self.dispatcher.dispatch(
+            x, route.expert_ids, weights, keep=keep, in_flight=in_flight
+        )  # [N, D], [G]
         y = self.experts(rows, counts, handle.counts_host)  # [N, D]
         out = self.dispatcher.combine(y, handle)  # [..., D] like x
+        if shared:
+            out = out + shared[0].view_as(out)
         if pending is not None:
             finish_balancing(pending, grad_scale=self.aux_grad_factor * self.aux_loss_scale, counters=self.routing)
         if self.training and not in_backward():  # NOTE: checkpoint recomputation records nothing
-            self.routing.add_forward(slots, counts, handle.sent_bytes)
+            dropped = 0 if keep is None else (~keep).sum()
+            load = counts if keep is None or handle.counts_host is not None else self._kept_load(route.expert_ids, keep)
+            self.routing.add_forward(slots, load, handle.sent_bytes, dropped)
+            if cfg.bias_update_rate > 0:
+                self.bias_load = slots.detach().clone() if self.bias_load is None else self.bias_load + slots
         return out
 
+    def _kept_load(self, expert_ids: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+        """``[G]`` kept slots per storage row (the local dispatcher computes dropped slots with a
+        zero weight, so its counts include them)."""
+        E = self.config.num_experts
+        physical = self.placement.to_physical(expert_ids).masked_fill(~keep, E)
+        return expert_counts(physical, E + 1)[:E]
 
     def _replay_balancing(self) -> bool:
         """Whether this forward must hook the balancing gradient although it runs in the backward.

@@ -13,6 +13,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .config import MoEConfig
+from .selection import expert_dropout_mask, group_limited_mask
 
 __all__ = ["Router", "RouterOutput", "balancing_stats", "balancing_losses"]
 
@@ -25,6 +26,7 @@ class RouterOutput:
     expert_ids: torch.Tensor  # [T, k] int64 chosen expert ids
     probs: torch.Tensor  # [T, E] float32 per-token distribution over experts (sums to 1)
     logits: torch.Tensor  # [T, E] float32 router logits after temperature
+    slot_scores: torch.Tensor | None = None  # [T, k] float32 scores of the chosen experts (no grad)
 
 
 class _Float32Linear(torch.autograd.Function):
@@ -77,7 +79,11 @@ class Router(nn.Module):
             with torch.no_grad():
                 self.expert_bias.zero_()
 
-    def forward(self, x: torch.Tensor) -> RouterOutput:  # x: [T, D]
+    def forward(
+        self, x: torch.Tensor, *, token_index: torch.Tensor | None = None, dropout_salt: tuple[int, int] | None = None
+    ) -> RouterOutput:
+        """Route ``x [T, D]``. ``token_index [T]`` (global token indices) and ``dropout_salt``
+        drive expert dropout, applied in training mode when ``expert_dropout > 0`` and both are given."""
         cfg = self.config
         if self.training and cfg.jitter_eps > 0:
             x32 = x.float()  # [T, D]
@@ -91,15 +97,22 @@ class Router(nn.Module):
         else:
             scores = torch.sigmoid(logits)  # [T, E]
             probs = scores / scores.sum(dim=-1, keepdim=True)
-        select = scores if self.expert_bias is None else scores + self.expert_bias.float()
+        select = scores if self.expert_bias is None else scores + self.expert_bias.float()  # [T, E]
+        if self.training and cfg.expert_dropout > 0 and token_index is not None and dropout_salt is not None:
+            dropped = expert_dropout_mask(token_index, cfg.num_experts, cfg.expert_dropout, dropout_salt)
+            select = select.masked_fill(dropped, float("-inf"))
+        if cfg.num_expert_groups is not None:
+            allowed = group_limited_mask(select.detach(), cfg.num_expert_groups, cfg.num_limited_groups)
+            select = select.masked_fill(~allowed, float("-inf"))
         # NOTE: ties are broken by torch.topk; selection uses no gradient, weights come from scores.
-        expert_ids = torch.topk(select, cfg.top_k, dim=-1, sorted=False).indices  # [T, k]
+        expert_ids = torch.topk(select.detach(), cfg.top_k, dim=-1, sorted=False).indices  # [T, k]
         weights = scores.gather(-1, expert_ids)  # [T, k]
+        slot_scores = weights.detach()
         if cfg.renormalize and cfg.top_k > 1:
             weights = weights / weights.sum(dim=-1, keepdim=True)
         if cfg.route_scale != 1.0:
             weights = weights * cfg.route_scale
-        return RouterOutput(weights=weights, expert_ids=expert_ids, probs=probs, logits=logits)
+        return RouterOutput(weights=weights, expert_ids=expert_ids, probs=probs, logits=logits, slot_scores=slot_scores)
 
 
 def balancing_stats(route: RouterOutput, counts: torch.Tensor) -> torch.Tensor:

@@ -16,7 +16,6 @@ import resource
 import sys
 import time
 import warnings
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -63,7 +62,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[JobConfig, Path, int | No
 def build_model(cfg: JobConfig) -> MoETransformer:
     """The model on the meta device: no memory until :func:`ep_fsdp.materialize` allocates shards."""
     m = cfg.model
-    moe = ep_fsdp.MoEConfig(dim=m.dim, **asdict(m.moe))
+    moe = m.moe.moe_config(m.dim)
     tcfg = TransformerConfig(
         vocab_size=m.vocab_size, dim=m.dim, num_layers=m.num_layers, num_heads=m.num_heads,
         num_kv_heads=m.num_kv_heads, max_seq_len=m.max_seq_len, num_dense_layers=m.num_dense_layers,
@@ -294,6 +293,7 @@ def main(argv: list[str] | None = None) -> None:
             aux_sum += float(aux.detach())
         grad_norm = float(ep_fsdp.clip_grad_norm_(model.parameters(), t.max_grad_norm))
         optimizer.step()
+        ep_fsdp.update_expert_bias(model)  # layers with moe.bias_update_rate > 0 (one all-reduce)
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
 
@@ -314,6 +314,7 @@ def main(argv: list[str] | None = None) -> None:
                 "tokens_per_s": tokens_per_step / step_time, "step_time_s": step_time,
                 "load_imbalance": max(r["imbalance"] for r in routing.values()),
                 "a2a_bytes": sum(r["a2a_bytes"] for r in routing.values()),
+                "dropped_fraction": sum(r["dropped_fraction"] for r in routing.values()) / len(routing),
                 "peak_memory_mb": mem,
                 "expert_utilization": {k: v["utilization"] for k, v in routing.items()},
             }
@@ -325,7 +326,8 @@ def main(argv: list[str] | None = None) -> None:
                 print(f"step {step:5d}/{t.steps}  loss {loss:.4f}{val}  lr {record['lr']:.2e}  "
                       f"{record['tokens_per_s']:,.0f} tok/s  {step_time * 1e3:.0f} ms  "
                       f"bal {balance:.3f}  z {z:.3f}  imb {record['load_imbalance']:.2f}  "
-                      f"mem {mem:.0f} MB", flush=True)
+                      + (f"drop {record['dropped_fraction']:.3f}  " if cfg.model.moe.capacity_factor else "")
+                      + f"mem {mem:.0f} MB", flush=True)
         if step % cfg.checkpoint.every == 0 or step == last_step:
             save(step)
     while pending:

@@ -17,16 +17,34 @@ from typing import Any
 
 @dataclass
 class MoEFields:
-    """``[model.moe]``: the MoE feed-forward (its dim is the model's)."""
+    """``[model.moe]``: the MoE feed-forward (its dim is the model's). TOML has no null: 0 means
+    "off" for ``num_expert_groups`` / ``num_limited_groups`` and "dropless" for ``capacity_factor``."""
 
     hidden_dim: int = 128
     num_experts: int = 8
     top_k: int = 2
     score_func: str = "softmax"
     renormalize: bool = True
+    route_scale: float = 1.0
     aux_loss_coef: float = 0.01
     z_loss_coef: float = 0.001
     jitter_eps: float = 0.0
+    expert_bias: bool = False
+    bias_update_rate: float = 0.0
+    num_shared_experts: int = 0
+    num_expert_groups: int = 0
+    num_limited_groups: int = 0
+    capacity_factor: float = 0.0
+    expert_dropout: float = 0.0
+
+    def moe_config(self, dim: int) -> Any:
+        """The library's ``MoEConfig`` (validated there) for a model of width ``dim``."""
+        import ep_fsdp
+
+        options = dataclasses.asdict(self)
+        for name in ("num_expert_groups", "num_limited_groups", "capacity_factor"):
+            options[name] = options[name] or None
+        return ep_fsdp.MoEConfig(dim=dim, **options)
 
 
 @dataclass

@@ -14,7 +14,7 @@ import torch
 import torch.distributed as dist
 import torch.distributed._functional_collectives as funcol
 
-__all__ = ["all_to_all_rows", "exchange_sizes", "exchange_records", "all_reduce_sum_", "wait"]
+__all__ = ["all_to_all_rows", "exchange_sizes", "exchange_records", "all_reduce_sum_", "token_offset", "wait"]
 
 
 def all_to_all_rows(
@@ -85,6 +85,17 @@ def all_reduce_sum_(x: torch.Tensor, group: dist.ProcessGroup | None) -> torch.T
     if group is None:
         return x
     return funcol.all_reduce(x, "sum", group)
+
+
+def token_offset(num_tokens: int, device: torch.device, group: dist.ProcessGroup | None) -> torch.Tensor:
+    """Tokens held by the ranks before this one in ``group`` (0 without a group), as a device
+    scalar: with each rank feeding a contiguous slice of the global batch in rank order, this
+    rank's token ``t`` is global token ``offset + t``."""
+    if group is None:
+        return torch.zeros((), dtype=torch.long, device=device)
+    mine = torch.full((1,), num_tokens, dtype=torch.long, device=device)
+    sizes = funcol.wait_tensor(funcol.all_gather_tensor(mine, 0, group))  # [world]
+    return sizes[: dist.get_rank(group)].sum()
 
 
 def wait(x: torch.Tensor) -> torch.Tensor:

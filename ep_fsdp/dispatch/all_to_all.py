@@ -10,6 +10,7 @@ slot) and are regrouped to (local slot, source rank) with one stable sort.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -44,31 +45,41 @@ class _AllToAllHandle(DispatchHandle):
     output_splits: list[int] | None = None  # [ep] rows I receive from each peer
     regroup: torch.Tensor | None = None  # [R]
     regroup_inverse: torch.Tensor | None = None  # [R]
+    dropped: int = 0  # dropped slots, sorted last and not sent
 
 
 class AllToAllDispatcher(ExchangeDispatcher):
     """One row per (token, expert) to the expert's rank; results come back and are combined there."""
 
-    def dispatch(self, tokens: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor) -> DispatchResult:
-        ep, G = self.placement.ep, self.num_local_experts
+    def dispatch(
+        self, tokens: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor, *,
+        keep: torch.Tensor | None = None, in_flight: Callable[[], None] | None = None,
+    ) -> DispatchResult:
+        ep, G, E = self.placement.ep, self.num_local_experts, self.placement.num_experts
         shape = tuple(tokens.shape)
         tokens, expert_ids, weights = flat_tokens(tokens, expert_ids, weights)  # [T, D], [T, k], [T, k]
-        sort = sort_slots(self.placement.to_physical(expert_ids), self.placement.num_experts)
+        physical = self.placement.to_physical(expert_ids)  # [T, k]
+        if keep is not None:
+            physical = physical.masked_fill(~keep.reshape(physical.shape), E)  # dropped: sorted last, never sent
+        sort = sort_slots(physical, E)
         x_sorted = gather_sorted(tokens, sort)  # [S, D], contiguous per destination rank
         send = sort.counts.view(ep, G)  # [ep, G]
         recv = exchange_sizes(send, self.group)  # [ep, G] rows from source s for my slot g
         # NOTE: the one device-to-host synchronisation of the layer: all sizes in one copy.
         host = torch.cat([send.sum(1), recv.sum(1), recv.sum(0)]).tolist()
         input_splits, output_splits, counts_host = host[:ep], host[ep:2 * ep], host[2 * ep:]
-        received = all_to_all_rows(x_sorted, output_splits, input_splits, self.group)  # [R, D] in flight
+        kept = sum(input_splits)
+        received = all_to_all_rows(x_sorted[:kept], output_splits, input_splits, self.group)  # [R, D] in flight
         R = sum(output_splits)
         regroup, regroup_inverse = regroup_by_expert(recv, R)  # overlaps the transfer
+        if in_flight is not None:
+            in_flight()
         rows = gather_rows(received, regroup, regroup_inverse, Segments(R, uniform=1))  # [R, D]
         me = dist.get_rank(self.group)
         sent = (sum(input_splits) - input_splits[me]) + (sum(output_splits) - output_splits[me])
         handle = _AllToAllHandle(
             shape, tokens.dtype, counts_host, sent * tokens.shape[1] * tokens.element_size(),
-            sort, weights, input_splits, output_splits, regroup, regroup_inverse,
+            sort, weights, input_splits, output_splits, regroup, regroup_inverse, x_sorted.shape[0] - kept,
         )
         return DispatchResult(rows, recv.sum(0), handle)
 
@@ -77,5 +88,7 @@ class AllToAllDispatcher(ExchangeDispatcher):
         check_handle(h, _AllToAllHandle, type(self).__name__)
         R = expert_out.shape[0]
         y_received = gather_rows(expert_out, h.regroup_inverse, h.regroup, Segments(R, uniform=1))  # [R, D]
-        y_sorted = all_to_all_rows(y_received, h.input_splits, h.output_splits, self.group)  # [S, D]
+        y_sorted = all_to_all_rows(y_received, h.input_splits, h.output_splits, self.group)  # [S - dropped, D]
+        if h.dropped:
+            y_sorted = torch.cat([y_sorted, y_sorted.new_zeros(h.dropped, y_sorted.shape[1])])  # [S, D]
         return combine_sorted(y_sorted, h.weights, h.sort, h.out_dtype, h.out_shape)  # [..., D]

@@ -17,6 +17,7 @@ holds; nothing else decides it.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -65,9 +66,17 @@ class TokenDispatcher(ABC):
         return self.placement.experts_per_rank
 
     @abstractmethod
-    def dispatch(self, tokens: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor) -> DispatchResult:
+    def dispatch(
+        self, tokens: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor, *,
+        keep: torch.Tensor | None = None, in_flight: Callable[[], None] | None = None,
+    ) -> DispatchResult:
         """``tokens [..., D]`` (``T`` tokens), logical ``expert_ids [T, k]`` int64, float32
-        ``weights [T, k]``."""
+        ``weights [T, k]``.
+
+        ``keep [T, k]`` bool (optional): slots marked False are dropped: they contribute zero and
+        their gate weight gets no gradient; an exchange does not send them. ``in_flight`` (optional)
+        is called once while the tokens are on the wire (after the exchange is issued, before it is
+        waited on), e.g. to compute shared experts; a local dispatcher calls it at the end."""
 
     @abstractmethod
     def combine(self, expert_out: torch.Tensor, handle: DispatchHandle) -> torch.Tensor:

@@ -17,6 +17,7 @@ It saves bytes only when ``k > 1``; with ``k == 1`` use :class:`AllToAllDispatch
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -47,27 +48,33 @@ class _DedupHandle(DispatchHandle):
 class DedupAllToAllDispatcher(ExchangeDispatcher):
     """One row per (token, destination rank); gate weights applied on the expert's rank."""
 
-    def dispatch(self, tokens: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor) -> DispatchResult:
+    def dispatch(
+        self, tokens: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor, *,
+        keep: torch.Tensor | None = None, in_flight: Callable[[], None] | None = None,
+    ) -> DispatchResult:
         ep, G = self.placement.ep, self.num_local_experts
         shape = tuple(tokens.shape)
         tokens, expert_ids, weights = flat_tokens(tokens, expert_ids, weights)  # [T, D], [T, k], [T, k]
         T, k = expert_ids.shape
         device = tokens.device
         dest, slot = (t.reshape(-1) for t in self.placement.locate(expert_ids))  # [S] ep rank, [S] local slot
+        if keep is not None:  # dropped slots go to a virtual rank ep: sorted last, never sent
+            kept_slot = keep.reshape(-1)
+            dest, slot = dest.masked_fill(~kept_slot, ep), slot.masked_fill(~kept_slot, 0)
         token = torch.arange(T, device=device).repeat_interleave(k)  # [S]
         order = torch.argsort(dest * T + token, stable=True)  # [S] by (destination, token)
         s_dest, s_token = dest[order], token[order]  # [S]
         first = torch.ones_like(s_dest, dtype=torch.bool)  # [S] first slot of a (dest, token) pair
         first[1:] = (s_dest[1:] != s_dest[:-1]) | (s_token[1:] != s_token[:-1])
         row_of_sorted = torch.cumsum(first, 0) - 1  # [S] unique row (destination-major)
-        rows_send = torch.zeros(ep, dtype=torch.long, device=device).scatter_add_(0, s_dest, first.long())  # [ep]
-        slots_send = expert_counts(dest * G + slot, ep * G).view(ep, G)  # [ep, G]
+        rows_send = torch.zeros(ep + 1, dtype=torch.long, device=device).scatter_add_(0, s_dest, first.long())[:ep]
+        slots_send = expert_counts(dest * G + slot, (ep + 1) * G)[:ep * G].view(ep, G)  # [ep, G]
         recv = exchange_sizes(torch.cat([rows_send.unsqueeze(1), slots_send], dim=1), self.group)  # [ep, 1+G]
         rows_recv_dev, slots_recv_dev = recv[:, 0], recv[:, 1:]  # [ep], [ep, G]
         # NOTE: the one device-to-host synchronisation of the layer: all sizes in one copy.
         host = torch.cat([rows_send, slots_send.sum(1), rows_recv_dev, slots_recv_dev.sum(1), slots_recv_dev.sum(0)]).tolist()
         rs, ss, rr, sr, counts_host = (host[:ep], host[ep:2 * ep], host[2 * ep:3 * ep], host[3 * ep:4 * ep], host[4 * ep:])
-        U, R, Sr = sum(rs), sum(rr), sum(sr)
+        U, R, Sr, Sk = sum(rs), sum(rr), sum(sr), sum(ss)  # Sk: slots kept (sent), the first Sk sorted
 
         # sender: one row per (token, destination), rows ordered (destination, token)
         first_pos = torch.argsort((~first).to(torch.int8), stable=True)[:U]  # [U] sorted slot starting each row
@@ -76,12 +83,14 @@ class DedupAllToAllDispatcher(ExchangeDispatcher):
         rows_per_token = expert_counts(unique_token, T)  # [T]
         rows = gather_rows(tokens, unique_token, tok_order, Segments(T, lengths=rows_per_token))  # [U, D]
         chunk_start = torch.cumsum(rows_send, 0) - rows_send  # [ep]
-        records = torch.stack([row_of_sorted - chunk_start[s_dest], slot[order]], dim=1)  # [S, 2]
+        records = torch.stack([row_of_sorted[:Sk] - chunk_start[s_dest[:Sk]], slot[order[:Sk]]], dim=1)  # [Sk, 2]
         flat_w = weights.reshape(-1, 1).float()  # [S, 1]
         w_sorted = gather_rows(flat_w, order, inverse_permutation(order), Segments(T * k, uniform=1)).squeeze(1)  # [S]
 
         rows_in = all_to_all_rows(rows, rr, rs, self.group)  # [R, D], in flight
-        records_in, weights_in = exchange_records(records, w_sorted, sr, ss, self.group)  # [Sr, 2], [Sr]
+        records_in, weights_in = exchange_records(records, w_sorted[:Sk], sr, ss, self.group)  # [Sr, 2], [Sr]
+        if in_flight is not None:
+            in_flight()
 
         # receiver: slots arrive ordered (source, row); expand rows to slots grouped by local slot
         source = torch.repeat_interleave(torch.arange(ep, device=device), slots_recv_dev.sum(1), output_size=Sr)  # [Sr]

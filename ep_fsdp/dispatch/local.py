@@ -5,6 +5,7 @@ Legend: T tokens, D model dim, k experts per token, S = T*k routed slots, E expe
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -26,10 +27,13 @@ class SlotSort:
 
 
 def sort_slots(physical_ids: torch.Tensor, num_experts: int) -> SlotSort:
-    """``[T, k]`` storage rows -> stable sort; ties keep token order (no per-token Python)."""
+    """``[T, k]`` storage rows -> stable sort; ties keep token order (no per-token Python).
+
+    A storage row of ``num_experts`` marks a dropped slot: it sorts last and is not counted."""
     flat = physical_ids.reshape(-1)  # [S]
     sort_idx = torch.argsort(flat, stable=True)  # [S]
-    return SlotSort(sort_idx, inverse_permutation(sort_idx), expert_counts(flat, num_experts), physical_ids.shape[-1])
+    counts = expert_counts(flat, num_experts + 1)[:num_experts]  # [E]
+    return SlotSort(sort_idx, inverse_permutation(sort_idx), counts, physical_ids.shape[-1])
 
 
 def gather_sorted(tokens: torch.Tensor, sort: SlotSort) -> torch.Tensor:
@@ -59,12 +63,21 @@ class _LocalHandle(DispatchHandle):
 class LocalDispatcher(TokenDispatcher):
     """All experts on this process: rows are the token copies sorted by expert."""
 
-    def dispatch(self, tokens: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor) -> DispatchResult:
+    def dispatch(
+        self, tokens: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor, *,
+        keep: torch.Tensor | None = None, in_flight: Callable[[], None] | None = None,
+    ) -> DispatchResult:
         shape = tuple(tokens.shape)
         tokens, expert_ids, weights = flat_tokens(tokens, expert_ids, weights)  # [T, D], [T, k], [T, k]
+        if keep is not None:
+            # NOTE: dropped slots are still computed here, with a zero weight (exact, and no host
+            # sync to size the kept rows); only an exchange saves their bytes.
+            weights = weights * keep.reshape(weights.shape)
         sort = sort_slots(self.placement.to_physical(expert_ids), self.placement.num_experts)
         rows = gather_sorted(tokens, sort)  # [S, D]
         handle = _LocalHandle(shape, tokens.dtype, None, 0, sort, weights)
+        if in_flight is not None:
+            in_flight()
         return DispatchResult(rows, sort.counts, handle)
 
     def combine(self, expert_out: torch.Tensor, handle: DispatchHandle) -> torch.Tensor:

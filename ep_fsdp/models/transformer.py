@@ -182,9 +182,9 @@ class MoETransformer(nn.Module):
             nn.init.normal_(tensor, std=self.config.dim**-0.5, generator=generator)
         elif name.endswith(("norm.weight",)):
             nn.init.ones_(tensor)
-        elif name.endswith(("wo.weight", "w2.weight", "experts.w2")):
+        elif name.endswith(("wo.weight", "w2.weight", "experts.w2", "down_proj.weight")):
             nn.init.normal_(tensor, std=out_std, generator=generator)
-        else:  # embeddings, wq/wk/wv, w1/w3 (dense and experts), router gates
+        else:  # embeddings, wq/wk/wv, w1/w3 (dense, experts, shared experts), router gates
             nn.init.normal_(tensor, std=0.02, generator=generator)
 
     def reset_buffers(self) -> None:
