@@ -217,6 +217,7 @@ def main(argv: list[str] | None = None) -> None:
     # resume
     ckpt_dir = out / "checkpoints"
     start_step = 0
+    rng_to_restore: dict[str, Any] | None = None
     # rank 0 decides, so that every rank resumes from the same checkpoint (directory listings
     # may differ across nodes on a network file system)
     choice = [ckpt.latest(ckpt_dir) if rank == 0 else None]
@@ -230,9 +231,7 @@ def main(argv: list[str] | None = None) -> None:
         if same_layout:
             scheduler.load_state_dict(extra["scheduler"])
             loader.load_state_dict(extra["loader"])
-            torch.set_rng_state(extra["rng_cpu"])
-            if device.type == "cuda" and extra.get("rng_cuda") is not None:
-                torch.cuda.set_rng_state(extra["rng_cuda"], device)
+            rng_to_restore = extra
         else:
             # NOTE: a new layout has other ranks, so per-rank state does not carry over. The
             # sampler's state is layout-independent (global batches consumed) and the schedule is a
@@ -276,6 +275,12 @@ def main(argv: list[str] | None = None) -> None:
             pending.append(result)
 
     data_iter = iter(loader)
+    # NOTE: after iter(loader), which draws a base seed from the default generator: the restored
+    # state is then exactly the saved one (expert dropout and jitter draw from it).
+    if rng_to_restore is not None:
+        torch.set_rng_state(rng_to_restore["rng_cpu"])
+        if device.type == "cuda" and rng_to_restore.get("rng_cuda") is not None:
+            torch.cuda.set_rng_state(rng_to_restore["rng_cuda"], device)
     tokens_per_step = t.global_batch_size * t.seq_len
     last_step = t.steps if stop_after is None else min(t.steps, start_step + stop_after)
     for step in range(start_step + 1, last_step + 1):

@@ -229,3 +229,19 @@ def test_transformers_model_with_a_small_vocabulary_is_refused(tmp_path):
                    *FAST, "--ep", "1", "--set", f"model.hf_path='{tmp_path / 'hub'}'")
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=TIMEOUT, cwd=ROOT)
     assert proc.returncode != 0 and "vocab_size=200" in proc.stderr and "needs vocab_size >= 256" in proc.stderr
+
+
+def test_deepseek_style_routing_resumes_bitwise(tmp_path):
+    """deepseek_v3_tiny.toml (shared expert, sigmoid, group-limited, bias updates) plus capacity and
+    expert dropout: the bias moves, slots are dropped, and a stopped run resumes bitwise."""
+    config = ("--config", str(ROOT / "recipes" / "configs" / "deepseek_v3_tiny.toml"), "--ep", "2",
+              "--set", "model.moe.capacity_factor=1.25", "--set", "model.moe.expert_dropout=0.1")
+    full, stopped = tmp_path / "full", tmp_path / "stopped"
+    train(full, 2, *config)
+    train(stopped, 2, *config, "--stop-after", "6")
+    assert "at step 6" in train(stopped, 2, *config)
+    ref, got = losses(full), losses(stopped)
+    assert [got[s] for s in range(1, STEPS + 1)] == [ref[s] for s in range(1, STEPS + 1)]
+    records = [json.loads(line) for line in (full / "metrics.jsonl").read_text().splitlines()]
+    assert all(r["dropped_fraction"] > 0 for r in records)
+    assert ref[STEPS] < ref[1] - 1.0
