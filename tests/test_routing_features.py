@@ -62,15 +62,15 @@ def reference_loss(ref: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, world
     return torch.stack(losses).mean()
 
 
-def feature_steps(dp_shard: int, ep: int, feature: str, steps: int = 3) -> dict:
+def feature_steps(dp_shard: int, ep: int, feature: str, steps: int = 3, ac: bool = False, **changes) -> dict:
     rank, world = dist.get_rank(), dist.get_world_size()
     torch.manual_seed(0)
-    model = build(**FEATURES[feature])
+    model = build(**{**FEATURES[feature], **changes})
     ref = copy.deepcopy(model)
-    ep_fsdp.parallelize_moe(model, worker_mesh(dp_shard, ep))
+    ep_fsdp.parallelize_moe(model, worker_mesh(dp_shard, ep), activation_checkpointing=ac)
     opt_kwargs = dict(lr=1e-3, weight_decay=0.1)
     opt, opt_ref = torch.optim.AdamW(model.parameters(), **opt_kwargs), torch.optim.AdamW(ref.parameters(), **opt_kwargs)
-    per_slice = FEATURES[feature].get("capacity_factor") is not None
+    per_slice = {**FEATURES[feature], **changes}.get("capacity_factor") is not None
     losses, grad_errs = [], []
     for step in range(steps):
         g = torch.Generator().manual_seed(100 + step)
@@ -106,16 +106,20 @@ def feature_steps(dp_shard: int, ep: int, feature: str, steps: int = 3) -> dict:
     }
 
 
-@pytest.mark.parametrize("layout", LAYOUTS, ids=lambda l: f"dp{l[0]}xep{l[1]}")
-@pytest.mark.parametrize("feature", list(FEATURES))
-def test_feature_training_matches_single_process(pools, layout, feature):
-    results = pools(layout[0] * layout[1]).run(feature_steps, *layout, feature)
+def check(results: list[dict]) -> None:
     for r in results:
         for got, want in r["losses"]:
             assert abs(got - want) <= REL_TOL * abs(want), r["losses"]
         assert r["grad"][1] <= REL_TOL, f"gradient {r['grad']}"
         assert r["param"][1] <= REL_TOL, f"parameter after AdamW {r['param']}"
         assert r["bias_equal"], "expert_bias differs from the reference"
+
+
+@pytest.mark.parametrize("layout", LAYOUTS, ids=lambda l: f"dp{l[0]}xep{l[1]}")
+@pytest.mark.parametrize("feature", list(FEATURES))
+def test_feature_training_matches_single_process(pools, layout, feature):
+    results = pools(layout[0] * layout[1]).run(feature_steps, *layout, feature)
+    check(results)
     options = FEATURES[feature]
     if options.get("bias_update_rate"):
         assert results[0]["bias_moved"]
@@ -123,3 +127,19 @@ def test_feature_training_matches_single_process(pools, layout, feature):
         assert results[0]["dropped"] > 0  # the limit did drop slots
     else:
         assert results[0]["dropped"] == 0
+
+
+def test_all_features_under_activation_checkpointing(pools):
+    """The recomputation replays the same routing: same dropout salts (restored random state), no
+    second count of the bias load."""
+    check(pools(4).run(feature_steps, 2, 2, "all", ac=True))
+
+
+def test_dropped_slots_cost_no_bytes(pools):
+    pool = pools(4)
+    dropless = pool.run(feature_steps, 1, 4, "capacity", steps=1, capacity_factor=None)
+    capped = pool.run(feature_steps, 1, 4, "capacity", steps=1, capacity_factor=0.5)
+    check(dropless), check(capped)
+    assert capped[0]["dropped"] > 0.3
+    sent = [sum(r["a2a_bytes"] for r in run) for run in (dropless, capped)]
+    assert sent[1] < 0.8 * sent[0], sent
