@@ -9,6 +9,7 @@ from .mesh import build_mesh
 from .moe import MoE, moe_aux_loss, moe_layers, set_aux_loss_scale
 from .placement import ExpertPlacement
 from .metrics import routing_stats
+from .migration import expert_placement, last_rebalance, rebalance_experts
 from .parallelize import parallelize_moe
 
 __version__ = "0.1.0"
@@ -27,5 +28,8 @@ __all__ = [
     "parallelize_moe",
     "clip_grad_norm_",
     "routing_stats",
+    "expert_placement",
+    "rebalance_experts",
+    "last_rebalance",
     "__version__",
 ]

@@ -55,11 +55,15 @@ class RoutingCounters:
     pending_aux: torch.Tensor | None = None  # float64 aux value not yet taken by moe_aux_loss
     pending_forwards: int = 0
     dropped: torch.Tensor | int = 0  # slots dropped by the capacity limit
+    # [E] selected slots per logical expert since the last ep_fsdp.rebalance_experts (not reset
+    # by routing_stats)
+    rebalance_load: torch.Tensor | None = None
 
     def add_forward(self, counts: torch.Tensor, load: torch.Tensor, a2a_bytes: int,
                     dropped: torch.Tensor | int = 0) -> None:
         counts, load = counts.detach(), load.detach()
         self.dropped = self.dropped + dropped
+        self.rebalance_load = counts.clone() if self.rebalance_load is None else self.rebalance_load + counts
         self.tokens_per_expert = counts.clone() if self.tokens_per_expert is None else self.tokens_per_expert + counts
         self.expert_load = load.clone() if self.expert_load is None else self.expert_load + load
         self.a2a_bytes += a2a_bytes

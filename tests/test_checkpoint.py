@@ -81,7 +81,8 @@ def test_info_command(source):
     ).stdout
     assert "saved on     world_size=4 dp_shard=2 ep=2" in out
     assert "step         2" in out
-    assert "moe layer    layers.1.feed_forward: E=8 k=2 D=32 H=48 softmax; experts ep0: 0-3, ep1: 4-7" in out
+    assert ("moe layer    layers.1.feed_forward: E=8 k=2 D=32 H=48 softmax; default placement; "
+            "experts ep0: 0-3, ep1: 4-7") in out
     assert f"torch {torch.__version__}" in out
     assert re.search(r"layers\.1\.feed_forward\.experts\.w1\s+float32\s+\[8, 48, 32\]", out)
     assert "on disk" in out

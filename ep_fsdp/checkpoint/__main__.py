@@ -72,6 +72,11 @@ def info(path: Path) -> str:
             f"E={c['num_experts']} {c['experts_class']}" if "experts_class" in c  # a transformers experts module
             else f"E={c['num_experts']} k={c['top_k']} D={c['dim']} H={c['hidden_dim']} {c['score_func']}"
         )
+        ranks = (rec.get("placement") or {}).get("ranks")
+        if ranks is not None:
+            G = len(ranks) // max(rec["placement"]["ep"], 1)
+            off = sum(r != e // G for e, r in enumerate(ranks))
+            what += "; default placement" if off == 0 else f"; {off} of {len(ranks)} experts off their default rank"
         lines.append(f"moe layer    {name}: {what}; experts {owners}")
     width = max(len(k) for k in params) if params else 0
     lines.append("tensors:")

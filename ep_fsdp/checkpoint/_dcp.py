@@ -32,6 +32,7 @@ from ._format import (
     file_crc32,
     is_complete,
     moe_layer_records,
+    storage_permutations,
     transformers_record,
     partial_path,
     read_metadata,
@@ -389,6 +390,7 @@ def load(
         set_model_state_dict(model, state["model"])
     else:
         set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    _restore_placements(model, optimizer, meta)
     extra_file = extra_path(path, rank)
     extra = torch.load(extra_file, weights_only=False) if extra_file.is_file() else None
     return {
@@ -399,6 +401,32 @@ def load(
         "versions": meta["versions"],
         "path": str(path),
     }
+
+
+@torch.no_grad()
+def _restore_placements(model: nn.Module, optimizer: torch.optim.Optimizer | None, meta: dict[str, Any]) -> None:
+    """The loaded expert tensors are in the saved storage order. A parallelized model adopts the
+    saved placement (the same permutation, under its own ep: every logical expert is where its
+    row is); a plain model's rows (and optimizer moments) are put back in logical order."""
+    from ..expert_modules import expert_layers
+    from ..migration import install_placement
+
+    if get_layout(model) is not None:
+        layers = dict(expert_layers(model))
+        for name, rec in meta["moe_layers"].items():
+            physical = (rec.get("placement") or {}).get("physical")
+            if physical is not None and name in layers:
+                install_placement(layers[name], physical)
+        return
+    params = dict(model.named_parameters())
+    for key, physical in storage_permutations(meta).items():
+        p = params.get(key)
+        if p is None:
+            continue
+        index = torch.tensor(physical, device=p.device)
+        for t in [p, *(optimizer.state.get(p, {}).values() if optimizer is not None else [])]:
+            if isinstance(t, torch.Tensor) and t.shape[:1] == p.shape[:1] and t.dim() == p.dim():
+                t.copy_(t[index])
 
 
 def list_checkpoints(root: str | os.PathLike[str]) -> list[Path]:

@@ -30,6 +30,7 @@ __all__ = [
     "read_metadata",
     "moe_layer_records",
     "transformers_record",
+    "storage_permutations",
     "file_crc32",
     "write_json_atomic",
     "is_complete",
@@ -113,12 +114,28 @@ def moe_layer_records(model: torch.nn.Module, ep: int | None = None) -> dict[str
             {"num_experts": layer.ep_num_experts, "experts_class": layer._ep_base_class.__name__}
             if isinstance(layer, ExpertParallelExperts) else asdict(layer.config)
         )
+        holder, prefix = (layer, name) if isinstance(layer, ExpertParallelExperts) else (layer.experts, f"{name}.experts")
         records[name] = {
             "config": config,
+            "expert_params": [f"{prefix}.{p}" if prefix else p for p, _ in holder.named_parameters(recurse=False)],
             "placement": placement.to_dict(),
             "expert_owner": [{"ep_rank": r, "experts": placement.experts_on(r)} for r in range(placement.ep)],
         }
     return records
+
+
+def storage_permutations(meta: dict[str, Any]) -> dict[str, list[int]]:
+    """``{expert tensor key: physical}`` for the layers whose saved placement is not the identity:
+    row ``physical[e]`` of the saved tensor holds logical expert ``e`` (``saved[physical]`` is the
+    tensor in logical order)."""
+    out: dict[str, list[int]] = {}
+    for name, rec in meta.get("moe_layers", {}).items():
+        physical = (rec.get("placement") or {}).get("physical")
+        if physical is None or physical == list(range(len(physical))):
+            continue
+        keys = rec.get("expert_params") or [f"{name}.experts.{w}" for w in ("w1", "w3", "w2")]
+        out.update({key: physical for key in keys})
+    return out
 
 
 def transformers_record(model: torch.nn.Module) -> dict[str, Any] | None:

@@ -24,7 +24,7 @@ from torch.distributed.tensor._utils import compute_local_shape_and_global_offse
 
 from ..moe import moe_layers
 from ._dcp import _quiet_single_process, _verify_files
-from ._format import read_metadata
+from ._format import read_metadata, storage_permutations
 
 __all__ = ["export_safetensors", "load_safetensors", "expert_key_map", "INDEX_FILE"]
 
@@ -155,12 +155,19 @@ def _write_file(
     with open(path, "wb") as f:
         f.write(struct.pack("<Q", len(raw)))
         f.write(raw)
+        rows = storage_permutations(meta)
         for key, outs in shard:
             # NOTE: one tensor in memory at a time; it is freed before the next one is read.
-            _write_tensor(f, _read_tensor(checkpoint, key, meta["params"][key]), split=outs[0][0] != key)
+            # Experts are written in logical order, whatever the placement they were saved with.
+            _write_tensor(f, _in_logical_order(_read_tensor(checkpoint, key, meta["params"][key]), rows.get(key)),
+                          split=outs[0][0] != key)
         f.flush()
         os.fsync(f.fileno())
     return offset
+
+
+def _in_logical_order(tensor: torch.Tensor, physical: list[int] | None) -> torch.Tensor:
+    return tensor if physical is None else tensor[torch.tensor(physical)]
 
 
 def _write_tensor(f: Any, tensor: torch.Tensor, split: bool) -> None:
@@ -199,6 +206,13 @@ def load_safetensors(model: nn.Module, directory: str | os.PathLike[str]) -> Non
         )
     layers = moe_layers(model)
     experts = expert_key_map([n for n, _ in layers], {n: m.config.num_experts for n, m in layers})
+    # storage row p of a layer's expert tensors holds logical expert logical_of[p] (its placement)
+    for n, m in layers:
+        if not m.placement.is_contiguous():
+            logical_of = sorted(range(m.config.num_experts), key=m.placement.physical)
+            for w in ("w1", "w3", "w2"):
+                key = f"{n}.experts.{w}"
+                experts[key] = [experts[key][e] for e in logical_of]
     state = model.state_dict()
     expected = [name for key in state for name in experts.get(key, [key])]
     missing = sorted(set(expected) - set(weight_map))

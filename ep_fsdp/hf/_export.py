@@ -38,13 +38,19 @@ def _groups(params: dict[str, Any]) -> Iterator[list[str]]:
     yield from groups.values()
 
 
-def _read(checkpoint: Path, keys: list[str], params: dict[str, Any]) -> dict[str, torch.Tensor]:
+def _read(checkpoint: Path, keys: list[str], meta: dict[str, Any]) -> dict[str, torch.Tensor]:
     """Read the global tensors ``keys`` from the DCP checkpoint in this process, in one pass."""
     from ..checkpoint._dcp import _quiet_single_process
 
+    from ..checkpoint._format import storage_permutations
+
+    params = meta["params"]
     out = {k: torch.empty(params[k]["shape"], dtype=getattr(torch, params[k]["dtype"])) for k in keys}
     with _quiet_single_process():
         dcp.load({"model": out}, checkpoint_id=str(checkpoint), no_dist=True)
+    for key, physical in storage_permutations(meta).items():  # experts in logical order
+        if key in out:
+            out[key] = out[key][torch.tensor(physical)]
     return out
 
 
@@ -80,7 +86,7 @@ def export_hub(checkpoint: Path, out_dir: Path, meta: dict[str, Any], max_shard_
 
     total = 0
     for keys in _groups(params):
-        hub = revert_weight_conversion(model, _read(checkpoint, keys, params))
+        hub = revert_weight_conversion(model, _read(checkpoint, keys, meta))
         for name, tensor in hub.items():
             nbytes = tensor.numel() * tensor.element_size()
             if pending and pending_bytes + nbytes > max_shard_bytes:
