@@ -275,6 +275,7 @@ def main(argv: list[str] | None = None) -> None:
             pending.append(result)
 
     data_iter = iter(loader)
+    rebalanced: dict[str, Any] | None = None
     # NOTE: after iter(loader), which draws a base seed from the default generator: the restored
     # state is then exactly the saved one (expert dropout and jitter draw from it).
     if rng_to_restore is not None:
@@ -299,6 +300,19 @@ def main(argv: list[str] | None = None) -> None:
         grad_norm = float(ep_fsdp.clip_grad_norm_(model.parameters(), t.max_grad_norm))
         optimizer.step()
         ep_fsdp.update_expert_bias(model)  # layers with moe.bias_update_rate > 0 (one all-reduce)
+        rebalance = cfg.model.moe.rebalance_every
+        if rebalance and step % rebalance == 0 and ep > 1:
+            # the load of the global batch since the last move; weights and AdamW moments move
+            ep_fsdp.rebalance_experts(model, optimizer)
+            if rank == 0:
+                report = ep_fsdp.last_rebalance(model)
+                before = max(r["imbalance_before"] for r in report.values())
+                after = max(r["imbalance_after"] for r in report.values())
+                moved = sum(r["experts_moved"] for r in report.values())
+                seconds = max(r["seconds"] for r in report.values())
+                print(f"step {step:5d}  rebalance: imbalance {before:.2f} -> {after:.2f}, {moved} experts moved "
+                      f"in {seconds * 1e3:.0f} ms", flush=True)
+                rebalanced = report  # goes into the next metrics record
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
 
@@ -325,6 +339,8 @@ def main(argv: list[str] | None = None) -> None:
             }
             if is_val_step:
                 record["val_loss"] = validate(model, val_set, cfg, device)
+            if rebalanced is not None:
+                record["rebalance"], rebalanced = rebalanced, None
             if rank == 0:
                 metrics.write(record)
                 val = f"  val {record['val_loss']:.4f}" if "val_loss" in record else ""

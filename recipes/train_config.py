@@ -36,12 +36,14 @@ class MoEFields:
     num_limited_groups: int = 0
     capacity_factor: float = 0.0
     expert_dropout: float = 0.0
+    rebalance_every: int = 0  # recipe option: ep_fsdp.rebalance_experts every N steps (0: never)
 
     def moe_config(self, dim: int) -> Any:
         """The library's ``MoEConfig`` (validated there) for a model of width ``dim``."""
         import ep_fsdp
 
         options = dataclasses.asdict(self)
+        options.pop("rebalance_every")
         for name in ("num_expert_groups", "num_limited_groups", "capacity_factor"):
             options[name] = options[name] or None
         return ep_fsdp.MoEConfig(dim=dim, **options)

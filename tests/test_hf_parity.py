@@ -255,3 +255,36 @@ def indivisible(ep: int) -> str:
 def test_experts_not_divisible_by_ep(pools):
     msg = pools(4).run(indivisible, 4)[0]
     assert "num_experts=6 of MoE layer 'layers.0'" in msg and "not divisible by ep=4" in msg, msg
+
+
+def hf_train_moves(dp_shard: int, ep: int, family: str, move_every: int, steps: int = 10) -> dict:
+    """Train a transformers model whose last ep rank's experts get no token; move experts (weights,
+    biases, AdamW moments) every ``move_every`` steps."""
+    rank, world = dist.get_rank(), dist.get_world_size()
+    model = build_hf(family)
+    starve_last_rank(model, ep)
+    ep_fsdp.parallelize_moe(model, worker_mesh(dp_shard, ep))
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    losses, moved = [], 0
+    for step in range(1, steps + 1):
+        x = torch.randint(0, 256, (2 * world, SEQ), generator=torch.Generator().manual_seed(step))[2 * rank:2 * rank + 2]
+        out = model(x, labels=x)
+        (out.loss + ep_fsdp.moe_aux_loss(model)).backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(mean_over_ranks(out.loss))
+        if move_every and step % move_every == 0:
+            ep_fsdp.rebalance_experts(model, opt)
+            moved += sum(r["experts_moved"] for r in ep_fsdp.last_rebalance(model).values())
+    return {"losses": losses, "moved": moved}
+
+
+@pytest.mark.parametrize("family", ["deepseek_v3", "gpt_oss"])
+def test_transformers_experts_move_between_ranks(pools, family):
+    pool = pools(4)
+    still = pool.run(hf_train_moves, 1, 4, family, 0)
+    moving = pool.run(hf_train_moves, 1, 4, family, 3)
+    assert moving[0]["moved"] > 0
+    for a, b in zip(still, moving):
+        for got, want in zip(b["losses"], a["losses"]):
+            assert abs(got - want) <= REL_TOL * abs(want), (b["losses"], a["losses"])
