@@ -29,6 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import ep_fsdp  # noqa: E402
 import ep_fsdp.checkpoint as ckpt  # noqa: E402
 from data import WindowDataset, build_loader, stdlib_corpus  # noqa: E402
+from ep_fsdp.expert_modules import expert_layers  # noqa: E402
 from ep_fsdp.models import MoETransformer, TransformerConfig  # noqa: E402
 from train_config import JobConfig, load_config  # noqa: E402
 
@@ -232,6 +233,8 @@ def main(argv: list[str] | None = None) -> None:
             scheduler.load_state_dict(extra["scheduler"])
             loader.load_state_dict(extra["loader"])
             rng_to_restore = extra
+            for n, m in expert_layers(model):
+                m.routing.rebalance_load = (extra.get("rebalance_load") or {}).get(n)
         else:
             # NOTE: a new layout has other ranks, so per-rank state does not carry over. The
             # sampler's state is layout-independent (global batches consumed) and the schedule is a
@@ -267,6 +270,9 @@ def main(argv: list[str] | None = None) -> None:
             "loader": loader.state_dict(),
             "rng_cpu": torch.get_rng_state(),
             "rng_cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
+            # this rank's expert load since the last rebalance (moe.rebalance_every): the next move
+            # plans from it, so a resumed run moves the same experts
+            "rebalance_load": {n: m.routing.rebalance_load for n, m in expert_layers(model)},
         }
         result = ckpt.save(ckpt_dir / f"step_{step:08d}", model, optimizer, step=step, extra=extra,
                            keep_last=cfg.checkpoint.keep_last, metadata={"train_config": cfg.to_dict()},

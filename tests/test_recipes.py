@@ -245,3 +245,18 @@ def test_deepseek_style_routing_resumes_bitwise(tmp_path):
     records = [json.loads(line) for line in (full / "metrics.jsonl").read_text().splitlines()]
     assert all(r["dropped_fraction"] > 0 for r in records)
     assert ref[STEPS] < ref[1] - 1.0
+
+
+def test_expert_moves_in_the_recipe_resume_bitwise(tmp_path):
+    """moe.rebalance_every: experts move every 4 steps; a run stopped between moves resumes bitwise
+    (the placement comes back from the checkpoint, the load since the last move from the extras)."""
+    moving = ("--ep", "2", "--set", "model.moe.rebalance_every=4")
+    full, stopped = tmp_path / "full", tmp_path / "stopped"
+    out = train(full, 2, *moving)
+    assert "rebalance: imbalance" in out
+    train(stopped, 2, *moving, "--stop-after", "6")
+    assert "at step 6" in train(stopped, 2, *moving)
+    ref, got = losses(full), losses(stopped)
+    assert [got[s] for s in range(1, STEPS + 1)] == [ref[s] for s in range(1, STEPS + 1)]
+    records = [json.loads(line) for line in (full / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if "rebalance" in r] == [4, 8, 12, 16]
