@@ -5,6 +5,7 @@ See ``docs/checkpoint.md`` for the on-disk format.
 
 from ._dcp import PendingSave, latest, list_checkpoints, load, save
 from ._format import read_metadata
+from ._safe import UnsafeCheckpointError
 from ._safetensors import export_safetensors, load_safetensors
 
 __all__ = [
@@ -16,4 +17,5 @@ __all__ = [
     "PendingSave",
     "export_safetensors",
     "load_safetensors",
+    "UnsafeCheckpointError",
 ]

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import pickle
 import sys
 from pathlib import Path
 
 import torch
 
 from ._format import read_metadata
+from ._safe import safe_metadata_load
 
 
 def _human(n: float) -> str:
@@ -35,6 +37,9 @@ def _ranges(ids: list[int]) -> str:
 
 def info(path: Path) -> str:
     meta = read_metadata(path, "info")
+    dcp_meta = path / ".metadata"
+    if dcp_meta.is_file():  # checked with the restricted unpickler: a crafted file is reported, never run
+        safe_metadata_load(dcp_meta.read_bytes(), str(dcp_meta))
     lay = meta["layout"]
     lines = [
         f"checkpoint   {path}",
@@ -95,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     try:
         print(info(args.path))
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, pickle.UnpicklingError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0

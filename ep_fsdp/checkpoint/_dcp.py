@@ -38,6 +38,7 @@ from ._format import (
     read_metadata,
     write_json_atomic,
 )
+from ._safe import SafeFileSystemReader, SafeLoadPlanner, UnsafeCheckpointError, load_extra, safe_metadata_load
 
 __all__ = ["save", "load", "latest", "list_checkpoints", "PendingSave", "read_metadata"]
 
@@ -385,14 +386,14 @@ def load(
     _check_model_matches(path, meta, get_model_state_dict(model), model)
     state = _app_state(model, optimizer)
     with _quiet_single_process():
-        dcp.load(state, checkpoint_id=str(path), no_dist=not _distributed())
+        dcp_load(state, path, no_dist=not _distributed())
     if optimizer is None:
         set_model_state_dict(model, state["model"])
     else:
         set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
     _restore_placements(model, optimizer, meta)
     extra_file = extra_path(path, rank)
-    extra = torch.load(extra_file, weights_only=False) if extra_file.is_file() else None
+    extra = load_extra(extra_file) if extra_file.is_file() else None
     return {
         "step": meta["step"],
         "extra": extra,
@@ -427,6 +428,23 @@ def _restore_placements(model: nn.Module, optimizer: torch.optim.Optimizer | Non
         for t in [p, *(optimizer.state.get(p, {}).values() if optimizer is not None else [])]:
             if isinstance(t, torch.Tensor) and t.shape[:1] == p.shape[:1] and t.dim() == p.dim():
                 t.copy_(t[index])
+
+
+def dcp_load(state: dict[str, Any], path: Path, *, no_dist: bool) -> None:
+    """``dcp.load`` through the safe reader and planner: nothing in the checkpoint is unpickled
+    beyond DCP metadata types and ``weights_only`` values (see ``_safe.py``)."""
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    safe_metadata_load((path / ".metadata").read_bytes(), str(path / ".metadata"))  # refuse before DCP starts
+    try:
+        dcp.load(state, checkpoint_id=str(path), storage_reader=SafeFileSystemReader(str(path)),
+                 planner=SafeLoadPlanner(), no_dist=no_dist)
+    except CheckpointException as e:  # DCP wraps each rank's error: surface a refusal as itself
+        for failure in e.failures.values():
+            inner = failure[0] if isinstance(failure, tuple) else getattr(failure, "exception", failure)
+            if isinstance(inner, UnsafeCheckpointError):
+                raise inner from None
+        raise
 
 
 def list_checkpoints(root: str | os.PathLike[str]) -> list[Path]:

@@ -16,14 +16,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed.checkpoint as dcp
 import torch.nn as nn
 from safetensors import safe_open
 from torch.distributed.tensor import DTensor
 from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
 from ..moe import moe_layers
-from ._dcp import _quiet_single_process, _verify_files
+from ._dcp import _quiet_single_process, _verify_files, dcp_load
 from ._format import read_metadata, storage_permutations
 
 __all__ = ["export_safetensors", "load_safetensors", "expert_key_map", "INDEX_FILE"]
@@ -69,7 +68,7 @@ def _read_tensor(checkpoint: Path, key: str, rec: dict[str, Any]) -> torch.Tenso
     """Read one global tensor from the DCP checkpoint in this process (no process group)."""
     target = torch.empty(rec["shape"], dtype=getattr(torch, rec["dtype"]))
     with _quiet_single_process():
-        dcp.load({"model": {key: target}}, checkpoint_id=str(checkpoint), no_dist=True)
+        dcp_load({"model": {key: target}}, checkpoint, no_dist=True)
     return target
 
 

@@ -18,7 +18,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed.checkpoint as dcp
 from safetensors.torch import save_file
 
 from ._model import build_on_meta
@@ -40,14 +39,14 @@ def _groups(params: dict[str, Any]) -> Iterator[list[str]]:
 
 def _read(checkpoint: Path, keys: list[str], meta: dict[str, Any]) -> dict[str, torch.Tensor]:
     """Read the global tensors ``keys`` from the DCP checkpoint in this process, in one pass."""
-    from ..checkpoint._dcp import _quiet_single_process
+    from ..checkpoint._dcp import _quiet_single_process, dcp_load
 
     from ..checkpoint._format import storage_permutations
 
     params = meta["params"]
     out = {k: torch.empty(params[k]["shape"], dtype=getattr(torch, params[k]["dtype"])) for k in keys}
     with _quiet_single_process():
-        dcp.load({"model": out}, checkpoint_id=str(checkpoint), no_dist=True)
+        dcp_load({"model": out}, checkpoint, no_dist=True)
     for key, physical in storage_permutations(meta).items():  # experts in logical order
         if key in out:
             out[key] = out[key][torch.tensor(physical)]
