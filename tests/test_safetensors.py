@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import weakref
 from pathlib import Path
 
@@ -104,6 +105,9 @@ def sliced_load(exported: str, source: str, dp_shard: int, ep: int) -> dict:
         def get_shape(self):
             return self.inner.get_shape()
 
+        def get_dtype(self):
+            return self.inner.get_dtype()
+
     real_open = _safetensors.safe_open
 
     class RecordingOpen:
@@ -155,7 +159,51 @@ def test_load_into_plain_model(source, exported):
 
 
 def test_load_refuses_other_model(exported):
-    with pytest.raises(ValueError, match=r"does not match the model: 24 tensors missing \(e\.g\. \['layers\.1\.feed_forward\.experts\.10\.down_proj\.weight'"):
+    with pytest.raises(ValueError, match=r"does not match the model, nothing was loaded: 24 tensors missing \(e\.g\. \['layers\.1\.feed_forward\.experts\.10\.down_proj\.weight'"):
         ckpt.load_safetensors(make_model(num_experts=16), exported)
     with pytest.raises(FileNotFoundError, match="has neither model.safetensors.index.json nor model.safetensors"):
         ckpt.load_safetensors(make_model(), exported.parent)
+
+
+def _tamper(exported: Path, out: Path, change) -> Path:
+    """A copy of the export with one tensor changed by ``change(name, tensor)``."""
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(exported, out)
+    for f in out.glob("*.safetensors"):
+        tensors = load_file(f)
+        for name in sorted(tensors)[-1:]:  # the last tensor of each file: loaded after the others
+            tensors[name] = change(name, tensors[name])
+        save_file(tensors, f)
+    return out
+
+
+def test_load_is_all_or_nothing(exported, tmp_path):
+    model = make_model()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    bad_shape = _tamper(exported, tmp_path / "shape", lambda n, t: torch.zeros(t.shape[0] + 1, *t.shape[1:], dtype=t.dtype))
+    with pytest.raises(ValueError, match=r"nothing was loaded: .* has shape"):
+        ckpt.load_safetensors(model, bad_shape)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # untouched
+    for dtype in (torch.int64, torch.bfloat16, torch.float64):
+        bad_dtype = _tamper(exported, tmp_path / str(dtype), lambda n, t: t.to(dtype))
+        with pytest.raises(ValueError, match=r"is (I64|BF16|F64) in the files, the model holds F32.*allow_cast=True"):
+            ckpt.load_safetensors(model, bad_dtype)
+        assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    ckpt.load_safetensors(model, _tamper(exported, tmp_path / "f64", lambda n, t: t.double()), allow_cast=True)
+
+
+def shared_verdict(exported: str, bad: str) -> str:
+    """Rank 0 reads a damaged copy, the others the good one: every rank must raise."""
+    model, _ = make_parallel(2, 2, seed=99)
+    try:
+        ckpt.load_safetensors(model, bad if dist.get_rank() == 0 else exported)
+    except ValueError as e:
+        return str(e)
+    return "loaded"
+
+
+def test_ranks_share_the_verdict(pools, exported, tmp_path):
+    bad = _tamper(exported, tmp_path / "bad", lambda n, t: torch.zeros(t.shape[0] + 1, *t.shape[1:], dtype=t.dtype))
+    results = pools(4).run(shared_verdict, str(exported), str(bad))
+    assert all("nothing was loaded" in r for r in results), results

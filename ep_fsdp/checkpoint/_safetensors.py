@@ -22,7 +22,7 @@ from torch.distributed.tensor import DTensor
 from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
 from ..moe import moe_layers
-from ._dcp import _quiet_single_process, _verify_files, dcp_load
+from ._dcp import _gather, _quiet_single_process, _verify_files, dcp_load
 from ._format import read_metadata, storage_permutations
 
 __all__ = ["export_safetensors", "load_safetensors", "expert_key_map", "INDEX_FILE"]
@@ -175,7 +175,7 @@ def _write_tensor(f: Any, tensor: torch.Tensor, split: bool) -> None:
         f.write(piece.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
 
 
-def load_safetensors(model: nn.Module, directory: str | os.PathLike[str]) -> None:
+def load_safetensors(model: nn.Module, directory: str | os.PathLike[str], *, allow_cast: bool = False) -> None:
     """Load a safetensors directory (as written by :func:`export_safetensors`) into ``model``.
 
     A transformers model reads hub-format directories (``save_pretrained``'s or an export's)
@@ -184,13 +184,16 @@ def load_safetensors(model: nn.Module, directory: str | os.PathLike[str]) -> Non
     Works on a parallelized model (any layout) and on a plain one. Each rank reads only the
     slices it holds (``safe_open(...).get_slice``): the rows of its FSDP shard of dense tensors
     and, for experts, only experts of its own ep block, so no rank materialises foreign experts.
-    Raises ``ValueError`` listing missing/unexpected names or shape differences before loading.
+    All or nothing: every name, shape and dtype is checked against the file headers before the
+    first write, and under several ranks the verdict is shared (every rank raises, or every rank
+    loads). A dtype that differs is an error unless ``allow_cast=True``. Raises ``ValueError``
+    listing the differences; the model is then untouched.
     """
     directory = Path(directory)
     if hasattr(model, "save_pretrained") and hasattr(getattr(model, "config", None), "to_json_string"):
         from ..hf import load_hub_weights  # a transformers model: hub keys through its conversion mapping
 
-        load_hub_weights(model, directory, api="load_safetensors")
+        load_hub_weights(model, directory, api="load_safetensors", allow_cast=allow_cast)
         return
     index_file = directory / INDEX_FILE
     if index_file.is_file():
@@ -216,12 +219,6 @@ def load_safetensors(model: nn.Module, directory: str | os.PathLike[str]) -> Non
     expected = [name for key in state for name in experts.get(key, [key])]
     missing = sorted(set(expected) - set(weight_map))
     unexpected = sorted(set(weight_map) - set(expected))
-    if missing or unexpected:
-        raise ValueError(
-            f"load_safetensors: {directory} does not match the model: {len(missing)} tensors missing "
-            f"(e.g. {missing[:4]}), {len(unexpected)} unexpected (e.g. {unexpected[:4]}); "
-            "export from a checkpoint of this model."
-        )
     handles: dict[str, Any] = {}
     try:
         def slice_of(name: str) -> Any:
@@ -230,11 +227,44 @@ def load_safetensors(model: nn.Module, directory: str | os.PathLike[str]) -> Non
                 handles[fname] = safe_open(directory / fname, framework="pt")
             return handles[fname].get_slice(name)
 
+        problems: list[str] = []
+        if missing or unexpected:
+            problems.append(f"{len(missing)} tensors missing (e.g. {missing[:4]}), {len(unexpected)} unexpected "
+                            f"(e.g. {unexpected[:4]})")
+        else:
+            problems += _header_problems(state, experts, slice_of, allow_cast)
+        # NOTE: every name, shape and dtype is checked (from the file headers) before the first
+        # write, and every rank takes the same verdict: all raise, or all load.
+        verdicts = _gather(problems)
+        problems = sorted({p for rank_problems in verdicts for p in rank_problems})
+        if problems:
+            raise ValueError(
+                f"load_safetensors: {directory} does not match the model, nothing was loaded: "
+                + "; ".join(problems[:8]) + ("; ..." if len(problems) > 8 else "")
+                + ". Export from a checkpoint of this model"
+                + ("" if allow_cast else ", or pass allow_cast=True to convert dtypes") + "."
+            )
         with torch.no_grad():
             for key, value in state.items():
                 _load_one(key, value, experts.get(key), slice_of)
     finally:
         handles.clear()
+
+
+def _header_problems(state: dict[str, Any], experts: dict[str, list[str]], slice_of: Any,
+                     allow_cast: bool) -> list[str]:
+    """Shape and dtype differences between the files' headers and the model, one line each."""
+    problems = []
+    for key, value in state.items():
+        want_shape = tuple(value.shape[1:]) if key in experts else tuple(value.shape)
+        want_dtype = _DTYPES.get(str(value.dtype).removeprefix("torch."))
+        for name in experts.get(key, [key]):
+            sl = slice_of(name)
+            if tuple(sl.get_shape()) != want_shape:
+                problems.append(f"{name} has shape {tuple(sl.get_shape())} in the files, the model expects {want_shape}")
+            elif not allow_cast and sl.get_dtype() != want_dtype:
+                problems.append(f"{name} is {sl.get_dtype()} in the files, the model holds {want_dtype}")
+    return problems
 
 
 def _load_one(key: str, value: torch.Tensor, expert_names: list[str] | None, slice_of: Any) -> None:

@@ -99,10 +99,13 @@ def _conversions(model: nn.Module) -> tuple[list[Any], list[Any]]:
             [t for t in transforms if isinstance(t, WeightConverter)])
 
 
-def load_hub_weights(model: nn.Module, directory: str | Path, *, api: str = "from_pretrained") -> LoadStats:
+def load_hub_weights(model: nn.Module, directory: str | Path, *, api: str = "from_pretrained",
+                     allow_cast: bool = True) -> LoadStats:
     """Copy the hub-format weights in ``directory`` into ``model`` (plain or parallelized, already
     materialized), each rank reading only the slices it holds. Every parameter and persistent
-    buffer must be found (tied weights aside); shapes are checked before any copy."""
+    buffer must be found (tied weights aside), and the shapes of directly mapped tensors (and
+    their dtypes unless ``allow_cast``, the default: hub files are often bf16) and the expert
+    counts of stacked ones are checked on every rank, with a shared verdict, before any copy."""
     from transformers.core_model_loading import rename_source_key
 
     directory = Path(directory)
@@ -124,6 +127,15 @@ def load_hub_weights(model: nn.Module, directory: str | Path, *, api: str = "fro
             f"{api}: {directory} lacks {len(missing)} tensors of {type(model).__name__}, e.g. {missing[:4]}; "
             "the directory and its config.json do not describe the same model."
         )
+    problems = _problems(files, sources, by_pattern, state, allow_cast)
+    from ..checkpoint._dcp import _gather
+
+    problems = sorted({p for rank_problems in _gather(problems) for p in rank_problems})
+    if problems:
+        raise ValueError(
+            f"{api}: {directory} does not match {type(model).__name__}, nothing was loaded: "
+            + "; ".join(problems[:8]) + ". The directory and its config.json do not describe the same model."
+        )
     with torch.no_grad():
         for key, value in state.items():
             if key not in sources:
@@ -143,6 +155,29 @@ def load_hub_weights(model: nn.Module, directory: str | Path, *, api: str = "fro
                     local.copy_(full[index])
     files.handles.clear()
     return stats
+
+
+def _problems(files: _Files, sources: dict[str, list[tuple[str, str | None]]], by_pattern: dict[str, Any],
+              state: dict[str, Any], allow_cast: bool) -> list[str]:
+    """What would make the copy fail or be wrong, from the file headers alone."""
+    from ..checkpoint._safetensors import _DTYPES
+
+    problems = []
+    for key, found in sources.items():
+        if key not in state:
+            continue
+        value = state[key]
+        if len(found) == 1 and found[0][1] is None:
+            src = found[0][0]
+            if files.shape(src) != tuple(value.shape):
+                problems.append(f"{src} has shape {files.shape(src)}, the model's {key} is {tuple(value.shape)}")
+            elif not allow_cast and files.slice(src).get_dtype() != _DTYPES.get(str(value.dtype).removeprefix("torch.")):
+                problems.append(f"{src} is {files.slice(src).get_dtype()}, the model's {key} is {value.dtype}")
+        elif found[0][1] in by_pattern:
+            patterns = by_pattern[found[0][1]].source_patterns
+            if len(found) % len(patterns) == 0 and len(found) // len(patterns) != value.shape[0]:
+                problems.append(f"{key} has {value.shape[0]} experts, the files hold {len(found) // len(patterns)}")
+    return problems
 
 
 def _copy_direct(files: _Files, src: str, key: str, local: torch.Tensor, global_shape: tuple[int, ...],
