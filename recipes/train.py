@@ -9,6 +9,8 @@ Running the same command again resumes from the newest complete checkpoint in
 from __future__ import annotations
 
 import argparse
+import datetime
+import fcntl
 import json
 import math
 import os
@@ -50,6 +52,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[JobConfig, Path, int | No
     p.add_argument("--set", action="append", default=[], metavar="TABLE.KEY=VALUE",
                    help="override any config key, e.g. --set train.lr=1e-3 (repeatable)")
     args = p.parse_args(argv)
+    if args.stop_after is not None and args.stop_after <= 0:
+        p.error(f"--stop-after must be a positive number of steps, got {args.stop_after}")
     overrides = list(args.set)
     for flag, key in (("steps", "train.steps"), ("ep", "parallel.ep"), ("dp_shard", "parallel.dp_shard"),
                       ("seed", "train.seed"), ("log_every", "log.log_every"),
@@ -92,6 +96,50 @@ def build_hf_model(cfg: JobConfig, mesh: Any, mp: MixedPrecisionPolicy | None) -
     return model
 
 
+def claim_output_dir(out: Path, rank: int) -> Any:
+    """Rank 0 makes sure ``out`` is a writable directory and takes an exclusive lock on it (held
+    until the process ends, released by the OS even on SIGKILL); every rank raises the same error
+    if it cannot, before any work is done."""
+    error, handle = None, None
+    if rank == 0:
+        try:
+            if out.exists() and not out.is_dir():
+                raise RuntimeError(f"--output-dir {out} is a file; pass a directory")
+            out.mkdir(parents=True, exist_ok=True)
+            handle = open(out / ".lock", "a+")
+            try:
+                fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                handle.seek(0)
+                raise RuntimeError(
+                    f"--output-dir {out} is in use by another job ({handle.read().strip() or 'unknown'}); "
+                    "give this job its own output directory, or stop the other one"
+                ) from None
+            handle.seek(0)
+            handle.truncate()
+            handle.write(f"pid {os.getpid()} on {os.uname().nodename}")
+            handle.flush()
+        except OSError as e:
+            error = f"--output-dir {out} cannot be used: {e}"
+        except RuntimeError as e:
+            error = str(e)
+    verdict = [error]
+    dist.broadcast_object_list(verdict, src=0)
+    if verdict[0] is not None:
+        raise RuntimeError(f"train: {verdict[0]}.")
+    return handle
+
+
+def injected_fault() -> tuple[str, int, int] | None:
+    """``EP_FSDP_FAULT=nan:STEP:RANK`` puts a NaN into that rank's logits at that step (tests and
+    recipes/benchmarks/faults.py)."""
+    spec = os.environ.get("EP_FSDP_FAULT", "")
+    if not spec.startswith("nan:"):
+        return None
+    _, step, rank = spec.split(":")
+    return ("nan", int(step), int(rank))
+
+
 def logits_of(output: Any) -> torch.Tensor:
     """``[B, S, V]`` logits of the reference model (a tensor) or of a transformers model (``.logits``)."""
     return output if isinstance(output, torch.Tensor) else output.logits
@@ -113,13 +161,18 @@ def lr_lambda(cfg: JobConfig):
 class Metrics:
     """Rank 0's console line, metrics.jsonl and (when installed) TensorBoard."""
 
-    def __init__(self, out: Path, rank: int) -> None:
+    def __init__(self, out: Path, rank: int, start_step: int = 0) -> None:
         self.rank = rank
         self.file = None
         self.tb = None
         if rank == 0:
             out.mkdir(parents=True, exist_ok=True)
-            self.file = open(out / "metrics.jsonl", "a")
+            path = out / "metrics.jsonl"
+            if path.is_file():  # a restart replays steps after its checkpoint: drop their old records
+                kept = [line for line in path.read_text().splitlines()
+                        if line.strip() and json.loads(line).get("step", 0) <= start_step]
+                path.write_text("".join(line + "\n" for line in kept))
+            self.file = open(path, "a")
             try:
                 from torch.utils.tensorboard import SummaryWriter
 
@@ -182,8 +235,9 @@ def validate(model: torch.nn.Module, val_set: WindowDataset, cfg: JobConfig, dev
 # ----------------------------------------------------------------------------------------- main
 def main(argv: list[str] | None = None) -> None:
     cfg, out, stop_after = parse_args(argv)
-    device = ep_fsdp.init_distributed()
+    device = ep_fsdp.init_distributed(timeout=datetime.timedelta(seconds=cfg.parallel.timeout_s))
     rank, world = dist.get_rank(), dist.get_world_size()
+    job_lock = claim_output_dir(out, rank)  # before any work: a bad or busy directory fails every rank now
     t = cfg.train
     ep = cfg.parallel.ep
     mesh = ep_fsdp.build_mesh(ep=ep, dp_shard=cfg.parallel.dp_shard or None, device_type=device.type)
@@ -249,7 +303,7 @@ def main(argv: list[str] | None = None) -> None:
                   f"dp_shard={old['dp_shard']} ep={old['ep']}; now world={world} "
                   f"dp_shard={mesh['dp_shard'].size()} ep={ep})", flush=True)
 
-    metrics = Metrics(out, rank)
+    metrics = Metrics(out, rank, start_step)
     if rank == 0:
         n_params = sum(p.numel() for p in model.parameters())
         what = (f"model={type(model).__name__.removeprefix('FSDP')}" if cfg.model.hf_path
@@ -280,30 +334,9 @@ def main(argv: list[str] | None = None) -> None:
         if isinstance(result, ckpt.PendingSave):
             pending.append(result)
 
-    data_iter = iter(loader)
-    rebalanced: dict[str, Any] | None = None
-    # NOTE: after iter(loader), which draws a base seed from the default generator: the restored
-    # state is then exactly the saved one (expert dropout and jitter draw from it).
-    if rng_to_restore is not None:
-        torch.set_rng_state(rng_to_restore["rng_cpu"])
-        if device.type == "cuda" and rng_to_restore.get("rng_cuda") is not None:
-            torch.cuda.set_rng_state(rng_to_restore["rng_cuda"], device)
-    tokens_per_step = t.global_batch_size * t.seq_len
-    last_step = t.steps if stop_after is None else min(t.steps, start_step + stop_after)
-    for step in range(start_step + 1, last_step + 1):
-        step_start = time.perf_counter()
-        task_sum = aux_sum = 0.0
-        for _ in range(t.grad_accum_steps):
-            x, y = (v.to(device) for v in next(data_iter))
-            logits = logits_of(model(x))
-            task = F.cross_entropy(logits.flatten(0, 1), y.flatten())
-            # ep_fsdp.MoE: the value only (its gradient is attached to the layers); transformers
-            # models: the live global-batch balancing loss, whose gradient flows from here
-            aux = ep_fsdp.moe_aux_loss(model)
-            ((task + aux) / t.grad_accum_steps).backward()
-            task_sum += float(task.detach())
-            aux_sum += float(aux.detach())
-        grad_norm = float(ep_fsdp.clip_grad_norm_(model.parameters(), t.max_grad_norm))
+    def step_optimizer(step: int) -> None:
+        """The optimizer step and what follows it (bias updates, expert moves)."""
+        nonlocal rebalanced
         optimizer.step()
         ep_fsdp.update_expert_bias(model)  # layers with moe.bias_update_rate > 0 (one all-reduce)
         rebalance = cfg.model.moe.rebalance_every
@@ -322,6 +355,52 @@ def main(argv: list[str] | None = None) -> None:
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
 
+    data_iter = iter(loader)
+    rebalanced: dict[str, Any] | None = None
+    nonfinite = 0
+    fault = injected_fault()
+    # NOTE: after iter(loader), which draws a base seed from the default generator: the restored
+    # state is then exactly the saved one (expert dropout and jitter draw from it).
+    if rng_to_restore is not None:
+        torch.set_rng_state(rng_to_restore["rng_cpu"])
+        if device.type == "cuda" and rng_to_restore.get("rng_cuda") is not None:
+            torch.cuda.set_rng_state(rng_to_restore["rng_cuda"], device)
+    tokens_per_step = t.global_batch_size * t.seq_len
+    last_step = t.steps if stop_after is None else min(t.steps, start_step + stop_after)
+    for step in range(start_step + 1, last_step + 1):
+        step_start = time.perf_counter()
+        task_sum = aux_sum = 0.0
+        for _ in range(t.grad_accum_steps):
+            x, y = (v.to(device) for v in next(data_iter))
+            logits = logits_of(model(x))
+            if fault == ("nan", step, rank):  # fault injection (EP_FSDP_FAULT): a NaN in this rank's batch
+                logits = logits * float("nan")
+            task = F.cross_entropy(logits.flatten(0, 1), y.flatten())
+            # ep_fsdp.MoE: the value only (its gradient is attached to the layers); transformers
+            # models: the live global-batch balancing loss, whose gradient flows from here
+            aux = ep_fsdp.moe_aux_loss(model)
+            ((task + aux) / t.grad_accum_steps).backward()
+            task_sum += float(task.detach())
+            aux_sum += float(aux.detach())
+        # the global gradient norm (one all-reduce, read once): non-finite if any rank's loss or
+        # gradient is, and then the same on every rank, so every rank skips the same step
+        grad_norm = float(ep_fsdp.clip_grad_norm_(model.parameters(), t.max_grad_norm))
+        if not math.isfinite(grad_norm):
+            nonfinite += 1
+            optimizer.zero_grad(set_to_none=True)
+            scheduler.step()
+            if rank == 0:
+                print(f"step {step:5d}  skipped: non-finite gradient norm ({grad_norm}), {nonfinite} in a row",
+                      flush=True)
+                metrics.write({"step": step, "skipped": "non-finite gradient norm", "grad_norm": str(grad_norm)})
+            if nonfinite >= t.max_nonfinite:
+                raise FloatingPointError(
+                    f"train: {nonfinite} consecutive steps (up to {step}) had a non-finite gradient norm; stopping. "
+                    f"Lower train.lr, check the data, or raise train.max_nonfinite (now {t.max_nonfinite})."
+                )
+        else:
+            nonfinite = 0
+            step_optimizer(step)
         is_val_step = step % cfg.log.val_every == 0 or step == t.steps
         if step % cfg.log.log_every == 0 or is_val_step or step == start_step + 1:
             loss, aux_mean = global_mean([task_sum / t.grad_accum_steps, aux_sum / t.grad_accum_steps], device)

@@ -83,11 +83,12 @@ class TrainFields:
     seed: int = 0
     mixed_precision: str = "none"  # "none" | "bf16"
     activation_checkpointing: bool = False
+    max_nonfinite: int = 3  # consecutive steps with a non-finite gradient norm skipped before stopping
 
     def __post_init__(self) -> None:
         if self.mixed_precision not in ("none", "bf16"):
             raise ValueError(f"train.mixed_precision must be 'none' or 'bf16', got {self.mixed_precision!r}.")
-        for name in ("steps", "global_batch_size", "seq_len", "grad_accum_steps"):
+        for name in ("steps", "global_batch_size", "seq_len", "grad_accum_steps", "max_nonfinite"):
             if getattr(self, name) < 1:
                 raise ValueError(f"train.{name} must be >= 1, got {getattr(self, name)!r}.")
         if self.warmup_steps < 0 or not 0 <= self.min_lr_ratio <= 1:
@@ -101,10 +102,13 @@ class ParallelFields:
 
     ep: int = 1
     dp_shard: int = 0
+    timeout_s: float = 300.0  # collective timeout: a stuck rank makes the others fail after this long
 
     def __post_init__(self) -> None:
         if self.ep < 1 or self.dp_shard < 0:
             raise ValueError(f"parallel.ep must be >= 1 and parallel.dp_shard >= 0, got {self.ep}, {self.dp_shard}.")
+        if not self.timeout_s > 0:
+            raise ValueError(f"parallel.timeout_s must be > 0 seconds, got {self.timeout_s!r}; e.g. 300.")
 
 
 @dataclass

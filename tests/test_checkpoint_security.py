@@ -108,3 +108,14 @@ def test_an_honest_checkpoint_still_loads_with_its_extra(saved):
     meta = ckpt.load(path, model, opt)
     assert torch.equal(meta["extra"]["rng"], torch.load(path / "extra" / "rank_00000.pt", weights_only=True)["rng"])
     assert info_main(["info", str(path)]) == 0
+
+
+def test_a_second_async_save_before_wait_is_an_error(tmp_path):
+    torch.manual_seed(0)
+    model = build("net")
+    first = ckpt.save(tmp_path / "a", model, async_save=True)
+    with pytest.raises(RuntimeError, match=r"asynchronous save of .*a is still in flight; call its wait\(\)"):
+        ckpt.save(tmp_path / "b", model)
+    assert first.wait() == tmp_path / "a"
+    ckpt.save(tmp_path / "b", model)  # after wait(): fine
+    assert ckpt.latest(tmp_path) == tmp_path / "b"

@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from dist_pool import free_port
 
@@ -47,7 +48,8 @@ def losses(out: Path) -> dict[int, float]:
     result = {}
     for line in (out / "metrics.jsonl").read_text().splitlines():
         rec = json.loads(line)
-        result[rec["step"]] = rec["loss"]
+        if "loss" in rec:  # (a skipped step also writes a record without it)
+            result[rec["step"]] = rec["loss"]
     return result
 
 
@@ -260,3 +262,70 @@ def test_expert_moves_in_the_recipe_resume_bitwise(tmp_path):
     assert [got[s] for s in range(1, STEPS + 1)] == [ref[s] for s in range(1, STEPS + 1)]
     records = [json.loads(line) for line in (full / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records if "rebalance" in r] == [4, 8, 12, 16]
+
+
+def test_a_nan_on_one_rank_skips_the_step_everywhere(reference, tmp_path):
+    """EP_FSDP_FAULT puts a NaN into rank 1's logits at step 4: every rank skips that optimizer
+    step (the parameters of steps 3 and 4 are bitwise equal), and training goes on."""
+    env = {**os.environ, "EP_FSDP_FAULT": "nan:4:1"}
+    cmd = torchrun("--nproc-per-node", "2", str(ROOT / "recipes" / "train.py"), "--output-dir", str(tmp_path),
+                   *FAST, "--ep", "2", "--checkpoint-every", "1", "--set", "checkpoint.keep_last=20")
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=TIMEOUT, cwd=ROOT, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "step     4  skipped: non-finite gradient norm" in proc.stdout
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert any(r.get("skipped") and r["step"] == 4 for r in records)
+    ref = losses(reference)
+    got = losses(tmp_path)
+    assert [got[s] for s in (1, 2, 3)] == [ref[s] for s in (1, 2, 3)]
+    assert got[STEPS] < got[1] - 1.0  # it went on learning
+    from safetensors.torch import load_file
+
+    import ep_fsdp.checkpoint as ckpt
+
+    exported = {}
+    for s in (3, 4):
+        ckpt.export_safetensors(tmp_path / "checkpoints" / f"step_{s:08d}", tmp_path / f"x{s}")
+        exported[s] = load_file(next((tmp_path / f"x{s}").glob("*.safetensors")))
+    assert all(torch.equal(exported[3][k], exported[4][k]) for k in exported[3])
+
+
+def test_too_many_nonfinite_steps_stop_with_a_clear_error(tmp_path):
+    env = {**os.environ, "EP_FSDP_FAULT": "nan:2:0"}
+    cmd = torchrun("--nproc-per-node", "2", str(ROOT / "recipes" / "train.py"), "--output-dir", str(tmp_path),
+                   *FAST, "--ep", "2", "--set", "train.max_nonfinite=1")
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=TIMEOUT, cwd=ROOT, env=env)
+    assert proc.returncode != 0
+    assert "1 consecutive steps (up to 2) had a non-finite gradient norm; stopping" in proc.stderr
+
+
+def test_bad_or_busy_output_directory_fails_every_rank_before_any_work(tmp_path):
+    target = tmp_path / "afile"
+    target.write_text("not a directory")
+    cmd = torchrun("--nproc-per-node", "2", str(ROOT / "recipes" / "train.py"), "--output-dir", str(target),
+                   *FAST, "--ep", "2")
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=TIMEOUT, cwd=ROOT)
+    assert proc.returncode != 0 and "step " not in proc.stdout
+    for r in (0, 1):
+        assert f"[rank{r}]: RuntimeError: train: --output-dir {target} is a file; pass a directory" in proc.stderr
+    busy = tmp_path / "busy"
+    first = subprocess.Popen(torchrun("--nproc-per-node", "1", str(ROOT / "recipes" / "train.py"), "--output-dir",
+                                      str(busy), *FAST, "--ep", "1", "--steps", "400"),
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
+    try:
+        deadline = time.time() + 120
+        while not (busy / "metrics.jsonl").exists() and time.time() < deadline:
+            time.sleep(0.5)
+        second = subprocess.run(torchrun("--nproc-per-node", "1", str(ROOT / "recipes" / "train.py"), "--output-dir",
+                                         str(busy), *FAST, "--ep", "1"), capture_output=True, text=True,
+                                timeout=TIMEOUT, cwd=ROOT)
+        assert second.returncode != 0 and "is in use by another job (pid" in second.stderr, second.stderr[-2000:]
+    finally:
+        first.kill()
+        first.wait()
+
+
+def test_stop_after_must_be_positive(tmp_path):
+    proc = subprocess.run([sys.executable, str(ROOT / "recipes" / "train.py"), "--output-dir", str(tmp_path),
+                           "--stop-after", "0"], capture_output=True, text=True, timeout=60, cwd=ROOT)
+    assert proc.returncode == 2 and "--stop-after must be a positive number of steps, got 0" in proc.stderr

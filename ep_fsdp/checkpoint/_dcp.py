@@ -114,15 +114,23 @@ class PendingSave:
 
     def wait(self) -> Path:
         """Block until every rank's write finished, then commit; returns the checkpoint path."""
+        global _IN_FLIGHT
         if self._result is None:
             error: BaseException | None = None
             try:
                 self._future.result()
             except BaseException as e:  # noqa: BLE001
                 error = e
+            finally:
+                if _IN_FLIGHT is self:
+                    _IN_FLIGHT = None
             _raise_if_any(error, "save (async)")
             self._result = self._commit()
         return self._result
+
+
+# The asynchronous save not yet waited on (every rank has the same one: saves are collective).
+_IN_FLIGHT: PendingSave | None = None
 
 
 def save(
@@ -166,8 +174,14 @@ def save(
         ckpt.save(f"{out}/checkpoints/step_{step:08d}", model, optimizer, step=step,
                   extra={"rng": torch.get_rng_state()}, keep_last=3)
     """
+    global _IN_FLIGHT
     path = Path(path)
     rank, world = _rank_world()
+    if _IN_FLIGHT is not None:
+        raise RuntimeError(
+            f"save: the asynchronous save of {_IN_FLIGHT.path} is still in flight; call its wait() before "
+            f"starting another save (to {path}). Two saves in flight would interleave their collectives."
+        )
     if keep_last is not None and keep_last < 1:
         raise ValueError(f"save: keep_last must be >= 1 or None, got {keep_last!r}.")
     # Every rank must take the same decision (a stale directory cache on one node must not split
@@ -253,7 +267,8 @@ def save(
 
     if async_save:
         future = dcp.async_save(state, checkpoint_id=str(tmp), process_group=_async_group())
-        return PendingSave(future, commit, path)
+        _IN_FLIGHT = PendingSave(future, commit, path)
+        return _IN_FLIGHT
     # raises on every rank if any rank failed to write
     with _quiet_single_process():
         dcp.save(state, checkpoint_id=str(tmp), no_dist=not _distributed())
