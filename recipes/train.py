@@ -31,6 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import ep_fsdp  # noqa: E402
 import ep_fsdp.checkpoint as ckpt  # noqa: E402
 from data import WindowDataset, build_loader, stdlib_corpus  # noqa: E402
+from ep_fsdp.checkpoint._format import aside_path  # noqa: E402
 from ep_fsdp.expert_modules import expert_layers  # noqa: E402
 from ep_fsdp.models import MoETransformer, TransformerConfig  # noqa: E402
 from train_config import JobConfig, load_config  # noqa: E402
@@ -49,6 +50,9 @@ def parse_args(argv: list[str] | None = None) -> tuple[JobConfig, Path, int | No
     p.add_argument("--stop-after", type=int, metavar="N",
                    help="leave after N steps in this run (e.g. a time-limited allocation), saving a checkpoint; "
                         "the schedule still targets train.steps and the next run resumes")
+    p.add_argument("--resume-from", type=Path, metavar="PATH",
+                   help="resume from this checkpoint (default: the newest one under <output-dir>/checkpoints "
+                        "that loads, falling back to older ones)")
     p.add_argument("--set", action="append", default=[], metavar="TABLE.KEY=VALUE",
                    help="override any config key, e.g. --set train.lr=1e-3 (repeatable)")
     args = p.parse_args(argv)
@@ -60,7 +64,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[JobConfig, Path, int | No
                       ("checkpoint_every", "checkpoint.every")):
         if getattr(args, flag) is not None:
             overrides.append(f"{key}={getattr(args, flag)}")
-    return load_config(args.config, overrides), args.output_dir, args.stop_after
+    return load_config(args.config, overrides), args.output_dir, args.stop_after, args.resume_from
 
 
 # ----------------------------------------------------------------------------------------- setup
@@ -94,6 +98,33 @@ def build_hf_model(cfg: JobConfig, mesh: Any, mp: MixedPrecisionPolicy | None) -
     model = ep_fsdp.hf.from_pretrained(path, mesh, torch_dtype=torch.float32, mp_policy=mp,
                                        activation_checkpointing=cfg.train.activation_checkpointing)
     return model
+
+
+def load_newest(ckpt_dir: Path, resume_from: Path | None, model: torch.nn.Module,
+                optimizer: torch.optim.Optimizer, rank: int) -> tuple[Path | None, dict[str, Any] | None]:
+    """Load ``resume_from``, or the newest checkpoint under ``ckpt_dir`` that loads: one that fails
+    (damaged, from another model, unsafe) is moved aside as ``.NAME.unloadable-*`` (kept, never
+    deleted, no longer a candidate: its step can be saved again) and the next older one is tried.
+    Rank 0 lists the candidates, so every rank tries the same ones (directory listings may differ
+    across nodes on a network file system); loading is collective, so every rank fails alike."""
+    candidates = [[resume_from] if resume_from is not None else ckpt.list_checkpoints(ckpt_dir)[::-1]]
+    dist.broadcast_object_list(candidates, src=0)
+    for path in candidates[0]:
+        try:
+            return path, ckpt.load(path, model, optimizer)
+        except (ValueError, OSError, RuntimeError) as e:
+            if resume_from is not None:
+                raise
+            if rank == 0:
+                aside = aside_path(path, "unloadable")
+                os.rename(path, aside)
+                print(f"could not resume from {path} ({str(e).splitlines()[0][:300]}); moved it to {aside.name} "
+                      "and falling back to the next older checkpoint", flush=True)
+            dist.barrier()
+    if candidates[0]:
+        raise RuntimeError(f"train: none of the checkpoints under {ckpt_dir} could be loaded (see above); "
+                           "pass --resume-from PATH, or move them away to start over.")
+    return None, None
 
 
 def claim_output_dir(out: Path, rank: int) -> Any:
@@ -234,7 +265,7 @@ def validate(model: torch.nn.Module, val_set: WindowDataset, cfg: JobConfig, dev
 
 # ----------------------------------------------------------------------------------------- main
 def main(argv: list[str] | None = None) -> None:
-    cfg, out, stop_after = parse_args(argv)
+    cfg, out, stop_after, resume_from = parse_args(argv)
     device = ep_fsdp.init_distributed(timeout=datetime.timedelta(seconds=cfg.parallel.timeout_s))
     rank, world = dist.get_rank(), dist.get_world_size()
     job_lock = claim_output_dir(out, rank)  # before any work: a bad or busy directory fails every rank now
@@ -273,13 +304,8 @@ def main(argv: list[str] | None = None) -> None:
     ckpt_dir = out / "checkpoints"
     start_step = 0
     rng_to_restore: dict[str, Any] | None = None
-    # rank 0 decides, so that every rank resumes from the same checkpoint (directory listings
-    # may differ across nodes on a network file system)
-    choice = [ckpt.latest(ckpt_dir) if rank == 0 else None]
-    dist.broadcast_object_list(choice, src=0)
-    resume = choice[0]
+    resume, meta = load_newest(ckpt_dir, resume_from, model, optimizer, rank)
     if resume is not None:
-        meta = ckpt.load(resume, model, optimizer)
         start_step = meta["step"]
         extra = meta["extra"]
         same_layout = meta["layout"]["world_size"] == world and meta["layout"]["ep"] == ep and extra is not None

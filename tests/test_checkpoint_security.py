@@ -119,3 +119,47 @@ def test_a_second_async_save_before_wait_is_an_error(tmp_path):
     assert first.wait() == tmp_path / "a"
     ckpt.save(tmp_path / "b", model)  # after wait(): fine
     assert ckpt.latest(tmp_path) == tmp_path / "b"
+
+
+@pytest.mark.parametrize("content", ["[]", "null", '"x"', "MALFORMED_STEP", "MISSING_FILE", "TRUNCATED"])
+def test_latest_skips_what_does_not_verify(saved, tmp_path, content, capsys):
+    path, model, opt = saved
+    older = tmp_path / "older"
+    ckpt.save(older, model, step=0)
+    meta_file = path / METADATA_FILE
+    if content == "MALFORMED_STEP":
+        meta = json.loads(meta_file.read_text())
+        meta["step"] = "one"
+        meta_file.write_text(json.dumps(meta))
+    elif content == "MISSING_FILE":
+        (path / ".metadata").unlink()
+    elif content == "TRUNCATED":
+        shard = sorted(path.glob("*.distcp"))[0]
+        shard.write_bytes(shard.read_bytes()[:-10])
+    else:
+        meta_file.write_text(content)
+    assert ckpt.latest(tmp_path) == older  # never crashes, never picks the broken one
+    assert info_main(["info", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "Traceback" not in err
+
+
+def test_a_checkpoint_being_deleted_is_never_taken_for_complete(saved, tmp_path):
+    path, model, _ = saved
+    doomed = path.with_name(f".{path.name}.deleting")
+    path.rename(doomed)  # what keep_last does first; a kill right after leaves this
+    (doomed / "__0_0.distcp").unlink()
+    assert ckpt.latest(tmp_path) is None
+    ckpt.save(path, model, step=2)  # the name is free again
+    assert ckpt.latest(tmp_path) == path
+
+
+def test_saving_over_a_broken_directory_moves_it_aside(saved, tmp_path):
+    path, model, _ = saved
+    (path / ".metadata").unlink()  # not a usable checkpoint any more
+    ckpt.save(path, model, step=3)
+    assert ckpt.read_metadata(path)["step"] == 3
+    kept = [p for p in tmp_path.iterdir() if p.name.startswith(".ckpt.broken-")]
+    assert len(kept) == 1 and (kept[0] / METADATA_FILE).is_file()  # nothing is lost
+    with pytest.raises(FileExistsError, match="never overwritten"):
+        ckpt.save(path, model, step=4)  # a good checkpoint is never replaced

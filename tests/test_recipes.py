@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -329,3 +330,30 @@ def test_stop_after_must_be_positive(tmp_path):
     proc = subprocess.run([sys.executable, str(ROOT / "recipes" / "train.py"), "--output-dir", str(tmp_path),
                            "--stop-after", "0"], capture_output=True, text=True, timeout=60, cwd=ROOT)
     assert proc.returncode == 2 and "--stop-after must be a positive number of steps, got 0" in proc.stderr
+
+
+def test_a_damaged_newest_checkpoint_falls_back_and_is_saved_again(reference, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(reference, run)
+    newest = run / "checkpoints" / "step_00000016"
+    shard = sorted(newest.glob("*.distcp"))[0]
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # same size, wrong bytes: only the CRC on load can tell
+    shard.write_bytes(bytes(data))
+    out = train(run, 2, "--ep", "2")
+    assert "could not resume from" in out and "step_00000016" in out and "resumed from" in out and "at step 12" in out
+    assert any(p.name.startswith(".step_00000016.unloadable-") for p in (run / "checkpoints").iterdir())
+    ref, got = losses(reference), losses(run)
+    assert [got[s] for s in range(13, STEPS + 1)] == [ref[s] for s in range(13, STEPS + 1)]  # replaced, bitwise
+    assert ckpt_is_loadable(run / "checkpoints" / "step_00000016")  # the step was saved again
+    lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert sorted(r["step"] for r in lines if "loss" in r) == list(range(1, STEPS + 1))  # no duplicated steps
+    # --resume-from picks a checkpoint explicitly
+    out = train(tmp_path / "explicit", 2, "--ep", "2", "--resume-from", str(run / "checkpoints" / "step_00000012"))
+    assert "resumed from" in out and "at step 12" in out
+
+
+def ckpt_is_loadable(path: Path) -> bool:
+    from ep_fsdp.checkpoint._format import structure_problem
+
+    return structure_problem(path) is None

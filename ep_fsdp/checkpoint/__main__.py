@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from ._format import read_metadata
+from ._format import read_metadata, structure_problem
 from ._safe import safe_metadata_load
 
 
@@ -37,6 +37,9 @@ def _ranges(ids: list[int]) -> str:
 
 def info(path: Path) -> str:
     meta = read_metadata(path, "info")
+    problem = structure_problem(path)
+    if problem:
+        raise ValueError(f"info: {path} is not a usable checkpoint: {problem}")
     dcp_meta = path / ".metadata"
     if dcp_meta.is_file():  # checked with the restricted unpickler: a crafted file is reported, never run
         safe_metadata_load(dcp_meta.read_bytes(), str(dcp_meta))

@@ -33,6 +33,8 @@ from ._format import (
     is_complete,
     moe_layer_records,
     storage_permutations,
+    structure_problem,
+    aside_path,
     transformers_record,
     partial_path,
     read_metadata,
@@ -186,7 +188,7 @@ def save(
         raise ValueError(f"save: keep_last must be >= 1 or None, got {keep_last!r}.")
     # Every rank must take the same decision (a stale directory cache on one node must not split
     # the ranks), so the existence check and the preparation are agreed through collectives.
-    if any(_gather(path.exists())):
+    if any(_gather(path.exists())) and all(_gather(path.exists() and structure_problem(path) is None)):
         raise FileExistsError(
             f"save: {path} already exists; checkpoints are never overwritten. Save under a new name "
             "(e.g. step_{step:08d}) or delete the old one yourself."
@@ -195,6 +197,8 @@ def save(
     error: BaseException | None = None
     if rank == 0:
         try:
+            if path.exists():  # not a usable checkpoint (checked above): kept aside, never deleted
+                os.rename(path, aside_path(path, "broken"))
             if tmp.exists():  # left by an interrupted save: never a valid checkpoint
                 shutil.rmtree(tmp)
             tmp.mkdir(parents=True)
@@ -263,7 +267,11 @@ def save(
         if keep_last is not None:
             for old in list_checkpoints(path.parent)[:-keep_last]:
                 if old != path:
-                    shutil.rmtree(old, ignore_errors=True)
+                    # NOTE: renamed first (atomic): a kill during the removal leaves a dot-directory
+                    # that is never taken for a checkpoint, not a half-deleted one that looks complete
+                    doomed = old.with_name(f".{old.name}.deleting")
+                    os.rename(old, doomed)
+                    shutil.rmtree(doomed, ignore_errors=True)
 
     if async_save:
         future = dcp.async_save(state, checkpoint_id=str(tmp), process_group=_async_group())
@@ -463,24 +471,24 @@ def dcp_load(state: dict[str, Any], path: Path, *, no_dist: bool) -> None:
 
 
 def list_checkpoints(root: str | os.PathLike[str]) -> list[Path]:
-    """Complete checkpoints directly under ``root``, oldest first (by step, then name)."""
+    """Complete checkpoints directly under ``root``, oldest first (by step, then name). A
+    directory whose metadata is malformed, or whose files are missing or of the wrong size, is
+    skipped (CRCs are checked when one is loaded)."""
     root = Path(root)
     if not root.is_dir():
         return []
     found = []
     for d in root.iterdir():
-        if d.is_dir() and not d.name.startswith(".") and is_complete(d):
-            try:
-                step = read_metadata(d).get("step")
-            except (ValueError, OSError):
-                continue
+        if d.is_dir() and not d.name.startswith(".") and is_complete(d) and structure_problem(d) is None:
+            step = read_metadata(d).get("step")
             found.append((step if step is not None else -1, d.name, d))
     return [d for _, _, d in sorted(found)]
 
 
 def latest(root: str | os.PathLike[str]) -> Path | None:
     """The newest complete checkpoint under ``root`` (highest step), or ``None``. Partial saves
-    (``.NAME.partial``) and directories without ``ep_fsdp.json`` are never returned."""
+    (``.NAME.partial``), directories without ``ep_fsdp.json`` and what does not verify
+    structurally (see :func:`list_checkpoints`) are never returned."""
     found = list_checkpoints(root)
     return found[-1] if found else None
 

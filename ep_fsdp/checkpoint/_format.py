@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 import zlib
 from dataclasses import asdict
 from pathlib import Path
@@ -31,6 +32,8 @@ __all__ = [
     "moe_layer_records",
     "transformers_record",
     "storage_permutations",
+    "structure_problem",
+    "aside_path",
     "file_crc32",
     "write_json_atomic",
     "is_complete",
@@ -82,14 +85,59 @@ def read_metadata(path: str | os.PathLike[str], api: str = "load") -> dict[str, 
         )
     try:
         meta = json.loads(meta_file.read_text())
-    except json.JSONDecodeError as e:
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ValueError(f"{api}: {meta_file} is corrupted ({e}); load an earlier checkpoint.") from None
+    problem = _malformed(meta)
+    if problem:
+        raise ValueError(f"{api}: {meta_file} is malformed ({problem}); load an earlier checkpoint.")
     if meta.get("format_version") != FORMAT_VERSION:
         raise ValueError(
             f"{api}: {path} has format_version={meta.get('format_version')!r}, this ep_fsdp reads "
             f"{FORMAT_VERSION}; use the ep_fsdp version that wrote it ({meta.get('versions')})."
         )
     return meta
+
+
+_REQUIRED: dict[str, type | tuple[type, ...]] = {
+    "format_version": int, "layout": dict, "moe_layers": dict, "params": dict, "files": dict, "versions": dict,
+    "has_optimizer": bool, "extra_ranks": list,
+}
+
+
+def _malformed(meta: Any) -> str | None:
+    """What is wrong with the structure of an ``ep_fsdp.json`` value, or ``None``."""
+    if not isinstance(meta, dict):
+        return f"a JSON {type(meta).__name__}, expected an object"
+    for key, kind in _REQUIRED.items():
+        if not isinstance(meta.get(key), kind):
+            return f"{key!r} is {meta.get(key)!r}, expected {getattr(kind, '__name__', kind)}"
+    if meta.get("step") is not None and (not isinstance(meta["step"], int) or isinstance(meta["step"], bool)):
+        return f"'step' is {meta['step']!r}, expected an int or null"
+    for name, rec in meta["files"].items():
+        if not isinstance(rec, dict) or not isinstance(rec.get("bytes"), int) or not isinstance(rec.get("crc32"), int):
+            return f"files[{name!r}] is {rec!r}, expected {{bytes, crc32}}"
+    return None
+
+
+def aside_path(path: Path, why: str) -> Path:
+    """``.NAME.WHY-<time>`` next to ``path``: where an unusable checkpoint is moved (never deleted)."""
+    return path.with_name(f".{path.name}.{why}-{time.strftime('%Y%m%dT%H%M%S')}-{os.getpid()}")
+
+
+def structure_problem(path: Path) -> str | None:
+    """Why ``path`` is not a usable checkpoint, checked cheaply (metadata, file presence and sizes;
+    CRCs are checked on load), or ``None``."""
+    try:
+        meta = read_metadata(path, "latest")
+    except (ValueError, OSError) as e:
+        return str(e)
+    for name, rec in meta["files"].items():
+        f = path / name
+        if not f.is_file():
+            return f"{f} is missing"
+        if f.stat().st_size != rec["bytes"]:
+            return f"{f} has {f.stat().st_size} bytes, {rec['bytes']} were written"
+    return None
 
 
 def moe_layer_records(model: torch.nn.Module, ep: int | None = None) -> dict[str, dict[str, Any]]:
