@@ -25,10 +25,12 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from .balancing import in_backward
+from .dispatch._ops import expert_counts
 
 __all__ = ["record_router_logits", "router_logits_loss", "has_router_logits", "router_modules"]
 
 _ATTR = "_ep_fsdp_router_logits"
+_MAX_PENDING_FORWARDS = 64
 
 
 @dataclass
@@ -83,6 +85,14 @@ def record_router_logits(model: nn.Module, *, stats_group: dist.ProcessGroup | N
     def hook(module: nn.Module, args: object, output: object) -> None:
         if module.training and torch.is_grad_enabled() and not in_backward():
             logits = output[index] if isinstance(output, (tuple, list)) else output
+            if len(state.logits) >= _MAX_PENDING_FORWARDS * state.routers:
+                warnings.warn(
+                    f"moe_aux_loss: {_MAX_PENDING_FORWARDS} training forwards of {type(model).__name__} were not "
+                    "followed by ep_fsdp.moe_aux_loss(model); their router logits (and graphs) are dropped. Call "
+                    "it after each forward (its value is the balancing loss to add to your loss).",
+                    stacklevel=2,
+                )
+                state.logits.clear()
             state.logits.append(logits)  # type: ignore[arg-type]
 
     for router in routers:
@@ -118,7 +128,7 @@ def _global_loss(layer_logits: list[torch.Tensor], state: _RouterLogits) -> torc
     for logits in layer_logits:
         probs = torch.softmax(logits.reshape(-1, E), dim=-1)  # [T, E]
         chosen = torch.topk(probs, state.top_k, dim=-1).indices  # [T, k]
-        counts = counts + torch.bincount(chosen.reshape(-1), minlength=E).float()
+        counts = counts + expert_counts(chosen, E).float()  # (no host sync, unlike bincount on CUDA)
         prob_sum = prob_sum + probs.float().sum(0)
         rows += probs.shape[0]
     if state.stats_group is not None:

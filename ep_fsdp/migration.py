@@ -174,12 +174,14 @@ def rebalance_experts(
 
     The load of each layer is, by default, the slots its router selected per logical expert in the
     training-mode forwards since the previous call, summed over all ranks (one all-reduce for all
-    layers); or pass ``load``: one ``[E]`` sequence for every layer, or ``{layer name: [E]}``. Each
+    layers); or pass ``load``: one ``[E]`` sequence for every layer, or ``{layer name: [E]}`` (rank
+    0's is used on every rank, so all plan the same moves). Each
     layer gets the placement :func:`plan_placement` finds (``G`` experts per rank, busiest rank as
     close to the mean as whole experts allow, fewest moves); its expert weights and the
     ``optimizer``'s state of them (AdamW moments; the per-parameter step is shared) move with
     collectives over ``ep``, respecting the FSDP sharding over ``dp_shard``. The function the model
-    computes does not change. Collective: every rank calls it, between optimizer steps.
+    computes does not change. Collective: every rank calls it, between optimizer steps, after the
+    gradients are consumed (they are not moved: zero them, as after ``optimizer.step()``).
 
     Returns the new placement: per layer, the ep rank of each logical expert
     (:func:`expert_placement`). :func:`last_rebalance` reports the imbalance before and after,
@@ -204,6 +206,12 @@ def rebalance_experts(
     sizes = {n: layer_num_experts(m) for n, m in layers}
     given = _parse_load(load, names, sizes)
     start = time.perf_counter()
+    stats_group = layers[0][1].stats_group
+    if given is not None and stats_group is not None:
+        # NOTE: every rank must plan the same moves (they are collectives): rank 0's load is used
+        shared = [given]
+        dist.broadcast_object_list(shared, src=dist.get_global_rank(stats_group, 0), group=stats_group)
+        given = shared[0]
     if given is None:
         device = next(p.device for p in model.parameters())
         packed = torch.cat([
@@ -233,7 +241,8 @@ def rebalance_experts(
             for t in [*tensors, *states]:
                 moved_bytes += _permute_rows(t, old, new, ep_group)
             m.dispatcher.placement = new
-        m.routing.rebalance_load = None
+        if n in given:
+            m.routing.rebalance_load = None
         load_n = given.get(n)
         report[n] = {
             "imbalance_before": _imbalance(old, load_n) if load_n else 1.0,

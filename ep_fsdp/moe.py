@@ -151,8 +151,8 @@ class MoE(nn.Module):
         return out
 
     def _kept_load(self, expert_ids: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
-        """``[G]`` kept slots per storage row (the local dispatcher computes dropped slots with a
-        zero weight, so its counts include them)."""
+        """``[E]`` kept slots per storage row, for the local dispatcher (``ep == 1``: ``G == E``),
+        which computes dropped slots with a zero weight, so its own counts include them."""
         E = self.config.num_experts
         physical = self.placement.to_physical(expert_ids).masked_fill(~keep, E)
         return expert_counts(physical, E + 1)[:E]

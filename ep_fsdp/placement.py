@@ -54,6 +54,7 @@ class ExpertPlacement:
                 "give each logical expert its own storage row."
             )
         self._physical = ids
+        self._contiguous = ids == list(range(num_experts))
         self._device_tables: dict[torch.device, torch.Tensor] = {}
 
     @classmethod
@@ -104,7 +105,8 @@ class ExpertPlacement:
         return torch.div(physical, self.experts_per_rank, rounding_mode="floor"), physical % self.experts_per_rank
 
     def is_contiguous(self) -> bool:
-        return self._physical == list(range(self.num_experts))
+        """Whether this is the default placement (``physical[e] == e``)."""
+        return self._contiguous
 
     def to_dict(self) -> dict[str, object]:
         """JSON-ready record: ``ep``, the rank of each logical expert and its storage row."""

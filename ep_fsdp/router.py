@@ -100,7 +100,9 @@ class Router(nn.Module):
         select = scores if self.expert_bias is None else scores + self.expert_bias.float()  # [T, E]
         if self.training and cfg.expert_dropout > 0 and token_index is not None and dropout_salt is not None:
             dropped = expert_dropout_mask(token_index, cfg.num_experts, cfg.expert_dropout, dropout_salt)
-            select = select.masked_fill(dropped, float("-inf"))
+            # NOTE: finite, below any score: a token with fewer than k unmasked experts in its
+            # groups then takes masked ones of its groups, never experts outside them (-inf)
+            select = select.masked_fill(dropped, -1e30)
         if cfg.num_expert_groups is not None:
             allowed = group_limited_mask(select.detach(), cfg.num_expert_groups, cfg.num_limited_groups)
             select = select.masked_fill(~allowed, float("-inf"))

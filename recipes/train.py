@@ -9,6 +9,7 @@ Running the same command again resumes from the newest complete checkpoint in
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import fcntl
 import json
@@ -100,6 +101,10 @@ def build_hf_model(cfg: JobConfig, mesh: Any, mp: MixedPrecisionPolicy | None) -
     return model
 
 
+# What the loop is doing, for the error a collective timeout turns into (see __main__).
+PROGRESS: dict[str, Any] = {"step": 0, "phase": "setup", "timeout_s": None}
+
+
 def load_newest(ckpt_dir: Path, resume_from: Path | None, model: torch.nn.Module,
                 optimizer: torch.optim.Optimizer, rank: int) -> tuple[Path | None, dict[str, Any] | None]:
     """Load ``resume_from``, or the newest checkpoint under ``ckpt_dir`` that loads: one that fails
@@ -162,13 +167,37 @@ def claim_output_dir(out: Path, rank: int) -> Any:
 
 
 def injected_fault() -> tuple[str, int, int] | None:
-    """``EP_FSDP_FAULT=nan:STEP:RANK`` puts a NaN into that rank's logits at that step (tests and
-    recipes/benchmarks/faults.py)."""
+    """Fault injection for tests and recipes/benchmarks/faults.py: ``EP_FSDP_FAULT=nan:STEP:RANK``
+    puts a NaN into that rank's logits at that step; ``write_error:STEP:RANK`` makes that rank's
+    storage writer fail in the middle of that step's save (once per output directory)."""
     spec = os.environ.get("EP_FSDP_FAULT", "")
-    if not spec.startswith("nan:"):
+    kind, _, rest = spec.partition(":")
+    if kind not in ("nan", "write_error"):
         return None
-    _, step, rank = spec.split(":")
-    return ("nan", int(step), int(rank))
+    step, rank = rest.split(":")
+    return (kind, int(step), int(rank))
+
+
+@contextlib.contextmanager
+def failing_storage(out: Path) -> Any:
+    """The storage writer raises ``OSError`` (no space left) once: a disk failing mid-save."""
+    from torch.distributed.checkpoint.filesystem import FileSystemWriter
+
+    marker = out / ".injected_write_error"
+    if marker.exists():
+        yield
+        return
+    marker.touch()
+    original = FileSystemWriter.write_data
+
+    def write_data(self: Any, plan: Any, planner: Any) -> Any:
+        raise OSError(28, "No space left on device (injected by EP_FSDP_FAULT)")
+
+    FileSystemWriter.write_data = write_data  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        FileSystemWriter.write_data = original  # type: ignore[method-assign]
 
 
 def logits_of(output: Any) -> torch.Tensor:
@@ -189,6 +218,14 @@ def lr_lambda(cfg: JobConfig):
     return f
 
 
+def _step_of(line: str) -> float:
+    """The step of a metrics.jsonl line; infinity for a line that does not parse (dropped)."""
+    try:
+        return float(json.loads(line).get("step", math.inf))
+    except (ValueError, AttributeError):
+        return math.inf
+
+
 class Metrics:
     """Rank 0's console line, metrics.jsonl and (when installed) TensorBoard."""
 
@@ -200,9 +237,10 @@ class Metrics:
             out.mkdir(parents=True, exist_ok=True)
             path = out / "metrics.jsonl"
             if path.is_file():  # a restart replays steps after its checkpoint: drop their old records
-                kept = [line for line in path.read_text().splitlines()
-                        if line.strip() and json.loads(line).get("step", 0) <= start_step]
-                path.write_text("".join(line + "\n" for line in kept))
+                kept = [line for line in path.read_text().splitlines() if _step_of(line) <= start_step]
+                tmp = path.with_name(path.name + ".tmp")
+                tmp.write_text("".join(line + "\n" for line in kept))
+                os.replace(tmp, path)  # (a half-written last line from a killed run is dropped too)
             self.file = open(path, "a")
             try:
                 from torch.utils.tensorboard import SummaryWriter
@@ -268,6 +306,7 @@ def main(argv: list[str] | None = None) -> None:
     cfg, out, stop_after, resume_from = parse_args(argv)
     device = ep_fsdp.init_distributed(timeout=datetime.timedelta(seconds=cfg.parallel.timeout_s))
     rank, world = dist.get_rank(), dist.get_world_size()
+    PROGRESS["timeout_s"] = cfg.parallel.timeout_s
     job_lock = claim_output_dir(out, rank)  # before any work: a bad or busy directory fails every rank now
     t = cfg.train
     ep = cfg.parallel.ep
@@ -354,9 +393,11 @@ def main(argv: list[str] | None = None) -> None:
             # plans from it, so a resumed run moves the same experts
             "rebalance_load": {n: m.routing.rebalance_load for n, m in expert_layers(model)},
         }
-        result = ckpt.save(ckpt_dir / f"step_{step:08d}", model, optimizer, step=step, extra=extra,
-                           keep_last=cfg.checkpoint.keep_last, metadata={"train_config": cfg.to_dict()},
-                           async_save=cfg.checkpoint.async_save)
+        faulty = failing_storage(out) if fault == ("write_error", step, rank) else contextlib.nullcontext()
+        with faulty:
+            result = ckpt.save(ckpt_dir / f"step_{step:08d}", model, optimizer, step=step, extra=extra,
+                               keep_last=cfg.checkpoint.keep_last, metadata={"train_config": cfg.to_dict()},
+                               async_save=cfg.checkpoint.async_save)
         if isinstance(result, ckpt.PendingSave):
             pending.append(result)
 
@@ -396,6 +437,7 @@ def main(argv: list[str] | None = None) -> None:
     for step in range(start_step + 1, last_step + 1):
         step_start = time.perf_counter()
         task_sum = aux_sum = 0.0
+        PROGRESS.update(step=step, phase="forward/backward")
         for _ in range(t.grad_accum_steps):
             x, y = (v.to(device) for v in next(data_iter))
             logits = logits_of(model(x))
@@ -410,6 +452,7 @@ def main(argv: list[str] | None = None) -> None:
             aux_sum += float(aux.detach())
         # the global gradient norm (one all-reduce, read once): non-finite if any rank's loss or
         # gradient is, and then the same on every rank, so every rank skips the same step
+        PROGRESS["phase"] = "gradient norm and optimizer step"
         grad_norm = float(ep_fsdp.clip_grad_norm_(model.parameters(), t.max_grad_norm))
         if not math.isfinite(grad_norm):
             nonfinite += 1
@@ -427,6 +470,7 @@ def main(argv: list[str] | None = None) -> None:
         else:
             nonfinite = 0
             step_optimizer(step)
+        PROGRESS["phase"] = "logging and validation"
         is_val_step = step % cfg.log.val_every == 0 or step == t.steps
         if step % cfg.log.log_every == 0 or is_val_step or step == start_step + 1:
             loss, aux_mean = global_mean([task_sum / t.grad_accum_steps, aux_sum / t.grad_accum_steps], device)
@@ -461,6 +505,7 @@ def main(argv: list[str] | None = None) -> None:
                       + (f"drop {record['dropped_fraction']:.3f}  " if cfg.model.moe.capacity_factor else "")
                       + f"mem {mem:.0f} MB", flush=True)
         if step % cfg.checkpoint.every == 0 or step == last_step:
+            PROGRESS["phase"] = "checkpoint save"
             save(step)
     while pending:
         pending.pop().wait()
@@ -472,7 +517,18 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except RuntimeError as e:
+        if "timed out" not in str(e).lower():
+            raise
+        # NOTE: a peer that stopped participating (stuck, stopped, dead) shows up as a collective
+        # timeout; say where, and what happens next
+        raise RuntimeError(
+            f"train: step {PROGRESS['step']} ({PROGRESS['phase']}): a collective timed out after "
+            f"parallel.timeout_s={PROGRESS['timeout_s']} s: another rank stopped participating. Under torchrun "
+            f"--max-restarts the job restarts from the newest checkpoint. Cause: {str(e).strip()}"
+        ) from e
     # NOTE: the process group is destroyed; skip interpreter finalization, where torch 2.13's gloo
     # threads sometimes abort the process ("terminate called without an active exception") after
     # a finished run, which torchrun would report as a failure.

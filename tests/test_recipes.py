@@ -357,3 +357,26 @@ def ckpt_is_loadable(path: Path) -> bool:
     from ep_fsdp.checkpoint._format import structure_problem
 
     return structure_problem(path) is None
+
+
+def test_a_stuck_rank_fails_the_others_fast_and_torchrun_restarts(tmp_path):
+    """SIGSTOP one worker: the other fails within parallel.timeout_s with an error that says where,
+    and torchrun --max-restarts restarts the job from the newest checkpoint; it finishes."""
+    cmd = torchrun("--nproc-per-node", "2", "--max-restarts", "1", str(ROOT / "recipes" / "train.py"),
+                   "--output-dir", str(tmp_path), *FAST, "--ep", "2", "--steps", "60", "--checkpoint-every", "10",
+                   "--set", "parallel.timeout_s=8")
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline and max([0, *(losses(tmp_path) if (tmp_path / "metrics.jsonl").exists() else [])]) < 12:
+            time.sleep(0.2)
+        workers = _children(proc.pid)
+        assert len(workers) >= 2, workers
+        os.kill(workers[-1], signal.SIGSTOP)
+        out, err = proc.communicate(timeout=TIMEOUT)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, err[-3000:]
+    assert "a collective timed out after parallel.timeout_s=8.0 s: another rank stopped participating" in err
+    assert "resumed from" in out and losses(tmp_path)[60] < losses(tmp_path)[1]

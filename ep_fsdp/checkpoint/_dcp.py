@@ -438,9 +438,9 @@ def _restore_placements(model: nn.Module, optimizer: torch.optim.Optimizer | Non
     if get_layout(model) is not None:
         layers = dict(expert_layers(model))
         for name, rec in meta["moe_layers"].items():
-            physical = (rec.get("placement") or {}).get("physical")
-            if physical is not None and name in layers:
-                install_placement(layers[name], physical)
+            if name in layers:  # checkpoints from before placements were recorded: the default
+                physical = (rec.get("placement") or {}).get("physical")
+                install_placement(layers[name], physical or list(range(layers[name].placement.num_experts)))
         return
     params = dict(model.named_parameters())
     for key, physical in storage_permutations(meta).items():

@@ -109,6 +109,15 @@ def load_hub_weights(model: nn.Module, directory: str | Path, *, api: str = "fro
     from transformers.core_model_loading import rename_source_key
 
     directory = Path(directory)
+    from ..expert_modules import expert_layers
+
+    moved = [n for n, m in expert_layers(model) if not m.placement.is_contiguous()]
+    if moved:
+        raise ValueError(
+            f"{api}: experts of {moved[:3]} are not in their default placement (after rebalance_experts or a "
+            "checkpoint load), and hub files are read by storage row; load hub weights into a freshly "
+            "parallelized model (ep_fsdp.hf.from_pretrained does)."
+        )
     weight_map = hub_weight_map(directory, api)
     stats = LoadStats()
     files = _Files(directory, weight_map, stats)
@@ -175,8 +184,14 @@ def _problems(files: _Files, sources: dict[str, list[tuple[str, str | None]]], b
                 problems.append(f"{src} is {files.slice(src).get_dtype()}, the model's {key} is {value.dtype}")
         elif found[0][1] in by_pattern:
             patterns = by_pattern[found[0][1]].source_patterns
-            if len(found) % len(patterns) == 0 and len(found) // len(patterns) != value.shape[0]:
-                problems.append(f"{key} has {value.shape[0]} experts, the files hold {len(found) // len(patterns)}")
+            have: dict[str, set[int]] = {p: set() for p in patterns}
+            for src, pattern in found:
+                if pattern in have:
+                    have[pattern].add(_expert_index(pattern, src))
+            for pattern, experts in have.items():
+                if experts != set(range(value.shape[0])):
+                    problems.append(f"{key} has {value.shape[0]} experts, the files hold {sorted(experts)[:8]} "
+                                    f"for {pattern!r}")
     return problems
 
 
@@ -236,7 +251,7 @@ def _copy_stacked(files: _Files, found: list[tuple[str, str | None]], by_pattern
         for (p_start, sub), p in zip(starts, patterns):
             key = per[p].get(j)
             if key is None:
-                raise ValueError(f"from_pretrained: expert {j} of pattern {p!r} is missing from the files")
+                raise ValueError(f"expert {j} of pattern {p!r} is missing from the files")
             index: list[slice] = []
             dst: list[slice] = [slice(j - offset[0], j - offset[0] + 1)]
             for d in range(1, len(global_shape)):
