@@ -42,6 +42,8 @@ class MoEFields:
         """The library's ``MoEConfig`` (validated there) for a model of width ``dim``."""
         import ep_fsdp
 
+        if not isinstance(self.rebalance_every, int) or self.rebalance_every < 0:
+            raise ValueError(f"model.moe.rebalance_every must be an int >= 0 (0: never), got {self.rebalance_every!r}.")
         options = dataclasses.asdict(self)
         options.pop("rebalance_every")
         for name in ("num_expert_groups", "num_limited_groups", "capacity_factor"):
