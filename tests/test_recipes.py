@@ -33,7 +33,11 @@ TIMEOUT = 240
 
 
 def torchrun(*args: str) -> list[str]:
-    return [sys.executable, "-m", "torch.distributed.run", *args]
+    """A torchrun command; single-node launches get a free master port of their own (the default
+    29500 would collide with any other job on the machine)."""
+    own_port = not any(a.startswith(("--rdzv", "--master-port", "--nnodes")) for a in args)
+    return [sys.executable, "-m", "torch.distributed.run", *(["--master-port", str(free_port())] if own_port else []),
+            *args]
 
 
 def train(out: Path, nproc: int, *extra: str, launcher: tuple[str, ...] = ()) -> str:

@@ -6,7 +6,7 @@ descriptors, and the checkpoint directory.
 It launches ``torchrun --nproc-per-node 4 recipes/train.py --config recipes/configs/tiny.toml
 --steps 2000`` (checkpoints every 50 steps, keep_last 3) and samples every worker's resident
 memory (``VmRSS``) and open descriptors (``/proc/PID/fd``) when step 100 and when the last steps
-are logged. Prints them per rank with the growth; target: RSS growth < 2 %, no descriptor
+are logged (the last sample taken while all four are alive). Prints them per rank with the growth; target: RSS growth < 2 %, no descriptor
 growth, no checkpoint directories beyond ``keep_last`` at the end.
 """
 
@@ -72,9 +72,12 @@ def main() -> None:
     while proc.poll() is None:
         step = logged_step(out)
         if early is None and step >= args.early:
-            early = (step, sample(proc.pid))
-        if step >= args.steps - 20:
-            late = (step, sample(proc.pid)) or late
+            now = sample(proc.pid)
+            early = (step, now) if len(now) == 4 else None
+        if step >= args.steps - 50:
+            now = sample(proc.pid)
+            if len(now) == 4 and set(now) == set(early[1]):  # the same four workers, still alive
+                late = (step, now)
         time.sleep(0.5)
     err = proc.stderr.read() if proc.stderr else ""
     if proc.returncode != 0 or early is None or late is None:
