@@ -5,8 +5,8 @@ descriptors, and the checkpoint directory.
 
 It launches ``torchrun --nproc-per-node 4 recipes/train.py --config recipes/configs/tiny.toml
 --steps 2000`` (checkpoints every 50 steps, keep_last 3) and samples every worker's resident
-memory (``VmRSS``) and open descriptors (``/proc/PID/fd``) when step 100 and when the last steps
-are logged (the last sample taken while all four are alive). Prints them per rank with the growth; target: RSS growth < 2 %, no descriptor
+memory (``VmRSS``) and open descriptors (``/proc/PID/fd``) at step 110, mid-run and near the end
+(steps away from checkpoint saves, all four workers alive). Prints them per rank with the growth; target: RSS growth < 2 %, no descriptor
 growth, no checkpoint directories beyond ``keep_last`` at the end.
 """
 
@@ -57,7 +57,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--workdir", type=Path, required=True)
     p.add_argument("--steps", type=int, default=2000)
-    p.add_argument("--early", type=int, default=100)
+    p.add_argument("--early", type=int, default=110, help="first sample (away from a checkpoint step)")
     args = p.parse_args()
     out = args.workdir / "run"
     shutil.rmtree(out, ignore_errors=True)
@@ -69,16 +69,20 @@ def main() -> None:
     start = time.time()
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, cwd=ROOT)
     early = late = None
+    marks = sorted({args.steps // 2 + 10, args.steps - 20})  # also mid-run: growth or warm-up?
+    mid: list[tuple[int, dict[int, tuple[int, int]]]] = []
     while proc.poll() is None:
         step = logged_step(out)
         if early is None and step >= args.early:
             now = sample(proc.pid)
             early = (step, now) if len(now) == 4 else None
-        if step >= args.steps - 50:
+        elif early is not None and marks and step >= marks[0]:
+            marks.pop(0)
             now = sample(proc.pid)
             if len(now) == 4 and set(now) == set(early[1]):  # the same four workers, still alive
+                mid.append((step, now))
                 late = (step, now)
-        time.sleep(0.5)
+        time.sleep(0.2)
     err = proc.stderr.read() if proc.stderr else ""
     if proc.returncode != 0 or early is None or late is None:
         sys.exit(f"soak run failed (exit {proc.returncode}): {err[-2000:]}")
@@ -93,6 +97,10 @@ def main() -> None:
         growth = (r1 - r0) / r0 * 100
         worst = max(worst, growth)
         print(f"{i:<8}{r0 / 2**20:>10.1f}MB{r1 / 2**20:>10.1f}MB{growth:>8.2f}%{f0:>10}{f1:>10}")
+    if len(mid) > 1:
+        (s_mid, at_mid) = mid[0]
+        second = max((late[1][p][0] - at_mid[p][0]) / at_mid[p][0] * 100 for p in at_mid)
+        print(f"RSS growth from step {s_mid} to {late[0]} (second half): at most {second:.2f}%")
     print(f"checkpoint directories at the end: {ckpts}")
     print(f"max RSS growth {worst:.2f}% (target < 2%); checkpoints kept {len(ckpts)} (keep_last {keep_last})")
 
