@@ -58,13 +58,14 @@ def main() -> None:
     p.add_argument("--workdir", type=Path, required=True)
     p.add_argument("--steps", type=int, default=2000)
     p.add_argument("--early", type=int, default=110, help="first sample (away from a checkpoint step)")
+    p.add_argument("--checkpoint-every", type=int, default=50)
     args = p.parse_args()
     out = args.workdir / "run"
     shutil.rmtree(out, ignore_errors=True)
     keep_last = 3
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "4", str(ROOT / "recipes" / "train.py"),
            "--config", str(ROOT / "recipes" / "configs" / "tiny.toml"), "--output-dir", str(out),
-           "--steps", str(args.steps), "--checkpoint-every", "50", "--set", f"checkpoint.keep_last={keep_last}",
+           "--steps", str(args.steps), "--checkpoint-every", str(args.checkpoint_every), "--set", f"checkpoint.keep_last={keep_last}",
            "--set", "log.val_every=500"]
     start = time.time()
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, cwd=ROOT)
@@ -87,7 +88,8 @@ def main() -> None:
     if proc.returncode != 0 or early is None or late is None:
         sys.exit(f"soak run failed (exit {proc.returncode}): {err[-2000:]}")
     ckpts = sorted(d.name for d in (out / "checkpoints").iterdir())
-    print(f"soak: tiny config, 4 processes, {args.steps} steps in {time.time() - start:.0f} s; checkpoints every 50, "
+    print(f"soak: tiny config, 4 processes, {args.steps} steps in {time.time() - start:.0f} s; checkpoints every "
+          f"{args.checkpoint_every}, "
           f"keep_last {keep_last}")
     print(f"{'worker':<8}{'RSS@' + str(early[0]):>12}{'RSS@' + str(late[0]):>12}{'growth':>9}"
           f"{'fds@' + str(early[0]):>10}{'fds@' + str(late[0]):>10}")
