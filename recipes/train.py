@@ -15,6 +15,7 @@ import fcntl
 import json
 import math
 import os
+import pickle
 import resource
 import sys
 import time
@@ -112,12 +113,15 @@ def load_newest(ckpt_dir: Path, resume_from: Path | None, model: torch.nn.Module
     deleted, no longer a candidate: its step can be saved again) and the next older one is tried.
     Rank 0 lists the candidates, so every rank tries the same ones (directory listings may differ
     across nodes on a network file system); loading is collective, so every rank fails alike."""
+    if resume_from is not None and int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0:
+        resume_from = None  # a restarted job resumes from the newest checkpoint, not the original choice
     candidates = [[resume_from] if resume_from is not None else ckpt.list_checkpoints(ckpt_dir)[::-1]]
     dist.broadcast_object_list(candidates, src=0)
     for path in candidates[0]:
         try:
             return path, ckpt.load(path, model, optimizer)
-        except (ValueError, OSError, RuntimeError) as e:
+        except (ValueError, OSError, pickle.UnpicklingError, ckpt.CheckpointLoadError) as e:
+            # NOTE: the checkpoint's contents are at fault (a timeout, a dead peer are not caught here)
             if resume_from is not None:
                 raise
             if rank == 0:
@@ -484,7 +488,8 @@ def main(argv: list[str] | None = None) -> None:
             mem = global_max(peak_memory_mb(device), device)
             record: dict[str, Any] = {
                 "step": step, "loss": loss, "aux_loss": aux_mean, "balance_loss": balance, "z_loss": z,
-                "lr": scheduler.get_last_lr()[0], "grad_norm": grad_norm,
+                "lr": scheduler.get_last_lr()[0],
+                "grad_norm": grad_norm if math.isfinite(grad_norm) else str(grad_norm),  # (JSON has no NaN)
                 "tokens_per_s": tokens_per_step / step_time, "step_time_s": step_time,
                 "load_imbalance": max(r["imbalance"] for r in routing.values()),
                 "a2a_bytes": sum(r["a2a_bytes"] for r in routing.values()),

@@ -163,3 +163,14 @@ def test_saving_over_a_broken_directory_moves_it_aside(saved, tmp_path):
     assert len(kept) == 1 and (kept[0] / METADATA_FILE).is_file()  # nothing is lost
     with pytest.raises(FileExistsError, match="never overwritten"):
         ckpt.save(path, model, step=4)  # a good checkpoint is never replaced
+
+
+def test_metadata_cannot_modify_an_allowed_class():
+    from pathlib import PurePosixPath
+
+    from ep_fsdp.checkpoint._safe import safe_metadata_load
+
+    crafted = b"cpathlib\nPurePosixPath\n}S'injected'\nI1\nsb."  # BUILD on the class itself
+    with pytest.raises(UnsafeCheckpointError, match="tries to modify the class PurePosixPath"):
+        safe_metadata_load(crafted, "crafted/.metadata")
+    assert not hasattr(PurePosixPath, "injected")

@@ -52,7 +52,10 @@ def losses(out: Path) -> dict[int, float]:
     """Step -> loss; a step logged twice (after a restart) keeps its last value."""
     result = {}
     for line in (out / "metrics.jsonl").read_text().splitlines():
-        rec = json.loads(line)
+        try:
+            rec = json.loads(line)
+        except ValueError:  # a line being written right now
+            continue
         if "loss" in rec:  # (a skipped step also writes a record without it)
             result[rec["step"]] = rec["loss"]
     return result
@@ -316,7 +319,8 @@ def test_bad_or_busy_output_directory_fails_every_rank_before_any_work(tmp_path)
     busy = tmp_path / "busy"
     first = subprocess.Popen(torchrun("--nproc-per-node", "1", str(ROOT / "recipes" / "train.py"), "--output-dir",
                                       str(busy), *FAST, "--ep", "1", "--steps", "400"),
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
+                             start_new_session=True)
     try:
         deadline = time.time() + 120
         while not (busy / "metrics.jsonl").exists() and time.time() < deadline:
@@ -326,7 +330,7 @@ def test_bad_or_busy_output_directory_fails_every_rank_before_any_work(tmp_path)
                                 timeout=TIMEOUT, cwd=ROOT)
         assert second.returncode != 0 and "is in use by another job (pid" in second.stderr, second.stderr[-2000:]
     finally:
-        first.kill()
+        os.killpg(first.pid, signal.SIGKILL)  # the agent and its worker
         first.wait()
 
 
@@ -357,7 +361,7 @@ def test_a_damaged_newest_checkpoint_falls_back_and_is_saved_again(reference, tm
     assert "resumed from" in out and "at step 12" in out
 
 
-def ckpt_is_loadable(path: Path) -> bool:
+def ckpt_is_loadable(path: Path) -> bool:  # (structure and sizes; CRCs are checked on load)
     from ep_fsdp.checkpoint._format import structure_problem
 
     return structure_problem(path) is None
@@ -384,3 +388,24 @@ def test_a_stuck_rank_fails_the_others_fast_and_torchrun_restarts(tmp_path):
     assert proc.returncode == 0, err[-3000:]
     assert "a collective timed out after parallel.timeout_s=8.0 s: another rank stopped participating" in err
     assert "resumed from" in out and losses(tmp_path)[60] < losses(tmp_path)[1]
+
+
+def test_an_unsafe_newest_checkpoint_is_set_aside_and_the_run_falls_back(reference, tmp_path):
+    import pickle
+
+    from ep_fsdp.checkpoint._format import METADATA_FILE, file_crc32
+
+    class Evil:
+        def __reduce__(self):
+            return (open, (str(tmp_path / "pwned"), "w"))
+
+    run = tmp_path / "run"
+    shutil.copytree(reference, run)
+    newest = run / "checkpoints" / "step_00000016"
+    (newest / ".metadata").write_bytes(pickle.dumps(Evil()))
+    meta = json.loads((newest / METADATA_FILE).read_text())
+    meta["files"][".metadata"] = {"bytes": (newest / ".metadata").stat().st_size, "crc32": file_crc32(newest / ".metadata")}
+    (newest / METADATA_FILE).write_text(json.dumps(meta))
+    out = train(run, 2, "--ep", "2")
+    assert "could not resume from" in out and "at step 12" in out
+    assert not (tmp_path / "pwned").exists()

@@ -5,7 +5,7 @@ See ``docs/checkpoint.md`` for the on-disk format.
 
 from ._dcp import PendingSave, latest, list_checkpoints, load, save
 from ._format import read_metadata
-from ._safe import UnsafeCheckpointError
+from ._safe import CheckpointLoadError, UnsafeCheckpointError
 from ._safetensors import export_safetensors, load_safetensors
 
 __all__ = [
@@ -18,4 +18,5 @@ __all__ = [
     "export_safetensors",
     "load_safetensors",
     "UnsafeCheckpointError",
+    "CheckpointLoadError",
 ]

@@ -40,7 +40,14 @@ from ._format import (
     read_metadata,
     write_json_atomic,
 )
-from ._safe import SafeFileSystemReader, SafeLoadPlanner, UnsafeCheckpointError, load_extra, safe_metadata_load
+from ._safe import (
+    CheckpointLoadError,
+    SafeFileSystemReader,
+    SafeLoadPlanner,
+    UnsafeCheckpointError,
+    load_extra,
+    safe_metadata_load,
+)
 
 __all__ = ["save", "load", "latest", "list_checkpoints", "PendingSave", "read_metadata"]
 
@@ -66,15 +73,16 @@ def _gather(obj: Any) -> list[Any]:
     return out
 
 
-def _raise_if_any(error: BaseException | None, api: str) -> None:
-    """Make every rank raise if one failed, so no rank is left waiting in a collective."""
+def _raise_if_any(error: BaseException | None, api: str, kind: type[Exception] = RuntimeError) -> None:
+    """Make every rank raise if one failed, so no rank is left waiting in a collective (``kind``
+    on the ranks that did not fail themselves)."""
     errors = _gather(None if error is None else f"{type(error).__name__}: {error}")
     failed = {r: e for r, e in enumerate(errors) if e is not None}
     if failed:
         if error is not None and len(failed) == 1:
             raise error
         detail = "; ".join(f"rank {r}: {e}" for r, e in sorted(failed.items()))
-        raise RuntimeError(f"{api} failed on rank(s) {sorted(failed)}: {detail}")
+        raise kind(f"{api} failed on rank(s) {sorted(failed)}: {detail}")
 
 
 def _app_state(model: nn.Module, optimizer: torch.optim.Optimizer | None) -> dict[str, Any]:
@@ -269,9 +277,12 @@ def save(
                 if old != path:
                     # NOTE: renamed first (atomic): a kill during the removal leaves a dot-directory
                     # that is never taken for a checkpoint, not a half-deleted one that looks complete
-                    doomed = old.with_name(f".{old.name}.deleting")
-                    os.rename(old, doomed)
-                    shutil.rmtree(doomed, ignore_errors=True)
+                    doomed = old.with_name(f".{old.name}.deleting.{os.getpid()}")
+                    try:
+                        os.rename(old, doomed)
+                        shutil.rmtree(doomed, ignore_errors=True)
+                    except OSError as e:  # the new checkpoint is committed: cleanup is best effort
+                        warnings.warn(f"save: keep_last could not remove {old}: {e}", stacklevel=2)
 
     if async_save:
         future = dcp.async_save(state, checkpoint_id=str(tmp), process_group=_async_group())
@@ -407,6 +418,13 @@ def load(
     # NOTE: checked on the model's state dict alone: building the optimizer's state dict would
     # initialise an empty optimizer's state, which a refused load must not do.
     _check_model_matches(path, meta, get_model_state_dict(model), model)
+    # NOTE: the extras first, with a shared verdict: a refused one fails every rank, before any tensor moves
+    extra_file, extra, error = extra_path(path, rank), None, None
+    try:
+        extra = load_extra(extra_file) if extra_file.is_file() else None
+    except UnsafeCheckpointError as e:
+        error = e
+    _raise_if_any(error, "load", CheckpointLoadError)
     state = _app_state(model, optimizer)
     with _quiet_single_process():
         dcp_load(state, path, no_dist=not _distributed())
@@ -415,8 +433,6 @@ def load(
     else:
         set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
     _restore_placements(model, optimizer, meta)
-    extra_file = extra_path(path, rank)
-    extra = load_extra(extra_file) if extra_file.is_file() else None
     return {
         "step": meta["step"],
         "extra": extra,
@@ -467,7 +483,7 @@ def dcp_load(state: dict[str, Any], path: Path, *, no_dist: bool) -> None:
             inner = failure[0] if isinstance(failure, tuple) else getattr(failure, "exception", failure)
             if isinstance(inner, UnsafeCheckpointError):
                 raise inner from None
-        raise
+        raise CheckpointLoadError(f"load: reading {path} failed: {str(e).strip()[:2000]}") from e
 
 
 def list_checkpoints(root: str | os.PathLike[str]) -> list[Path]:

@@ -116,6 +116,17 @@ def _malformed(meta: Any) -> str | None:
     for name, rec in meta["files"].items():
         if not isinstance(rec, dict) or not isinstance(rec.get("bytes"), int) or not isinstance(rec.get("crc32"), int):
             return f"files[{name!r}] is {rec!r}, expected {{bytes, crc32}}"
+    for key in ("world_size", "dp_shard", "ep"):
+        if not isinstance(meta["layout"].get(key), int):
+            return f"layout[{key!r}] is {meta['layout'].get(key)!r}, expected an int"
+    for name, rec in meta["params"].items():
+        if not isinstance(rec, dict) or not isinstance(rec.get("shape"), list) or not isinstance(rec.get("dtype"), str):
+            return f"params[{name!r}] is {rec!r}, expected {{shape, dtype}}"
+    for name, rec in meta["moe_layers"].items():
+        if not isinstance(rec, dict) or not isinstance(rec.get("config"), dict):
+            return f"moe_layers[{name!r}] is {rec!r}, expected a record with a config"
+    if not isinstance(meta.get("created", ""), str):
+        return f"'created' is {meta.get('created')!r}, expected a string"
     return None
 
 

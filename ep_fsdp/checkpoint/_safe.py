@@ -27,7 +27,7 @@ import torch
 from torch.distributed.checkpoint import DefaultLoadPlanner, FileSystemReader
 from torch.distributed.checkpoint.metadata import Metadata
 
-__all__ = ["UnsafeCheckpointError", "SafeFileSystemReader", "SafeLoadPlanner", "load_extra", "safe_metadata_load",
+__all__ = ["UnsafeCheckpointError", "CheckpointLoadError", "SafeFileSystemReader", "SafeLoadPlanner", "load_extra", "safe_metadata_load",
            "METADATA_TYPES"]
 
 METADATA_TYPES: dict[str, frozenset[str]] = {
@@ -49,10 +49,29 @@ class UnsafeCheckpointError(pickle.UnpicklingError):
     """A checkpoint file holds a type that loading it would have to trust (and could run code)."""
 
 
-class _MetadataUnpickler(pickle.Unpickler):
+class CheckpointLoadError(RuntimeError):
+    """Reading a checkpoint's contents failed (on this rank or another): the checkpoint, not the
+    job, is at fault; a caller may fall back to another checkpoint."""
+
+
+class _MetadataUnpickler(pickle._Unpickler):  # type: ignore[name-defined]
+    """Pure-Python unpickler: its BUILD step can be checked (the C one cannot)."""
+
+    dispatch = dict(pickle._Unpickler.dispatch)  # type: ignore[attr-defined]
+
     def __init__(self, file: Any, source: str) -> None:
         super().__init__(file)
         self.source = source
+
+    def _load_build(self) -> None:
+        # NOTE: BUILD on an allowed *class* would set attributes on it for the whole process
+        if isinstance(self.stack[-2], type):
+            raise UnsafeCheckpointError(
+                f"{self.source} tries to modify the class {self.stack[-2].__name__}; refusing to load it."
+            )
+        pickle._Unpickler.load_build(self)  # type: ignore[attr-defined]
+
+    dispatch[pickle.BUILD[0]] = _load_build
 
     def find_class(self, module: str, name: str) -> Any:
         allowed = METADATA_TYPES.get(module, frozenset())
