@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import datetime
 import os
+import sys
 
 import torch
 import torch.distributed as dist
 
-__all__ = ["init_distributed"]
+__all__ = ["init_distributed", "exit_process"]
 
 
 def init_distributed(timeout: datetime.timedelta = datetime.timedelta(minutes=5)) -> torch.device:
@@ -50,3 +51,16 @@ def init_distributed(timeout: datetime.timedelta = datetime.timedelta(minutes=5)
     store = dist.PrefixStore(f"ep_fsdp/attempt_{attempt}", store)
     dist.init_process_group(backend, store=store, rank=rank, world_size=world, timeout=timeout)
     return device
+
+
+def exit_process(code: int = 0) -> None:
+    """End a finished torchrun worker now: flush stdout/stderr and ``os._exit(code)``, skipping
+    interpreter finalization.
+
+    NOTE: call it after ``dist.destroy_process_group()``. During finalization torch 2.13's gloo
+    threads may free work objects after Python is gone and abort the process ("terminate called
+    without an active exception"), which torchrun reports as a failure of a run that succeeded.
+    """
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)

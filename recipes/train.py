@@ -34,6 +34,7 @@ import ep_fsdp  # noqa: E402
 import ep_fsdp.checkpoint as ckpt  # noqa: E402
 from data import WindowDataset, build_loader, stdlib_corpus  # noqa: E402
 from ep_fsdp.checkpoint._format import aside_path  # noqa: E402
+from ep_fsdp.launch import exit_process  # noqa: E402
 from ep_fsdp.expert_modules import expert_layers  # noqa: E402
 from ep_fsdp.models import MoETransformer, TransformerConfig  # noqa: E402
 from train_config import JobConfig, load_config  # noqa: E402
@@ -555,9 +556,4 @@ if __name__ == "__main__":
             f"parallel.timeout_s={PROGRESS['timeout_s']} s: another rank stopped participating. Under torchrun "
             f"--max-restarts the job restarts from the newest checkpoint. Cause: {str(e).strip()}"
         ) from e
-    # NOTE: the process group is destroyed; skip interpreter finalization, where torch 2.13's gloo
-    # threads sometimes abort the process ("terminate called without an active exception") after
-    # a finished run, which torchrun would report as a failure.
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
+    exit_process()  # skips interpreter finalization (see ep_fsdp.launch.exit_process)

@@ -16,7 +16,6 @@ import datetime
 import os
 import shutil
 import statistics
-import sys
 import time
 from pathlib import Path
 
@@ -24,6 +23,7 @@ import torch
 import torch.distributed as dist
 
 import ep_fsdp
+from ep_fsdp.launch import exit_process
 import ep_fsdp.checkpoint as ckpt
 from ep_fsdp.models import MoETransformer, TransformerConfig
 
@@ -100,9 +100,4 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
-    # NOTE: the process group is destroyed; skip interpreter finalization, where torch 2.13's gloo
-    # threads sometimes abort the process ("terminate called without an active exception") after
-    # a finished run, which torchrun would report as a failure.
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
+    exit_process()  # skips interpreter finalization (see ep_fsdp.launch.exit_process)

@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import os
 import resource
 import subprocess
 import sys
@@ -29,6 +28,8 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+
+from ep_fsdp.launch import exit_process
 
 ROOT = Path(__file__).resolve().parents[2]
 _REFERENCE = """
@@ -114,9 +115,4 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
-    # NOTE: the process group is destroyed; skip interpreter finalization, where torch 2.13's gloo
-    # threads sometimes abort the process ("terminate called without an active exception") after
-    # a finished run, which torchrun would report as a failure.
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
+    exit_process()  # skips interpreter finalization (see ep_fsdp.launch.exit_process)

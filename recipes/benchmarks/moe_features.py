@@ -17,9 +17,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import os
 import statistics
-import sys
 import time
 
 import torch
@@ -27,6 +25,7 @@ import torch.distributed as dist
 import torch.nn as nn
 
 import ep_fsdp
+from ep_fsdp.launch import exit_process
 from ep_fsdp.experts import SharedExperts
 
 
@@ -120,7 +119,4 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
-    # NOTE: skip interpreter finalization (torch 2.13 gloo threads may abort the process at exit)
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
+    exit_process()  # skips interpreter finalization (see ep_fsdp.launch.exit_process)

@@ -15,9 +15,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import os
 import statistics
-import sys
 import time
 
 import torch
@@ -25,6 +23,7 @@ import torch.distributed as dist
 import torch.nn as nn
 
 import ep_fsdp
+from ep_fsdp.launch import exit_process
 
 
 class OneLayer(nn.Module):
@@ -97,7 +96,4 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
-    # NOTE: skip interpreter finalization (torch 2.13 gloo threads may abort the process at exit)
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
+    exit_process()  # skips interpreter finalization (see ep_fsdp.launch.exit_process)
