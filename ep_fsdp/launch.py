@@ -9,7 +9,10 @@ import sys
 import torch
 import torch.distributed as dist
 
-__all__ = ["init_distributed", "exit_process"]
+__all__ = ["init_distributed", "exit_process", "is_peer_failure"]
+
+# What gloo and NCCL say when a peer stopped participating: a timeout, or a connection it closed.
+_PEER_FAILURE_MARKERS = ("timed out", "timeout", "pair closure", "connection reset", "connection closed")
 
 
 def init_distributed(timeout: datetime.timedelta = datetime.timedelta(minutes=5)) -> torch.device:
@@ -64,3 +67,32 @@ def exit_process(code: int = 0) -> None:
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)
+
+
+def is_peer_failure(error: BaseException) -> bool:
+    """Whether ``error`` (or an exception it wraps) is a collective that failed because another rank
+    stopped participating: a collective timeout, or a connection the peer closed.
+
+    Walks ``__cause__``/``__context__`` and DCP's ``CheckpointException`` failures, since a rank that
+    stops during a save surfaces inside the checkpoint error. gloo reports a timeout as "Timed out
+    waiting ..." or "Application timeout caused pair closure"; NCCL's watchdog says "timed out".
+    """
+    seen: set[int] = set()
+    stack: list[BaseException] = [error]
+    while stack:
+        e = stack.pop()
+        if id(e) in seen:
+            continue
+        seen.add(id(e))
+        if isinstance(e, dist.DistBackendError) and "timeout" in type(e).__name__.lower():
+            return True
+        if any(m in str(e).lower() for m in _PEER_FAILURE_MARKERS):
+            return True
+        stack += [c for c in (e.__cause__, e.__context__) if c is not None]
+        failures = getattr(e, "failures", None)  # DCP's CheckpointException: {rank: exception}
+        if isinstance(failures, dict):
+            for f in failures.values():  # an exception, an (exception, traceback) pair, or a wrapper
+                f = f[0] if isinstance(f, tuple) and f else getattr(f, "exception", f)
+                if isinstance(f, BaseException):
+                    stack.append(f)
+    return False

@@ -34,7 +34,7 @@ import ep_fsdp  # noqa: E402
 import ep_fsdp.checkpoint as ckpt  # noqa: E402
 from data import WindowDataset, build_loader, stdlib_corpus  # noqa: E402
 from ep_fsdp.checkpoint._format import aside_path  # noqa: E402
-from ep_fsdp.launch import exit_process  # noqa: E402
+from ep_fsdp.launch import exit_process, is_peer_failure  # noqa: E402
 from ep_fsdp.expert_modules import expert_layers  # noqa: E402
 from ep_fsdp.models import MoETransformer, TransformerConfig  # noqa: E402
 from train_config import JobConfig, load_config  # noqa: E402
@@ -546,8 +546,8 @@ def main(argv: list[str] | None = None) -> None:
 if __name__ == "__main__":
     try:
         main()
-    except RuntimeError as e:
-        if "timed out" not in str(e).lower():
+    except BaseException as e:  # DCP's CheckpointException is a BaseException
+        if isinstance(e, (KeyboardInterrupt, SystemExit)) or not is_peer_failure(e):
             raise
         # NOTE: a peer that stopped participating (stuck, stopped, dead) shows up as a collective
         # timeout; say where, and what happens next

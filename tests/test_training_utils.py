@@ -124,3 +124,21 @@ def test_loader_state_round_trip():
         next(iter(other))  # the loader applies a loaded state when it starts iterating
     with pytest.raises(ValueError, match="global_batch=5 is not divisible by world=2"):
         build_loader(ds, 5, rank=0, world=2)
+
+
+def test_peer_failures_are_recognised_in_every_form_gloo_and_dcp_give_them():
+    """The recipe turns these into its "another rank stopped participating" error; others pass through."""
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    from ep_fsdp.launch import is_peer_failure
+
+    gloo_timeout = RuntimeError("Application timeout caused pair closure")
+    assert is_peer_failure(gloo_timeout)
+    assert is_peer_failure(RuntimeError("[pair.cc:598] Timed out waiting 8000ms for recv operation to complete"))
+    assert is_peer_failure(RuntimeError("Connection reset by peer"))
+    wrapped = RuntimeError("step failed")
+    wrapped.__cause__ = gloo_timeout
+    assert is_peer_failure(wrapped)
+    assert is_peer_failure(CheckpointException("save", {1: (gloo_timeout, None)}))
+    assert not is_peer_failure(RuntimeError("mat1 and mat2 shapes cannot be multiplied"))
+    assert not is_peer_failure(CheckpointException("load", {0: (ValueError("size mismatch"), None)}))
