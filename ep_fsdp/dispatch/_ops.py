@@ -2,9 +2,10 @@
 
 Legend: N gathered rows, R output rows (segments), D feature dim.
 
-Every reduction in the dispatch path is a *segment sum over contiguous rows* computed by a kernel
-that walks each segment in order (``view(...).sum`` for a uniform length, ``segment_reduce``
-otherwise), never a scatter with atomics. Results are therefore bitwise reproducible run to run,
+Every reduction in the dispatch path is a *segment sum over rows taken in a given order*, computed
+by one ``embedding_bag(mode="sum")`` call: it gathers, weights and sums each segment's rows in
+order in a single pass (one kernel instead of gather, cast, multiply and reduce), never a scatter
+with atomics. Results are therefore bitwise reproducible run to run,
 also on CUDA under ``torch.use_deterministic_algorithms(True)``. Weighted sums accumulate in
 float32 whatever the row dtype.
 
@@ -19,7 +20,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["Segments", "segment_sum", "gather_rows", "weighted_segment_sum", "inverse_permutation", "expert_counts"]
+__all__ = ["Segments", "ordered_segment_sum", "gather_rows", "weighted_segment_sum", "inverse_permutation", "expert_counts"]
 
 
 @dataclass
@@ -36,25 +37,39 @@ class Segments:
             return x.repeat_interleave(self.uniform, dim=0)
         return x.repeat_interleave(self.lengths, dim=0, output_size=total)
 
+    def offsets(self, device: torch.device) -> torch.Tensor:
+        """``[R]`` int64 index of each segment's first row."""
+        if self.uniform is not None:
+            return torch.arange(0, self.num * self.uniform, self.uniform, device=device)
+        return torch.cumsum(self.lengths, 0) - self.lengths
+
 
 def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
     """float32, or the input's dtype when it is wider (float64)."""
     return torch.promote_types(dtype, torch.float32)
 
 
-def segment_sum(z: torch.Tensor, seg: Segments) -> torch.Tensor:
-    """``[N, D] -> [R, D]``: sum of each segment of contiguous rows, in order (no atomics).
+def ordered_segment_sum(
+    x: torch.Tensor, order: torch.Tensor, seg: Segments, weights: torch.Tensor | None = None
+) -> torch.Tensor:
+    """``out[r] = sum_{j in segment r} weights[j] * x[order[j]]``, ``[N, D] -> [R, D]``.
 
-    Accumulates in at least float32 (``segment_reduce`` would accumulate in a bf16 input's own
-    dtype); the result has ``z``'s dtype.
+    Segment ``r`` is the ``r``-th run of ``seg`` in ``order [N]``; ``weights [N]`` (optional) are
+    per position of ``order``. Summed in order, in at least float32; the result has the
+    accumulation dtype (float32, or float64 for a float64 ``x``).
+
+    NOTE: ``embedding_bag`` does the gather, the weighting and the in-order sum in one pass and
+    without atomics; the input is widened first so that a bf16 row is never summed in bf16.
     """
-    if seg.uniform == 1:
-        return z
-    if seg.uniform is not None:
-        return z.view(seg.num, seg.uniform, *z.shape[1:]).sum(dim=1)
-    wide = z.to(accumulation_dtype(z.dtype))
-    # NOTE: unsafe=True skips a check of sum(lengths) that would synchronise with the host.
-    return torch.segment_reduce(wide, "sum", lengths=seg.lengths, axis=0, unsafe=True).to(z.dtype)
+    acc = accumulation_dtype(x.dtype)
+    wide = x.to(acc)  # [N, D] (a no-op for float32)
+    if seg.uniform == 1:  # one row per segment: a gather (and a scale)
+        out = wide.index_select(0, order)
+        return out * weights.to(acc).unsqueeze(1) if weights is not None else out
+    return torch.nn.functional.embedding_bag(
+        order, wide, seg.offsets(order.device), mode="sum",
+        per_sample_weights=weights.to(acc) if weights is not None else None,
+    )  # [R, D]
 
 
 def inverse_permutation(index: torch.Tensor) -> torch.Tensor:
@@ -90,8 +105,8 @@ class _GatherRows(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None, None, None]:
         (back_order,) = ctx.saved_tensors
-        grouped = grad.index_select(0, back_order)  # [N, D] grouped by source row
-        return segment_sum(grouped, ctx.back_seg), None, None, None  # [R, D], summed in >= float32
+        summed = ordered_segment_sum(grad, back_order, ctx.back_seg)  # [R, D] copies of each source row, in order
+        return summed.to(grad.dtype), None, None, None
 
 
 def gather_rows(x: torch.Tensor, index: torch.Tensor, back_order: torch.Tensor, back_seg: Segments) -> torch.Tensor:
@@ -117,13 +132,9 @@ class _WeightedSegmentSum(torch.autograd.Function):
         out_dtype: torch.dtype,
         out_shape: tuple[int, ...] | None,
     ) -> torch.Tensor:
-        acc = accumulation_dtype(y.dtype)
-        z = y.index_select(0, order).to(acc)  # [N, D] in segment order
-        if weights is not None:
-            z = z * weights.unsqueeze(1).to(acc)
         ctx.seg, ctx.has_weights, ctx.y_dtype = seg, weights is not None, y.dtype
         ctx.save_for_backward(y, weights if weights is not None else y.new_empty(0), order, inverse)
-        summed = segment_sum(z, seg)  # [R, D] float32
+        summed = ordered_segment_sum(y, order, seg, weights)  # [R, D] float32
         if out_shape is None or tuple(out_shape) == tuple(summed.shape):
             return summed.to(out_dtype)
         # NOTE: written into a fresh tensor of the caller's shape, not returned as a reshaped view
@@ -139,21 +150,25 @@ class _WeightedSegmentSum(torch.autograd.Function):
         acc = accumulation_dtype(y.dtype)
         N, D = y.shape
         grad = grad.reshape(-1, D).to(acc)  # [R, D]
-        if seg.uniform is not None:
-            # NOTE: broadcast over each segment's k rows instead of materialising [N, D] copies
-            g = grad.unsqueeze(1)  # [R, 1, D] against [R, k, D]
-            shape = (seg.num, seg.uniform, D)
-        else:
-            g, shape = seg.expand(grad, N), (N, D)  # [N, D] in segment order
+        position_segment = seg.expand(torch.arange(seg.num, device=grad.device), N)  # [N] segment of each position
         grad_w = None
         if ctx.has_weights and ctx.needs_input_grad[1]:
-            y_seg = y.index_select(0, order).to(acc).view(shape)
-            grad_w = (y_seg * g).sum(dim=-1).reshape(-1).to(weights.dtype)  # [N]
+            y_seg = y.index_select(0, order).to(acc)  # [N, D] in segment order
+            if seg.uniform is not None:  # NOTE: a batched mat-vec, no [N, D] product temporary
+                grad_w = torch.bmm(y_seg.view(seg.num, seg.uniform, D), grad.unsqueeze(2)).reshape(-1)  # [N]
+            else:
+                grad_w = torch.linalg.vecdot(y_seg, grad.index_select(0, position_segment))  # [N]
+            grad_w = grad_w.to(weights.dtype)
             del y_seg
         grad_y = None
         if ctx.needs_input_grad[0]:
-            gz = g * weights.to(acc).view(shape[:-1] + (1,)) if ctx.has_weights else g.expand(shape)
-            grad_y = gz.reshape(N, D).index_select(0, inverse).to(ctx.y_dtype)  # [N, D] in y's order
+            # row i of y sits at position inverse[i]: its gradient is that position's weight times
+            # its segment's gradient (one gather-and-scale pass, bags of one row)
+            row_segment = position_segment.index_select(0, inverse)  # [N]
+            row_weight = weights.index_select(0, inverse).to(acc) if ctx.has_weights else None  # [N]
+            grad_y = torch.nn.functional.embedding_bag(
+                row_segment, grad, torch.arange(N, device=grad.device), mode="sum", per_sample_weights=row_weight
+            ).to(ctx.y_dtype)  # [N, D] in y's order
         return grad_y, grad_w, None, None, None, None, None
 
 
