@@ -34,7 +34,13 @@ __all__ = ["RoutingCounters", "PendingBalancing", "begin_balancing", "finish_bal
 
 
 def in_backward() -> bool:
-    """True while autograd runs a backward pass on this thread (e.g. checkpoint recomputation)."""
+    """True while autograd runs a backward pass on this thread (e.g. checkpoint recomputation).
+
+    NOTE: False while ``torch.compile`` traces: a compiled region's recomputation happens inside
+    its compiled backward, which never reruns the Python forward.
+    """
+    if torch.compiler.is_compiling():
+        return False
     return torch._C._current_graph_task_id() != -1
 
 
@@ -135,6 +141,7 @@ class PendingBalancing:
     z_loss_coef: float
 
 
+@torch.compiler.disable  # NOTE: the gradient hook is filled in through Python state (eager only)
 def begin_balancing(
     route: RouterOutput,
     counts: torch.Tensor,
@@ -165,6 +172,7 @@ def begin_balancing(
     return weights, pending
 
 
+@torch.compiler.disable
 @torch.no_grad()
 def finish_balancing(pending: PendingBalancing, *, grad_scale: float, counters: RoutingCounters) -> None:
     """Wait for the statistics, record the loss values and fill in the gradients of the backward."""

@@ -22,6 +22,27 @@ __all__ = ["GroupedExperts", "SharedExperts", "grouped_linear", "swiglu", "use_g
 _GROUPED_MM_WORKS: dict[tuple[str, torch.dtype], bool] = {}
 
 
+@torch.library.custom_op("ep_fsdp::grouped_mm", mutates_args=())
+def _grouped_mm(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+    """``torch._grouped_mm(a, b, offs=offs)`` as an opaque operator (no autograd of its own).
+
+    ``a [N, K] x b [G, K, M] -> [N, M]`` (row blocks of ``a`` by group), or ``a [M, N] x b [N, K]
+    -> [G, M, K]`` (the contraction split by group).
+
+    NOTE: torch 2.13's fake kernel of ``_grouped_mm`` on CPU accepts only bf16 while the eager
+    kernel also runs float32 and float16, so ``torch.compile`` of a float32 layer failed. Behind
+    this operator compile sees the fake kernel below (any dtype) and calls the eager kernel.
+    """
+    return torch._grouped_mm(a, b, offs=offs)
+
+
+@_grouped_mm.register_fake
+def _grouped_mm_fake(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+    if b.dim() == 3:
+        return a.new_empty(a.shape[0], b.shape[2])  # [N, M]
+    return a.new_empty(offs.shape[0], a.shape[0], b.shape[1])  # [G, M, K]
+
+
 class _GroupedLinear(torch.autograd.Function):
     """``y[rows of g] = x[rows of g] @ w[g].T`` with ``grouped_mm`` in both passes.
 
@@ -46,7 +67,7 @@ class _GroupedLinear(torch.autograd.Function):
         ctx.counts_host = counts_host
         if x.shape[0] == 0:
             return x.new_empty(0, w.shape[1])
-        return F.grouped_mm(x, w.transpose(-2, -1), offs=offs)
+        return _grouped_mm(x, w.transpose(-2, -1), offs)
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
@@ -56,7 +77,7 @@ class _GroupedLinear(torch.autograd.Function):
             grad_w = torch.zeros_like(w) if ctx.needs_input_grad[1] else None
             return grad_x, grad_w, None, None, None
         grad = grad.contiguous()  # [N, M]
-        grad_x = F.grouped_mm(grad, w, offs=offs) if ctx.needs_input_grad[0] else None  # [N, K]
+        grad_x = _grouped_mm(grad, w, offs) if ctx.needs_input_grad[0] else None  # [N, K]
         grad_w = None
         if ctx.needs_input_grad[1]:
             grad_w = _grouped_weight_grad(grad, x, offs, counts, ctx.counts_host, w)  # [G, M, K]
@@ -72,11 +93,11 @@ def _grouped_weight_grad(
     if counts_host is not None:
         busy = [g for g, c in enumerate(counts_host) if c > 0]
         if len(busy) == len(counts_host):
-            return F.grouped_mm(grad.t(), x, offs=offs)
+            return _grouped_mm(grad.t(), x, offs)
         index = torch.tensor(busy, dtype=torch.long, device=w.device)  # [B] experts with rows
-        part = F.grouped_mm(grad.t(), x, offs=offs.index_select(0, index))  # [B, M, K]
+        part = _grouped_mm(grad.t(), x, offs.index_select(0, index))  # [B, M, K]
         return torch.zeros_like(w).index_copy_(0, index, part.to(w.dtype))
-    grad_w = F.grouped_mm(grad.t(), x, offs=offs)
+    grad_w = _grouped_mm(grad.t(), x, offs)
     if grad_w.device.type != "cpu":
         empty = (counts == 0).view(-1, 1, 1)  # [G, 1, 1]
         grad_w = torch.where(empty, torch.zeros((), dtype=grad_w.dtype, device=grad_w.device), grad_w)

@@ -142,13 +142,29 @@ class MoE(nn.Module):
             out = out + shared[0].view_as(out)
         if pending is not None:
             finish_balancing(pending, grad_scale=self.aux_grad_factor * self.aux_loss_scale, counters=self.routing)
-        if self.training and not in_backward():  # NOTE: checkpoint recomputation records nothing
-            dropped = 0 if keep is None else (~keep).sum()
-            load = counts if keep is None or handle.counts_host is not None else self._kept_load(route.expert_ids, keep)
-            self.routing.add_forward(slots, load, handle.sent_bytes, dropped)
-            if cfg.bias_update_rate > 0:
-                self.bias_load = slots.detach().clone() if self.bias_load is None else self.bias_load + slots
+        if self.training:
+            self._record_forward(slots, counts, route.expert_ids, keep, handle.counts_host is not None, handle.sent_bytes)
         return out
+
+    @torch.compiler.disable
+    def _record_forward(
+        self, slots: torch.Tensor, counts: torch.Tensor, expert_ids: torch.Tensor, keep: torch.Tensor | None,
+        counts_exact: bool, sent_bytes: int,
+    ) -> None:
+        """Add one training forward to :attr:`routing` and :attr:`bias_load`.
+
+        NOTE: runs eagerly under ``torch.compile`` (a graph break at the end of the layer, without
+        a host sync): the counters are Python state that grows every step, which a compiled graph
+        would guard on and recompile for. Eager also sees a checkpoint's recomputation, which
+        records nothing.
+        """
+        if in_backward():
+            return
+        dropped = 0 if keep is None else (~keep).sum()
+        load = counts if keep is None or counts_exact else self._kept_load(expert_ids, keep)
+        self.routing.add_forward(slots, load, sent_bytes, dropped)
+        if self.config.bias_update_rate > 0:
+            self.bias_load = slots.detach().clone() if self.bias_load is None else self.bias_load + slots
 
     def _kept_load(self, expert_ids: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
         """``[E]`` kept slots per storage row, for the local dispatcher (``ep == 1``: ``G == E``),

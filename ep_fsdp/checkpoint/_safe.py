@@ -27,8 +27,8 @@ import torch
 from torch.distributed.checkpoint import DefaultLoadPlanner, FileSystemReader
 from torch.distributed.checkpoint.metadata import Metadata
 
-__all__ = ["UnsafeCheckpointError", "CheckpointLoadError", "SafeFileSystemReader", "SafeLoadPlanner", "load_extra", "safe_metadata_load",
-           "METADATA_TYPES"]
+__all__ = ["UnsafeCheckpointError", "CheckpointLoadError", "CheckpointCorruptError", "SafeFileSystemReader",
+           "SafeLoadPlanner", "load_extra", "safe_metadata_load", "METADATA_TYPES"]
 
 METADATA_TYPES: dict[str, frozenset[str]] = {
     "torch.distributed.checkpoint.metadata": frozenset({
@@ -52,6 +52,12 @@ class UnsafeCheckpointError(pickle.UnpicklingError):
 class CheckpointLoadError(RuntimeError):
     """Reading a checkpoint's contents failed (on this rank or another): the checkpoint, not the
     job, is at fault; a caller may fall back to another checkpoint."""
+
+
+class CheckpointCorruptError(CheckpointLoadError, ValueError):
+    """A checkpoint file is missing, has the wrong size or fails its CRC32 check. Raised before
+    anything from the checkpoint reaches the model. Also a ``ValueError`` (what these checks raised
+    before they became a :class:`CheckpointLoadError`)."""
 
 
 class _MetadataUnpickler(pickle._Unpickler):  # type: ignore[name-defined]

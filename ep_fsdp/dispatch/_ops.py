@@ -37,6 +37,23 @@ class Segments:
             return x.repeat_interleave(self.uniform, dim=0)
         return x.repeat_interleave(self.lengths, dim=0, output_size=total)
 
+    def save(self, ctx: Any) -> list[torch.Tensor]:
+        """Keep this description on an autograd ``ctx``; returns the tensors to save with it.
+
+        NOTE: only the static ``uniform`` goes on ``ctx``; the count ``R`` (a symbolic int under
+        ``torch.compile`` with dynamic shapes, which dynamo cannot carry on ``ctx``) is derived
+        again in the backward by :meth:`restore`.
+        """
+        ctx.seg_uniform = self.uniform
+        return [self.lengths] if self.lengths is not None else []
+
+    @staticmethod
+    def restore(ctx: Any, saved: tuple[torch.Tensor, ...], num_rows: int) -> Segments:
+        """The segments that :meth:`save` kept, of ``num_rows`` rows (``saved``: the tensors it returned)."""
+        if ctx.seg_uniform is not None:
+            return Segments(num_rows // ctx.seg_uniform, uniform=ctx.seg_uniform)
+        return Segments(saved[0].shape[0], lengths=saved[0])
+
     def offsets(self, device: torch.device) -> torch.Tensor:
         """``[R]`` int64 index of each segment's first row."""
         if self.uniform is not None:
@@ -98,14 +115,14 @@ class _GatherRows(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, index: torch.Tensor, back_order: torch.Tensor, back_seg: Segments) -> torch.Tensor:  # type: ignore[override]
-        ctx.save_for_backward(back_order)
-        ctx.back_seg = back_seg
+        ctx.save_for_backward(back_order, *back_seg.save(ctx))
         return x.index_select(0, index)  # [N, D]
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None, None, None]:
-        (back_order,) = ctx.saved_tensors
-        summed = ordered_segment_sum(grad, back_order, ctx.back_seg)  # [R, D] copies of each source row, in order
+        back_order, *seg_saved = ctx.saved_tensors
+        back_seg = Segments.restore(ctx, tuple(seg_saved), back_order.shape[0])
+        summed = ordered_segment_sum(grad, back_order, back_seg)  # [R, D] copies of each source row, in order
         return summed.to(grad.dtype), None, None, None
 
 
@@ -132,8 +149,8 @@ class _WeightedSegmentSum(torch.autograd.Function):
         out_dtype: torch.dtype,
         out_shape: tuple[int, ...] | None,
     ) -> torch.Tensor:
-        ctx.seg, ctx.has_weights, ctx.y_dtype = seg, weights is not None, y.dtype
-        ctx.save_for_backward(y, weights if weights is not None else y.new_empty(0), order, inverse)
+        ctx.has_weights, ctx.y_dtype = weights is not None, y.dtype
+        ctx.save_for_backward(y, weights if weights is not None else y.new_empty(0), order, inverse, *seg.save(ctx))
         summed = ordered_segment_sum(y, order, seg, weights)  # [R, D] float32
         if out_shape is None or tuple(out_shape) == tuple(summed.shape):
             return summed.to(out_dtype)
@@ -145,8 +162,8 @@ class _WeightedSegmentSum(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[Any, ...]:
-        y, weights, order, inverse = ctx.saved_tensors
-        seg: Segments = ctx.seg
+        y, weights, order, inverse, *seg_saved = ctx.saved_tensors
+        seg = Segments.restore(ctx, tuple(seg_saved), order.shape[0])
         acc = accumulation_dtype(y.dtype)
         N, D = y.shape
         grad = grad.reshape(-1, D).to(acc)  # [R, D]

@@ -8,7 +8,10 @@ With transformers installed (``--hf``, the default when it is), more rows on the
 transformers' Qwen3-MoE sparse block as transformers runs it (its ``grouped_mm`` experts), the same
 block after ``ep_fsdp.parallelize_moe`` at world size 1 (ep_fsdp's dispatcher around the block's
 own experts forward), and ``ep_fsdp.MoE`` parallelized the same way; ratios to the floor and
-of the parallelized transformers block to the parallelized ``ep_fsdp.MoE``.
+of the parallelized transformers block to the parallelized ``ep_fsdp.MoE``, and the ratio of
+``ep_fsdp.MoE`` to the fastest peer measured (torchtitan's MoE is not a package; transformers'
+block is the peer row). With ``--compile`` (default): the floor and the layer under
+``torch.compile``, and their ratio.
 
     python recipes/benchmarks/moe_layer.py                       # D=256 H=512 E=8 k=2 T=4096
     python recipes/benchmarks/moe_layer.py --dtypes bfloat16 --repeats 30
@@ -93,11 +96,16 @@ def parallelized_world1(module: nn.Module) -> nn.Module:
     return holder
 
 
-def dense_step(rows: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, grad: torch.Tensor) -> Callable[[], None]:
+def dense_swiglu(rows: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:
+    gate, up = F.linear(rows, w13).chunk(2, dim=-1)  # [T*k, H] each
+    return F.linear(F.silu(gate) * up, w2)  # [T*k, D]
+
+
+def dense_step(rows: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, grad: torch.Tensor,
+               fn: Callable[..., torch.Tensor] = dense_swiglu) -> Callable[[], None]:
     def step() -> None:
         rows.grad = w13.grad = w2.grad = None
-        gate, up = F.linear(rows, w13).chunk(2, dim=-1)  # [T*k, H] each
-        F.linear(F.silu(gate) * up, w2).backward(grad)  # [T*k, D]
+        fn(rows, w13, w2).backward(grad)
 
     return step
 
@@ -113,6 +121,8 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"])
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True,
+                   help="add torch.compile rows: the compiled floor and the compiled layer")
     p.add_argument("--hf", action=argparse.BooleanOptionalAction,
                    default=importlib.util.find_spec("transformers") is not None,
                    help="add the transformers rows (default: when transformers is installed)")
@@ -134,6 +144,11 @@ def main() -> None:
         w2 = torch.randn(D, H, device=device, dtype=dtype, requires_grad=True)
         grad_rows = torch.randn(T * k, D, device=device, dtype=dtype)
         candidates = {"dense floor": dense_step(rows, w13, w2, grad_rows), "ep_fsdp.MoE": moe_step(layer, x, grad)}
+        if args.compile:
+            candidates["dense floor compiled"] = dense_step(rows, w13, w2, grad_rows, torch.compile(dense_swiglu))
+            compiled = copy.deepcopy(layer)
+            compiled.compile()
+            candidates["ep_fsdp.MoE compiled"] = moe_step(compiled, x, grad)
         if args.hf and device.type == "cpu":
             block = qwen3_moe_block(D, H, E, k).to(dtype=dtype)
             candidates["transformers Qwen3-MoE block"] = block_step(block, x, grad)
@@ -149,6 +164,13 @@ def main() -> None:
         ms = {key: statistics.median(v) * 1e3 for key, v in times.items()}
         for key, value in ms.items():
             print(f"{name:<10}{key:<34}{value:>9.2f}{value / ms['dense floor']:>8.2f}x")
+        if args.compile:
+            ratio = ms["ep_fsdp.MoE compiled"] / ms["dense floor compiled"]
+            print(f"{name:<10}{'compiled MoE / compiled floor':<34}{'':>9}{ratio:>8.2f}x")
+        peers = [key for key in ("transformers Qwen3-MoE block",) if key in ms]
+        if peers:
+            fastest = min(peers, key=ms.__getitem__)
+            print(f"{name:<10}{'ep_fsdp.MoE / fastest peer':<34}{'':>9}{ms['ep_fsdp.MoE'] / ms[fastest]:>8.2f}x  ({fastest})")
         if "  parallelized by ep_fsdp" in ms:
             ratio = ms["  parallelized by ep_fsdp"] / ms["ep_fsdp.MoE parallelized"]
             print(f"{name:<10}{'transformers block / ep_fsdp.MoE':<34}{'':>9}{ratio:>8.2f}x  (both parallelized)")

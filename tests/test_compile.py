@@ -1,0 +1,63 @@
+"""``torch.compile`` runs the MoE layer and parallelized models with eager numerics.
+
+float32: compiled equals eager within the parity tolerance (loss, every gradient, parameters after
+an optimizer step), unparallelized and after ``parallelize_moe`` on several layouts, including an
+idle ep rank. bfloat16: inductor fuses elementwise chains and rounds once where eager rounds after
+every op, so compiled and eager differ by bf16 rounding; the bound is stated below.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import ep_fsdp
+from parity_utils import REL_TOL, rel_err, worst
+from test_parity import batch, build, check, parity_step, set_regime
+
+# bf16 has an 8-bit mantissa (relative rounding 2**-9 = 0.002); a layer's forward and backward
+# chain a few dozen rounded ops, whose errors add up in norm to about ten roundings.
+BF16_REL_TOL = 2e-2
+
+
+def train_step(model: torch.nn.Module, kind: str, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """One step: loss, gradients and parameters after SGD (linear in the gradient)."""
+    x, y = batch(kind, global_batch=8, seed=1)
+    if x.is_floating_point():
+        x = x.to(dtype)
+    logits = model(x).float()
+    loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1)) + ep_fsdp.moe_aux_loss(model)
+    loss.backward()
+    out = {"loss": loss.detach().reshape(1)}
+    out |= {f"grad.{n}": p.grad.detach().float().clone() for n, p in model.named_parameters()}
+    torch.optim.SGD(model.parameters(), lr=0.1).step()
+    out |= {f"param.{n}": p.detach().float().clone() for n, p in model.named_parameters()}
+    return out
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
+@pytest.mark.parametrize("kind", ["transformer", "net"])
+def test_compiled_model_matches_eager(kind, dtype):
+    torch.manual_seed(0)
+    eager = build(kind).to(dtype)
+    set_regime(eager, "random", 1)
+    compiled = copy.deepcopy(eager)
+    compiled.compile()
+    expected = train_step(eager, kind, dtype)
+    got = train_step(compiled, kind, dtype)
+    errors = {k: rel_err(got[k], v) for k, v in expected.items()}
+    tol = REL_TOL if dtype == torch.float32 else BF16_REL_TOL
+    assert worst(errors)[1] <= tol, worst(errors)
+    # the routing statistics are recorded by the compiled forward too
+    stats = ep_fsdp.routing_stats(compiled)
+    assert all(s["forwards"] == 1 and sum(s["tokens_per_expert"]) > 0 for s in stats.values()), stats
+
+
+@pytest.mark.parametrize("layout,regime", [((1, 2), "random"), ((2, 2), "idle_ep_rank")], ids=["1x2", "2x2-idle-ep-rank"])
+def test_compiled_training_step_matches_single_process(pools, layout, regime):
+    """The parity suite's step with the parallel model compiled, against the eager reference."""
+    for r in pools(layout[0] * layout[1]).run(parity_step, *layout, "transformer", regime, compile_model=True):
+        check(r)
