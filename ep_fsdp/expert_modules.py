@@ -147,12 +147,18 @@ class ExpertParallelExperts(nn.Module):
                 self.routing.add_forward(slots, slots, 0)
             return out
         weights = top_k_weights.float()  # NOTE: the dispatcher combines in float32 and casts back
-        rows, counts, handle = self.dispatcher.dispatch(hidden_states, top_k_index, weights)  # [N, D], [G]
-        y = self._local_forward(rows, counts)  # [N, D]
-        out = self.dispatcher.combine(y, handle)  # [T, D]
-        if self.training and not in_backward():
-            self.routing.add_forward(expert_counts(top_k_index, self.ep_num_experts), counts, handle.sent_bytes)
+        out, moved = self.dispatcher.run(
+            hidden_states, top_k_index, weights, lambda rows, counts, _: self._local_forward(rows, counts)
+        )  # [T, D]
+        if self.training:
+            self._record_forward(top_k_index, moved.counts, moved.sent_bytes)
         return out
+
+    @torch.compiler.disable
+    def _record_forward(self, top_k_index: torch.Tensor, counts: torch.Tensor, sent_bytes: int) -> None:
+        """Count one training forward (eagerly under ``torch.compile``, see ``MoE._record_forward``)."""
+        if not in_backward():
+            self.routing.add_forward(expert_counts(top_k_index, self.ep_num_experts), counts, sent_bytes)
 
     def _local_forward(self, rows: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         """The module's own forward on this rank's experts: rows of local slot ``g`` go to expert ``g``."""

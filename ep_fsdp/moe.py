@@ -35,8 +35,8 @@ class MoE(nn.Module):
     The forward is one path for every layout::
 
         route = router(tokens)                                  # ids [T, k], weights [T, k] fp32
-        rows, counts, handle = dispatcher.dispatch(tokens, route.expert_ids, route.weights)
-        out = dispatcher.combine(experts(rows, counts), handle) # [T, D]
+        out, moved = dispatcher.run(tokens, route.expert_ids, route.weights, experts)  # [T, D]
+        # = combine(experts(dispatch(tokens)), ...), streamed in chunks when asked
 
     Balancing losses (``aux_loss_coef``, ``z_loss_coef``) are losses of the global batch, active in
     training mode when a gradient is needed, whose gradient is hooked onto the gate weights (see
@@ -133,17 +133,15 @@ class MoE(nn.Module):
         in_flight = None
         if self.shared_experts is not None:  # NOTE: computed while the tokens are on the wire
             in_flight = lambda: shared.append(self.shared_experts(tokens))  # noqa: E731
-        rows, counts, handle = self.dispatcher.dispatch(
-            x, route.expert_ids, weights, keep=keep, in_flight=in_flight
-        )  # [N, D], [G]
-        y = self.experts(rows, counts, handle.counts_host)  # [N, D]
-        out = self.dispatcher.combine(y, handle)  # [..., D] like x
+        out, moved = self.dispatcher.run(
+            x, route.expert_ids, weights, self.experts, keep=keep, in_flight=in_flight
+        )  # [..., D] like x
         if shared:
             out = out + shared[0].view_as(out)
         if pending is not None:
             finish_balancing(pending, grad_scale=self.aux_grad_factor * self.aux_loss_scale, counters=self.routing)
         if self.training:
-            self._record_forward(slots, counts, route.expert_ids, keep, handle.counts_host is not None, handle.sent_bytes)
+            self._record_forward(slots, moved.counts, route.expert_ids, keep, moved.counts_exact, moved.sent_bytes)
         return out
 
     @torch.compiler.disable

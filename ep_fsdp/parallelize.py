@@ -15,6 +15,7 @@ from torch.distributed.tensor import DTensor, Shard, distribute_tensor
 
 from .aux_loss import record_router_logits, router_modules
 from .dispatch import make_dispatcher
+from .dispatch.base import check_chunks, check_wire_dtype
 from .expert_modules import contract_num_experts, find_expert_modules, make_expert_parallel
 from .mesh import check_mesh, flat_mesh
 from .moe import MoE, moe_layers
@@ -59,6 +60,8 @@ def parallelize_moe(
     block_filter: Callable[[str, nn.Module, nn.Module | None], bool] | None = None,
     dedup_tokens: bool = True,
     grad_reduction: str = "mean",
+    dispatch_chunks: int = 1,
+    dispatch_dtype: torch.dtype | None = None,
 ) -> nn.Module:
     """Apply expert parallelism and FSDP2 to every :class:`ep_fsdp.MoE` in ``model``, in place.
 
@@ -108,6 +111,16 @@ def parallelize_moe(
             ``False`` sends one row per (token, expert). With ``top_k == 1`` the plain exchange is
             used either way (deduplication cannot save a byte).
         grad_reduction: ``"mean"`` or ``"sum"``, see above.
+        dispatch_chunks: stream each MoE layer's token exchange in this many chunks of its
+            tokens: all chunks are sent before the experts start, so the transfer of chunk
+            ``i + 1`` overlaps the experts of chunk ``i``, and results go back chunk by chunk. The
+            outputs equal those of one chunk (each token's experts are combined in one chunk);
+            the expert weight gradients sum their rows chunk by chunk (float rounding only).
+            Every rank runs the same number of exchanges, also with tokens for fewer chunks.
+        dispatch_dtype: the dtype token rows and their gradients travel in between ep ranks
+            (e.g. ``torch.bfloat16`` under a float32 model: half the bytes); they are cast back on
+            arrival and every sum still accumulates in float32. Default: the activations' dtype.
+            The gate weights always travel in float32.
 
     Returns:
         ``model`` itself, now an ``FSDPModule``.
@@ -122,6 +135,8 @@ def parallelize_moe(
         loss = F.cross_entropy(model(x_local), y_local) + ep_fsdp.moe_aux_loss(model)
         loss.backward()
     """
+    check_chunks(dispatch_chunks, "parallelize_moe")
+    check_wire_dtype(dispatch_dtype, "parallelize_moe")
     check_mesh(mesh)
     if get_layout(model) is not None or isinstance(model, FSDPModule) or any(
         isinstance(p, DTensor) for p in model.parameters()
@@ -172,7 +187,8 @@ def parallelize_moe(
     for _, layer in layers:
         placement = ExpertPlacement.contiguous(layer.config.num_experts, ep)
         _shard_experts(layer.experts, ep_mesh)
-        layer.dispatcher = make_dispatcher(placement, ep_group, top_k=layer.config.top_k, dedup_tokens=dedup_tokens)
+        layer.dispatcher = make_dispatcher(placement, ep_group, top_k=layer.config.top_k, dedup_tokens=dedup_tokens,
+                                           chunks=dispatch_chunks, wire_dtype=dispatch_dtype)
         layer.stats_group = stats_group
         # NOTE: under "mean" FSDP divides every gradient by world; the balancing-loss gradient
         # each rank injects is the partial derivative of the global loss, so it is multiplied back.
@@ -181,7 +197,7 @@ def parallelize_moe(
         E = contract_num_experts(name, module)
         _shard_experts(module, ep_mesh)
         dispatcher = make_dispatcher(ExpertPlacement.contiguous(E, ep), ep_group, top_k=_contract_top_k(module),
-                                     dedup_tokens=dedup_tokens)
+                                     dedup_tokens=dedup_tokens, chunks=dispatch_chunks, wire_dtype=dispatch_dtype)
         make_expert_parallel(module, num_experts=E, dispatcher=dispatcher, stats_group=stats_group)
     if contract:
         record_router_logits(model, stats_group=stats_group,

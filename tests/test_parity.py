@@ -87,12 +87,14 @@ def loss_fn(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.T
 
 def parity_step(dp_shard: int, ep: int, kind: str, regime: str, seed: int = 0,
                 ac: bool = False, reshard: bool = True, dedup: bool = True,
-                grad_reduction: str = "mean", sizes: list[int] | None = None, compile_model: bool = False) -> dict:
+                grad_reduction: str = "mean", sizes: list[int] | None = None, compile_model: bool = False,
+                chunks: int = 1, wire_dtype: torch.dtype | None = None) -> dict:
     """One step on the parallel and on the reference model; returns errors (run on every rank).
 
     ``sizes[r]`` rows of the global batch go to rank ``r`` (default 4 each; uneven sizes need
     ``grad_reduction="sum"``, where each rank's loss is its token-loss sum over the global count).
     ``compile_model``: the parallel model runs under ``torch.compile`` (the reference stays eager).
+    ``chunks``, ``wire_dtype``: ``parallelize_moe``'s ``dispatch_chunks`` and ``dispatch_dtype``.
     """
     mesh = worker_mesh(dp_shard, ep)
     rank, world = dist.get_rank(), dist.get_world_size()
@@ -113,7 +115,8 @@ def parity_step(dp_shard: int, ep: int, kind: str, regime: str, seed: int = 0,
     torch.optim.AdamW(ref.parameters(), **opt_kwargs).step()
 
     ep_fsdp.parallelize_moe(model, mesh, activation_checkpointing=ac, reshard_after_forward=reshard,
-                            dedup_tokens=dedup, grad_reduction=grad_reduction)
+                            dedup_tokens=dedup, grad_reduction=grad_reduction, dispatch_chunks=chunks,
+                            dispatch_dtype=wire_dtype)
     if compile_model:
         model.compile()  # in place: parameter names unchanged
     lo = sum(sizes[:rank])

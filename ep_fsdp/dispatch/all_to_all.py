@@ -10,7 +10,6 @@ slot) and are regrouped to (local slot, source rank) with one stable sort.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -48,13 +47,18 @@ class _AllToAllHandle(DispatchHandle):
     dropped: int = 0  # dropped slots, sorted last and not sent
 
 
+@dataclass
+class _Issued:
+    received: torch.Tensor  # [R, D] in the wire dtype, possibly still in flight
+    recv: torch.Tensor  # [ep, G] rows from source s for my slot g
+    handle: _AllToAllHandle
+
+
 class AllToAllDispatcher(ExchangeDispatcher):
     """One row per (token, expert) to the expert's rank; results come back and are combined there."""
 
-    def dispatch(
-        self, tokens: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor, *,
-        keep: torch.Tensor | None = None, in_flight: Callable[[], None] | None = None,
-    ) -> DispatchResult:
+    def _issue(self, tokens: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor,
+               keep: torch.Tensor | None) -> _Issued:
         ep, G, E = self.placement.ep, self.num_local_experts, self.placement.num_experts
         shape = tuple(tokens.shape)
         tokens, expert_ids, weights = flat_tokens(tokens, expert_ids, weights)  # [T, D], [T, k], [T, k]
@@ -62,7 +66,8 @@ class AllToAllDispatcher(ExchangeDispatcher):
         if keep is not None:
             physical = physical.masked_fill(~keep.reshape(physical.shape), E)  # dropped: sorted last, never sent
         sort = sort_slots(physical, E)
-        x_sorted = gather_sorted(tokens, sort)  # [S, D], contiguous per destination rank
+        wire = self.wire(tokens.dtype)
+        x_sorted = gather_sorted(tokens.to(wire), sort)  # [S, D], contiguous per destination rank
         send = sort.counts.view(ep, G)  # [ep, G]
         recv = exchange_sizes(send, self.group)  # [ep, G] rows from source s for my slot g
         # NOTE: the one device-to-host synchronisation of the layer: all sizes in one copy.
@@ -72,23 +77,32 @@ class AllToAllDispatcher(ExchangeDispatcher):
         received = all_to_all_rows(x_sorted[:kept], output_splits, input_splits, self.group)  # [R, D] in flight
         R = sum(output_splits)
         regroup, regroup_inverse = regroup_by_expert(recv, R)  # overlaps the transfer
-        if in_flight is not None:
-            in_flight()
-        rows = gather_rows(received, regroup, regroup_inverse, Segments(R, uniform=1))  # [R, D]
         me = dist.get_rank(self.group)
         sent = (sum(input_splits) - input_splits[me]) + (sum(output_splits) - output_splits[me])
         handle = _AllToAllHandle(
-            shape, tokens.dtype, counts_host, sent * tokens.shape[1] * tokens.element_size(),
+            shape, tokens.dtype, counts_host, sent * tokens.shape[1] * x_sorted.element_size(),
             sort, weights, input_splits, output_splits, regroup, regroup_inverse, x_sorted.shape[0] - kept,
         )
-        return DispatchResult(rows, recv.sum(0), handle)
+        return _Issued(received, recv, handle)
 
-    def combine(self, expert_out: torch.Tensor, handle: DispatchHandle) -> torch.Tensor:
+    def _arrive(self, pending: object) -> DispatchResult:
+        p: _Issued = pending  # type: ignore[assignment]
+        h = p.handle
+        R = p.received.shape[0]
+        rows = gather_rows(p.received, h.regroup, h.regroup_inverse, Segments(R, uniform=1))  # [R, D]
+        return DispatchResult(rows.to(h.out_dtype), p.recv.sum(0), h)
+
+    def _send_back(self, expert_out: torch.Tensor, handle: DispatchHandle) -> torch.Tensor:
         h = handle
         check_handle(h, _AllToAllHandle, type(self).__name__)
         R = expert_out.shape[0]
-        y_received = gather_rows(expert_out, h.regroup_inverse, h.regroup, Segments(R, uniform=1))  # [R, D]
-        y_sorted = all_to_all_rows(y_received, h.input_splits, h.output_splits, self.group)  # [S - dropped, D]
+        y = expert_out.to(self.wire(expert_out.dtype))  # [R, D]
+        y_received = gather_rows(y, h.regroup_inverse, h.regroup, Segments(R, uniform=1))  # [R, D]
+        return all_to_all_rows(y_received, h.input_splits, h.output_splits, self.group)  # [S - dropped, D] in flight
+
+    def _merge(self, returned: torch.Tensor, handle: DispatchHandle) -> torch.Tensor:
+        h: _AllToAllHandle = handle  # type: ignore[assignment]
+        y_sorted = returned
         if h.dropped:
             y_sorted = torch.cat([y_sorted, y_sorted.new_zeros(h.dropped, y_sorted.shape[1])])  # [S, D]
-        return combine_sorted(y_sorted, h.weights, h.sort, h.out_dtype, h.out_shape)  # [..., D]
+        return combine_sorted(y_sorted, h.weights, h.sort, h.out_dtype, h.out_shape)  # [..., D], float32 sum

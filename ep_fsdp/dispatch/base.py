@@ -5,11 +5,19 @@ rank, N rows given to this rank's experts.
 
 An MoE layer has one path through a dispatcher::
 
+    out, stats = dispatcher.run(tokens, expert_ids, weights, experts)
+
+which is, for one chunk (the default)::
+
     rows, counts, handle = dispatcher.dispatch(tokens, expert_ids, weights)
     y = experts(rows, counts, handle.counts_host)
     out = dispatcher.combine(y, handle)
 
-Implementations (local, all-to-all, deduplicated all-to-all) differ only in how rows travel.
+Implementations (local, all-to-all, deduplicated all-to-all) differ only in how rows travel. An
+exchange may stream the tokens in chunks (``chunks``): every chunk's rows are sent before the
+first chunk's experts run, so chunk ``i + 1``'s transfer is in flight while chunk ``i``'s experts
+compute, and each chunk's results start back as soon as they are ready. It may also put rows on
+the wire in a narrower dtype (``wire_dtype``) than the model computes in.
 Ownership of experts comes from the :class:`~ep_fsdp.placement.ExpertPlacement` the dispatcher
 holds; nothing else decides it.
 """
@@ -26,7 +34,13 @@ import torch.distributed as dist
 
 from ..placement import ExpertPlacement
 
-__all__ = ["TokenDispatcher", "ExchangeDispatcher", "DispatchResult", "DispatchHandle", "flat_tokens", "check_handle"]
+__all__ = [
+    "TokenDispatcher", "ExchangeDispatcher", "DispatchResult", "DispatchHandle", "RunStats", "ExpertsFn",
+    "flat_tokens", "check_handle",
+]
+
+# experts(rows [N, D], counts [G], counts_host list[int] | None) -> [N, D]
+ExpertsFn = Callable[[torch.Tensor, torch.Tensor, "list[int] | None"], torch.Tensor]
 
 
 @dataclass
@@ -48,6 +62,14 @@ class DispatchResult(NamedTuple):
     rows: torch.Tensor
     counts: torch.Tensor
     handle: DispatchHandle
+
+
+class RunStats(NamedTuple):
+    """What one :meth:`TokenDispatcher.run` did, for the layer's counters."""
+
+    counts: torch.Tensor  # [G] rows given to each local slot (all chunks)
+    counts_exact: bool  # counts hold kept slots only (every exchange; the local one counts dropped too)
+    sent_bytes: int  # bytes sent to other ranks, dispatch + combine, all chunks
 
 
 class TokenDispatcher(ABC):
@@ -84,18 +106,131 @@ class TokenDispatcher(ABC):
         gate-weighted sum of each token's expert outputs, accumulated in float32 and cast to the
         tokens' dtype, as a fresh tensor (not a view)."""
 
+    def run(
+        self, tokens: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor, experts: ExpertsFn, *,
+        keep: torch.Tensor | None = None, in_flight: Callable[[], None] | None = None,
+    ) -> tuple[torch.Tensor, RunStats]:
+        """``dispatch``, ``experts(rows, counts, counts_host)``, ``combine``: ``[..., D]`` like
+        ``tokens``, and what was moved. Arguments as in :meth:`dispatch`."""
+        rows, counts, handle = self.dispatch(tokens, expert_ids, weights, keep=keep, in_flight=in_flight)
+        out = self.combine(experts(rows, counts, handle.counts_host), handle)
+        return out, RunStats(counts, handle.counts_host is not None, handle.sent_bytes)
+
+
+WIRE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
 
 class ExchangeDispatcher(TokenDispatcher):
-    """A dispatcher that moves rows between the ranks of ``group`` (one rank per ep index)."""
+    """A dispatcher that moves rows between the ranks of ``group`` (one rank per ep index).
 
-    def __init__(self, placement: ExpertPlacement, group: dist.ProcessGroup) -> None:
+    ``chunks``: stream each call's tokens in this many contiguous chunks (see :meth:`run`).
+    ``wire_dtype``: the dtype rows and their gradients travel in (default: the rows' own); they
+    are cast back on arrival, and every sum still accumulates in float32.
+
+    Implementations split each direction in two: ``_issue`` (size exchange, index math, rows sent
+    asynchronously) and ``_arrive`` (wait, regroup by local slot); ``_send_back`` (the experts'
+    results sent asynchronously) and ``_merge`` (wait, weighted sum per token).
+    """
+
+    def __init__(
+        self, placement: ExpertPlacement, group: dist.ProcessGroup, *, chunks: int = 1,
+        wire_dtype: torch.dtype | None = None,
+    ) -> None:
         super().__init__(placement)
         if dist.get_world_size(group) != placement.ep:
             raise ValueError(
                 f"{type(self).__name__}: placement.ep={placement.ep} != size of the exchange group "
                 f"{dist.get_world_size(group)}; build the placement for the ep mesh dim."
             )
+        check_chunks(chunks, type(self).__name__)
+        check_wire_dtype(wire_dtype, type(self).__name__)
         self.group = group
+        self.chunks = chunks
+        self.wire_dtype = wire_dtype
+
+    def wire(self, dtype: torch.dtype) -> torch.dtype:
+        """The dtype rows of ``dtype`` travel in."""
+        return self.wire_dtype or dtype
+
+    def dispatch(
+        self, tokens: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor, *,
+        keep: torch.Tensor | None = None, in_flight: Callable[[], None] | None = None,
+    ) -> DispatchResult:
+        pending = self._issue(tokens, expert_ids, weights, keep)
+        if in_flight is not None:
+            in_flight()
+        return self._arrive(pending)
+
+    def combine(self, expert_out: torch.Tensor, handle: DispatchHandle) -> torch.Tensor:
+        return self._merge(self._send_back(expert_out, handle), handle)
+
+    def run(
+        self, tokens: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor, experts: ExpertsFn, *,
+        keep: torch.Tensor | None = None, in_flight: Callable[[], None] | None = None,
+    ) -> tuple[torch.Tensor, RunStats]:
+        """The streamed exchange: tokens split into ``chunks`` contiguous chunks (some may be
+        empty; every rank makes the same collectives). All chunks are issued first, so while
+        chunk ``i``'s experts run, the rows of the chunks after it are on the wire, and chunk
+        ``i``'s results go back while chunk ``i + 1`` computes. Each token's slots stay in one
+        chunk, so every token's output is combined exactly as with one chunk; only the expert
+        weight gradients sum their rows in another order."""
+        if self.chunks == 1:
+            return super().run(tokens, expert_ids, weights, experts, keep=keep, in_flight=in_flight)
+        shape = tuple(tokens.shape)
+        flat, ids, w = flat_tokens(tokens, expert_ids, weights)  # [T, D], [T, k], [T, k]
+        parts = zip(flat.tensor_split(self.chunks), ids.tensor_split(self.chunks), w.tensor_split(self.chunks),
+                    keep.reshape(ids.shape).tensor_split(self.chunks) if keep is not None else [None] * self.chunks)
+        issued = []
+        for i, (x_c, ids_c, w_c, keep_c) in enumerate(parts):
+            issued.append(self._issue(x_c, ids_c, w_c, keep_c))
+            if i == 0 and in_flight is not None:
+                in_flight()
+        back = []
+        for pending in issued:  # NOTE: chunk i computes while chunks > i are still arriving
+            rows, counts, handle = self._arrive(pending)
+            back.append((self._send_back(experts(rows, counts, handle.counts_host), handle), handle, counts))
+        outs = [self._merge(returned, handle) for returned, handle, _ in back]  # [T_c, D] each
+        out = torch.cat(outs).view(shape)  # [..., D]
+        stats = RunStats(
+            torch.stack([c for _, _, c in back]).sum(0), True, sum(h.sent_bytes for _, h, _ in back)
+        )
+        return out, stats
+
+    @abstractmethod
+    def _issue(self, tokens: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor,
+               keep: torch.Tensor | None) -> object:
+        """Exchange sizes, build the indices and send the rows (asynchronously); what
+        :meth:`_arrive` needs."""
+
+    @abstractmethod
+    def _arrive(self, pending: object) -> DispatchResult:
+        """Wait for the rows of :meth:`_issue` and group them by local slot."""
+
+    @abstractmethod
+    def _send_back(self, expert_out: torch.Tensor, handle: DispatchHandle) -> torch.Tensor:
+        """Send the experts' results back (asynchronously); the tensor :meth:`_merge` takes."""
+
+    @abstractmethod
+    def _merge(self, returned: torch.Tensor, handle: DispatchHandle) -> torch.Tensor:
+        """Wait for the results and sum each token's, ``[..., D]`` like the dispatched tokens."""
+
+
+def check_chunks(chunks: object, api: str) -> None:
+    """Raise unless ``chunks`` is a positive int."""
+    if not isinstance(chunks, int) or isinstance(chunks, bool) or chunks < 1:
+        raise ValueError(
+            f"{api}: dispatch_chunks must be an int >= 1, got {chunks!r}; use 1 for one exchange per "
+            "layer, or 2-4 to overlap the token exchange with the experts' compute."
+        )
+
+
+def check_wire_dtype(dtype: object, api: str) -> None:
+    """Raise unless ``dtype`` is None or a floating dtype the exchange can carry."""
+    if dtype is not None and dtype not in WIRE_DTYPES:
+        raise ValueError(
+            f"{api}: dispatch_dtype must be None or one of {list(WIRE_DTYPES)}, got {dtype!r}; "
+            "use torch.bfloat16 to send activations and their gradients in half the bytes."
+        )
 
 
 def flat_tokens(tokens: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor) -> tuple[torch.Tensor, ...]:

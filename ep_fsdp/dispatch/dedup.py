@@ -17,7 +17,6 @@ It saves bytes only when ``k > 1``; with ``k == 1`` use :class:`AllToAllDispatch
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -45,13 +44,21 @@ class _DedupHandle(DispatchHandle):
     slots_per_row: torch.Tensor | None = None  # [R]
 
 
+@dataclass
+class _Issued:
+    rows_in: torch.Tensor  # [R, D] in the wire dtype, possibly still in flight
+    records_in: torch.Tensor  # [Sr, 2] (row in the source's chunk, local slot)
+    weights_in: torch.Tensor  # [Sr] float32
+    rows_recv: torch.Tensor  # [ep] rows from each source
+    slots_recv: torch.Tensor  # [ep, G] slots from each source for each local slot
+    handle: _DedupHandle
+
+
 class DedupAllToAllDispatcher(ExchangeDispatcher):
     """One row per (token, destination rank); gate weights applied on the expert's rank."""
 
-    def dispatch(
-        self, tokens: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor, *,
-        keep: torch.Tensor | None = None, in_flight: Callable[[], None] | None = None,
-    ) -> DispatchResult:
+    def _issue(self, tokens: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor,
+               keep: torch.Tensor | None) -> _Issued:
         ep, G = self.placement.ep, self.num_local_experts
         shape = tuple(tokens.shape)
         tokens, expert_ids, weights = flat_tokens(tokens, expert_ids, weights)  # [T, D], [T, k], [T, k]
@@ -74,14 +81,15 @@ class DedupAllToAllDispatcher(ExchangeDispatcher):
         # NOTE: the one device-to-host synchronisation of the layer: all sizes in one copy.
         host = torch.cat([rows_send, slots_send.sum(1), rows_recv_dev, slots_recv_dev.sum(1), slots_recv_dev.sum(0)]).tolist()
         rs, ss, rr, sr, counts_host = (host[:ep], host[ep:2 * ep], host[2 * ep:3 * ep], host[3 * ep:4 * ep], host[4 * ep:])
-        U, R, Sr, Sk = sum(rs), sum(rr), sum(sr), sum(ss)  # Sk: slots kept (sent), the first Sk sorted
+        U, R, Sk = sum(rs), sum(rr), sum(ss)  # Sk: slots kept (sent), the first Sk sorted
 
         # sender: one row per (token, destination), rows ordered (destination, token)
         first_pos = torch.argsort((~first).to(torch.int8), stable=True)[:U]  # [U] sorted slot starting each row
         unique_token = s_token[first_pos]  # [U]
         tok_order = torch.argsort(unique_token, stable=True)  # [U] rows grouped by token
         rows_per_token = expert_counts(unique_token, T)  # [T]
-        rows = gather_rows(tokens, unique_token, tok_order, Segments(T, lengths=rows_per_token))  # [U, D]
+        wire_tokens = tokens.to(self.wire(tokens.dtype))  # [T, D] (a no-op without a wire dtype)
+        rows = gather_rows(wire_tokens, unique_token, tok_order, Segments(T, lengths=rows_per_token))  # [U, D]
         chunk_start = torch.cumsum(rows_send, 0) - rows_send  # [ep]
         records = torch.stack([row_of_sorted[:Sk] - chunk_start[s_dest[:Sk]], slot[order[:Sk]]], dim=1)  # [Sk, 2]
         flat_w = weights.reshape(-1, 1).float()  # [S, 1]
@@ -89,35 +97,43 @@ class DedupAllToAllDispatcher(ExchangeDispatcher):
 
         rows_in = all_to_all_rows(rows, rr, rs, self.group)  # [R, D], in flight
         records_in, weights_in = exchange_records(records, w_sorted[:Sk], sr, ss, self.group)  # [Sr, 2], [Sr]
-        if in_flight is not None:
-            in_flight()
-
-        # receiver: slots arrive ordered (source, row); expand rows to slots grouped by local slot
-        source = torch.repeat_interleave(torch.arange(ep, device=device), slots_recv_dev.sum(1), output_size=Sr)  # [Sr]
-        in_start = torch.cumsum(rows_recv_dev, 0) - rows_recv_dev  # [ep]
-        row_abs = records_in[:, 0] + in_start[source]  # [Sr], non-decreasing
-        group_order = torch.argsort(records_in[:, 1], stable=True)  # [Sr]
-        group_inverse = inverse_permutation(group_order)
-        slots_per_row = expert_counts(row_abs, R)  # [R]
-        x = gather_rows(rows_in, row_abs[group_order], group_inverse, Segments(R, lengths=slots_per_row))  # [Sr, D]
-
         me = dist.get_rank(self.group)
-        row_bytes = tokens.shape[1] * tokens.element_size()
+        row_bytes = tokens.shape[1] * rows.element_size()
         sent = ((U - rs[me]) + (R - rr[me])) * row_bytes + (sum(ss) - ss[me]) * _RECORD_BYTES
-        handle = _DedupHandle(
-            shape, tokens.dtype, counts_host, sent, rs, rr, tok_order, inverse_permutation(tok_order), rows_per_token,
-            weights_in, group_order, group_inverse, slots_per_row,
-        )
-        return DispatchResult(x, slots_recv_dev.sum(0), handle)
+        handle = _DedupHandle(shape, tokens.dtype, counts_host, sent, rs, rr, tok_order, inverse_permutation(tok_order),
+                              rows_per_token)
+        return _Issued(rows_in, records_in, weights_in, rows_recv_dev, slots_recv_dev, handle)
 
-    def combine(self, expert_out: torch.Tensor, handle: DispatchHandle) -> torch.Tensor:
+    def _arrive(self, pending: object) -> DispatchResult:
+        # receiver: slots arrive ordered (source, row); expand rows to slots grouped by local slot
+        p: _Issued = pending  # type: ignore[assignment]
+        h, ep = p.handle, self.placement.ep
+        device = p.records_in.device
+        R, Sr = p.rows_in.shape[0], p.records_in.shape[0]
+        source = torch.repeat_interleave(torch.arange(ep, device=device), p.slots_recv.sum(1), output_size=Sr)  # [Sr]
+        in_start = torch.cumsum(p.rows_recv, 0) - p.rows_recv  # [ep]
+        row_abs = p.records_in[:, 0] + in_start[source]  # [Sr], non-decreasing
+        h.group_order = torch.argsort(p.records_in[:, 1], stable=True)  # [Sr]
+        h.group_inverse = inverse_permutation(h.group_order)
+        h.slots_per_row = expert_counts(row_abs, R)  # [R]
+        h.weights_in = p.weights_in
+        rows_in = p.rows_in.to(h.out_dtype)  # [R, D] back in the compute dtype
+        x = gather_rows(rows_in, row_abs[h.group_order], h.group_inverse, Segments(R, lengths=h.slots_per_row))  # [Sr, D]
+        return DispatchResult(x, p.slots_recv.sum(0), h)
+
+    def _send_back(self, expert_out: torch.Tensor, handle: DispatchHandle) -> torch.Tensor:
         h = handle
         check_handle(h, _DedupHandle, type(self).__name__)
-        R, T = h.slots_per_row.shape[0], h.rows_per_token.shape[0]
+        R = h.slots_per_row.shape[0]
         partial = weighted_segment_sum(
-            expert_out, h.weights_in, h.group_inverse, h.group_order, Segments(R, lengths=h.slots_per_row)
+            expert_out, h.weights_in, h.group_inverse, h.group_order, Segments(R, lengths=h.slots_per_row),
+            self.wire(expert_out.dtype),
         )  # [R, D]: float32 sum of each row's weighted slots, cast to the wire dtype
-        back = all_to_all_rows(partial, h.rows_send, h.rows_recv, self.group)  # [U, D]
+        return all_to_all_rows(partial, h.rows_send, h.rows_recv, self.group)  # [U, D] in flight
+
+    def _merge(self, returned: torch.Tensor, handle: DispatchHandle) -> torch.Tensor:
+        h: _DedupHandle = handle  # type: ignore[assignment]
+        T = h.rows_per_token.shape[0]
         return weighted_segment_sum(
-            back, None, h.tok_order, h.tok_inverse, Segments(T, lengths=h.rows_per_token), h.out_dtype, h.out_shape
-        )  # [..., D]
+            returned, None, h.tok_order, h.tok_inverse, Segments(T, lengths=h.rows_per_token), h.out_dtype, h.out_shape
+        )  # [..., D], float32 sum of each token's rows
