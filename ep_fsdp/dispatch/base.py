@@ -189,8 +189,11 @@ class ExchangeDispatcher(TokenDispatcher):
         for pending in issued:  # NOTE: chunk i computes while chunks > i are still arriving
             rows, counts, handle = self._arrive(pending)
             back.append((self._send_back(experts(rows, counts, handle.counts_host), handle), handle, counts))
-        outs = [self._merge(returned, handle) for returned, handle, _ in back]  # [T_c, D] each
-        out = torch.cat(outs).view(shape)  # [..., D]
+        out = torch.cat([self._merge(returned, handle) for returned, handle, _ in back])  # [T, D]
+        if out.shape != shape:
+            # NOTE: a fresh tensor, not a reshaped view (FSDP2 warns about module outputs that are
+            # views: an in-place op on one would skip its hooks)
+            out = out.reshape(shape).clone()
         stats = RunStats(
             torch.stack([c for _, _, c in back]).sum(0), True, sum(h.sent_bytes for _, h, _ in back)
         )

@@ -1,0 +1,161 @@
+"""One expert-parallel MoE layer's forward+backward against the same per-rank work without an exchange.
+
+    torchrun --nproc-per-node 2 recipes/benchmarks/ep_layer.py            # gloo on CPU, NCCL on GPU
+    torchrun --nproc-per-node 4 recipes/benchmarks/ep_layer.py --tokens 2048
+
+Every rank feeds ``--tokens`` tokens to one ``ep_fsdp.MoE`` (D=256 H=512 E=8 k=2 by default)
+parallelized with ``ep = world`` (so each rank holds ``E / ep`` experts). Routing is uniform, so
+each rank's experts get ``tokens * k`` rows, as many as it sends.
+
+The reference (``no exchange``) is the same per-rank work with nothing on the wire: an
+unparallelized ``ep_fsdp.MoE`` with the ``E / ep`` local experts, the same tokens and top-k,
+so the same router, permutation, expert matmuls and combine per rank. Rows (all interleaved,
+medians, the slowest rank per step):
+
+* ``EP`` with ``dispatch_chunks`` 1, 2 and 4, and ``dispatch_dtype=bfloat16`` (float32 compute);
+* the ratio to the reference, the bytes this rank sends per step (rows and records, both
+  directions, from ``routing_stats``), and the share of the step spent waiting on the exchange
+  (time inside collective waits and blocking collectives, from a profile of a few steps).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+from torch.profiler import ProfilerActivity, profile
+
+import ep_fsdp
+from ep_fsdp.launch import exit_process
+
+# Profiler events in which a rank waits for (or performs, when blocking) a collective.
+_COMM_EVENTS = ("wait_tensor", "all_to_all", "allreduce", "all_reduce", "alltoall", "barrier", "c10d::")
+
+
+class OneLayer(nn.Module):
+    def __init__(self, cfg: ep_fsdp.MoEConfig) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList([ep_fsdp.MoE(cfg)])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.layers[0](x)
+
+
+def step_fn(model: nn.Module, x: torch.Tensor, grad: torch.Tensor, sync: Callable[[], None]) -> Callable[[], None]:
+    def step() -> None:
+        model.zero_grad(set_to_none=True)
+        model(x).backward(grad)
+        sync()
+
+    return step
+
+
+def slowest(seconds: float, device: torch.device) -> float:
+    t = torch.tensor([seconds], device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return float(t)
+
+
+def comm_share(fn: Callable[[], None], steps: int) -> float:
+    """Share of the wall time of ``steps`` calls spent in collective ops (top-level events)."""
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        start = time.perf_counter()
+        for _ in range(steps):
+            fn()
+        wall = time.perf_counter() - start
+    waited = sum(
+        e.self_cpu_time_total for e in prof.key_averages() if any(k in e.key.lower() for k in _COMM_EVENTS)
+    ) / 1e6
+    return waited / wall
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--dim", type=int, default=256)
+    p.add_argument("--hidden-dim", type=int, default=512)
+    p.add_argument("--experts", type=int, default=8)
+    p.add_argument("--top-k", type=int, default=2)
+    p.add_argument("--tokens", type=int, default=4096, help="per rank")
+    p.add_argument("--repeats", type=int, default=9)
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--threads", type=int, default=1, help="torch threads per rank (CPU)")
+    p.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"])
+    args = p.parse_args()
+    cuda = torch.cuda.is_available()
+    device = ep_fsdp.init_distributed(timeout=datetime.timedelta(seconds=300))
+    torch.set_num_threads(args.threads)
+    rank, world = dist.get_rank(), dist.get_world_size()
+    D, H, E, k, T = args.dim, args.hidden_dim, args.experts, args.top_k, args.tokens
+    if E % world or k > E // world:
+        raise SystemExit(f"ep_layer.py: need experts % world == 0 and top_k <= experts / world; got E={E}, "
+                         f"world={world}, k={k}")
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    mesh = ep_fsdp.build_mesh(ep=world, device_type=device.type)
+    if rank == 0:
+        print(f"EP MoE layer forward+backward, ep={world}, {T} tokens per rank, D={D} H={H} E={E} k={k}, "
+              f"device={device}, backend={dist.get_backend()}, threads/rank={torch.get_num_threads()}, "
+              f"torch {torch.__version__}")
+        print(f"{'dtype':<10}{'row':<30}{'ms':>9}{'/ no exch.':>11}{'MB sent':>10}{'comm wait':>11}")
+    for name in args.dtypes:
+        dtype = getattr(torch, name)
+        cfg = ep_fsdp.MoEConfig(dim=D, hidden_dim=H, num_experts=E, top_k=k)
+        local_cfg = ep_fsdp.MoEConfig(dim=D, hidden_dim=H, num_experts=E // world, top_k=k)
+        torch.manual_seed(0)
+        reference = OneLayer(local_cfg).to(device=device, dtype=dtype)
+        variants: dict[str, dict] = {"EP, 1 chunk": {}, "EP, 2 chunks": {"dispatch_chunks": 2},
+                                     "EP, 4 chunks": {"dispatch_chunks": 4}}
+        if dtype == torch.float32:
+            variants["EP, bf16 wire"] = {"dispatch_dtype": torch.bfloat16}
+            variants["EP, bf16 wire, 2 chunks"] = {"dispatch_dtype": torch.bfloat16, "dispatch_chunks": 2}
+        models = {}
+        for key, options in variants.items():
+            torch.manual_seed(0)
+            model = OneLayer(cfg).to(device=device, dtype=dtype)
+            ep_fsdp.parallelize_moe(model, mesh, **options)
+            models[key] = model
+        g = torch.Generator(device=device).manual_seed(rank)
+        x = torch.randn(T, D, device=device, dtype=dtype, generator=g, requires_grad=True)
+        grad = torch.randn(T, D, device=device, dtype=dtype, generator=g)
+        candidates = {"no exchange (E/ep local)": step_fn(reference, x, grad, sync)}
+        candidates |= {key: step_fn(m, x, grad, sync) for key, m in models.items()}
+        times: dict[str, list[float]] = {key: [] for key in candidates}
+        for i in range(args.warmup + args.repeats):
+            for key, fn in candidates.items():  # interleaved: noise hits all rows alike
+                dist.barrier()
+                start = time.perf_counter()
+                fn()
+                took = slowest(time.perf_counter() - start, device)
+                if i >= args.warmup:
+                    times[key].append(took)
+        for m in models.values():
+            ep_fsdp.routing_stats(m, reset=True)
+        shares = {}
+        for key, fn in candidates.items():
+            dist.barrier()
+            shares[key] = comm_share(fn, 3)
+        sent = {}
+        for key, m in models.items():
+            for _ in range(2):
+                candidates[key]()
+            stats = ep_fsdp.routing_stats(m, reset=True)
+            layer = next(iter(stats.values()))
+            sent[key] = layer["a2a_bytes"] / max(layer["forwards"], 1) / world  # per rank per step
+        ms = {key: statistics.median(v) * 1e3 for key, v in times.items()}
+        base = ms["no exchange (E/ep local)"]
+        if rank == 0:
+            for key, value in ms.items():
+                mb = f"{sent[key] / 2**20:.2f}" if key in sent else "0"
+                print(f"{name:<10}{key:<30}{value:>9.2f}{value / base:>10.2f}x{mb:>10}{shares[key]:>10.0%}")
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
+    exit_process()
