@@ -17,6 +17,7 @@ import torch.nn.functional as F
 import ep_fsdp
 from parity_utils import REL_TOL, rel_err, worst
 from test_parity import batch, build, check, parity_step, set_regime
+from test_streamed_exchange import BF16_WIRE_GRAD_TOL, BF16_WIRE_LOSS_TOL
 
 # bf16 has an 8-bit mantissa (relative rounding 2**-9 = 0.002); a layer's forward and backward
 # chain a few dozen rounded ops, whose errors add up in norm to about ten roundings.
@@ -56,8 +57,17 @@ def test_compiled_model_matches_eager(kind, dtype):
     assert all(s["forwards"] == 1 and sum(s["tokens_per_expert"]) > 0 for s in stats.values()), stats
 
 
-@pytest.mark.parametrize("layout,regime", [((1, 2), "random"), ((2, 2), "idle_ep_rank")], ids=["1x2", "2x2-idle-ep-rank"])
-def test_compiled_training_step_matches_single_process(pools, layout, regime):
+@pytest.mark.parametrize(
+    "layout,regime,options",
+    [((1, 2), "random", {}), ((2, 2), "idle_ep_rank", {}), ((1, 2), "random", {"chunks": 2, "wire_dtype": torch.bfloat16})],
+    ids=["1x2", "2x2-idle-ep-rank", "1x2-streamed-bf16-wire"],
+)
+def test_compiled_training_step_matches_single_process(pools, layout, regime, options):
     """The parity suite's step with the parallel model compiled, against the eager reference."""
-    for r in pools(layout[0] * layout[1]).run(parity_step, *layout, "transformer", regime, compile_model=True):
-        check(r)
+    results = pools(layout[0] * layout[1]).run(parity_step, *layout, "transformer", regime, compile_model=True, **options)
+    for r in results:
+        if "wire_dtype" in options:  # bf16 on the wire: the bound of test_streamed_exchange.py
+            assert abs(r["loss"] - r["loss_ref"]) <= BF16_WIRE_LOSS_TOL * abs(r["loss_ref"]), r
+            assert r["grad"][1] <= BF16_WIRE_GRAD_TOL, r["grad"]
+        else:
+            check(r)

@@ -14,7 +14,7 @@ import torch
 import torch.distributed as dist
 import torch.distributed._functional_collectives as funcol
 
-__all__ = ["all_to_all_rows", "exchange_sizes", "exchange_records", "all_reduce_sum_", "token_offset", "wait"]
+__all__ = ["all_to_all_rows", "send_rows", "RowsInFlight", "exchange_sizes", "exchange_records", "all_reduce_sum_", "token_offset", "wait"]
 
 
 def all_to_all_rows(
@@ -26,6 +26,89 @@ def all_to_all_rows(
     The backward sends the gradients back the same way.
     """
     return funcol.all_to_all_single_autograd(x.contiguous(), output_splits, input_splits, group)
+
+
+_c10d = torch.ops._c10d_functional
+
+
+class _SendRows(torch.autograd.Function):
+    """Issue an uneven all-to-all and return its output buffer while it is still in flight.
+
+    Only :class:`_ReceiveRows` may read the buffer (it waits first). In the backward, the gradient
+    of ``x`` was already sent back by ``_ReceiveRows``' backward into ``box``; this waits for it.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, output_splits: list[int], input_splits: list[int],  # type: ignore[override]
+                group: dist.ProcessGroup, box: dict[str, torch.Tensor]) -> torch.Tensor:
+        ctx.box = box
+        return _c10d.all_to_all_single(x.contiguous(), output_splits, input_splits, group.group_name)
+
+    @staticmethod
+    def backward(ctx: Any, _grad_buffer: torch.Tensor) -> tuple[Any, ...]:
+        return _c10d.wait_tensor(ctx.box.pop("grad")), None, None, None, None
+
+
+class _ReceiveRows(torch.autograd.Function):
+    """Wait for the rows :class:`_SendRows` issued. Its backward sends the gradient back at once
+    (into ``box``) without waiting: the wait is in ``_SendRows``' backward, which autograd reaches
+    later.
+
+    NOTE: autograd runs the backward of later-created nodes first. The receive of the results
+    (created last, in the merge) thus sends every chunk's gradient back before any chunk's experts
+    run their backward, and the receive of a chunk's rows sends its gradient back before the
+    chunks issued earlier compute theirs: the backward's exchanges overlap its compute as the
+    forward's do.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, in_flight: torch.Tensor, output_splits: list[int], input_splits: list[int],  # type: ignore[override]
+                group: dist.ProcessGroup, box: dict[str, torch.Tensor]) -> torch.Tensor:
+        ctx.splits, ctx.group, ctx.box = (output_splits, input_splits), group, box
+        return _c10d.wait_tensor(in_flight).view_as(in_flight)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[Any, ...]:
+        output_splits, input_splits = ctx.splits
+        ctx.box["grad"] = _c10d.all_to_all_single(grad.contiguous(), input_splits, output_splits, ctx.group.group_name)
+        return grad, None, None, None, None  # reaches _SendRows.backward, which takes the box instead
+
+
+class RowsInFlight:
+    """Rows sent by :func:`send_rows`; :meth:`arrive` waits for them."""
+
+    def __init__(self, buffer: torch.Tensor, splits: tuple[list[int], list[int]], group: dist.ProcessGroup,
+                 streamed: bool, box: dict[str, torch.Tensor]) -> None:
+        self.buffer, self.splits, self.group, self.streamed, self.box = buffer, splits, group, streamed, box
+
+    @property
+    def rows(self) -> int:
+        """Rows that arrive."""
+        return self.buffer.shape[0]
+
+    def arrive(self) -> torch.Tensor:
+        """The received rows (waits for them), differentiable back to the sender."""
+        if not self.streamed:
+            return self.buffer  # a functional collective's tensor: waits on first use
+        return _ReceiveRows.apply(self.buffer, *self.splits, self.group, self.box)
+
+
+def send_rows(
+    x: torch.Tensor, output_splits: list[int], input_splits: list[int], group: dist.ProcessGroup, *,
+    streamed: bool = False,
+) -> RowsInFlight:
+    """Issue :func:`all_to_all_rows` of ``x``; ``.arrive()`` gives the rows.
+
+    ``streamed``: the gradient is sent back asynchronously too (the pair of Functions above), so
+    that a streamed exchange overlaps its backward's transfers with compute. Otherwise autograd's
+    functional collective, whose backward waits at once (and which ``torch.compile`` traces).
+    """
+    box: dict[str, torch.Tensor] = {}  # the gradient in flight, from the receive's backward to the send's
+    if streamed:
+        buffer = _SendRows.apply(x, output_splits, input_splits, group, box)
+    else:
+        buffer = all_to_all_rows(x, output_splits, input_splits, group)
+    return RowsInFlight(buffer, (output_splits, input_splits), group, streamed, box)
 
 
 def exchange_sizes(sizes: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from ._comm import all_to_all_rows, exchange_sizes
+from ._comm import RowsInFlight, exchange_sizes, send_rows
 from ._ops import Segments, gather_rows, inverse_permutation
 from .base import DispatchHandle, DispatchResult, ExchangeDispatcher, check_handle, flat_tokens
 from .local import SlotSort, combine_sorted, gather_sorted, sort_slots
@@ -49,7 +49,7 @@ class _AllToAllHandle(DispatchHandle):
 
 @dataclass
 class _Issued:
-    received: torch.Tensor  # [R, D] in the wire dtype, possibly still in flight
+    received: RowsInFlight  # [R, D] in the wire dtype
     recv: torch.Tensor  # [ep, G] rows from source s for my slot g
     handle: _AllToAllHandle
 
@@ -74,7 +74,7 @@ class AllToAllDispatcher(ExchangeDispatcher):
         host = torch.cat([send.sum(1), recv.sum(1), recv.sum(0)]).tolist()
         input_splits, output_splits, counts_host = host[:ep], host[ep:2 * ep], host[2 * ep:]
         kept = sum(input_splits)
-        received = all_to_all_rows(x_sorted[:kept], output_splits, input_splits, self.group)  # [R, D] in flight
+        received = send_rows(x_sorted[:kept], output_splits, input_splits, self.group, streamed=self.chunks > 1)
         R = sum(output_splits)
         regroup, regroup_inverse = regroup_by_expert(recv, R)  # overlaps the transfer
         me = dist.get_rank(self.group)
@@ -88,21 +88,21 @@ class AllToAllDispatcher(ExchangeDispatcher):
     def _arrive(self, pending: object) -> DispatchResult:
         p: _Issued = pending  # type: ignore[assignment]
         h = p.handle
-        R = p.received.shape[0]
-        rows = gather_rows(p.received, h.regroup, h.regroup_inverse, Segments(R, uniform=1))  # [R, D]
+        R = p.received.rows
+        rows = gather_rows(p.received.arrive(), h.regroup, h.regroup_inverse, Segments(R, uniform=1))  # [R, D]
         return DispatchResult(rows.to(h.out_dtype), p.recv.sum(0), h)
 
-    def _send_back(self, expert_out: torch.Tensor, handle: DispatchHandle) -> torch.Tensor:
+    def _send_back(self, expert_out: torch.Tensor, handle: DispatchHandle) -> RowsInFlight:
         h = handle
         check_handle(h, _AllToAllHandle, type(self).__name__)
         R = expert_out.shape[0]
         y = expert_out.to(self.wire(expert_out.dtype))  # [R, D]
         y_received = gather_rows(y, h.regroup_inverse, h.regroup, Segments(R, uniform=1))  # [R, D]
-        return all_to_all_rows(y_received, h.input_splits, h.output_splits, self.group)  # [S - dropped, D] in flight
+        return send_rows(y_received, h.input_splits, h.output_splits, self.group, streamed=self.chunks > 1)
 
-    def _merge(self, returned: torch.Tensor, handle: DispatchHandle) -> torch.Tensor:
+    def _merge(self, returned: object, handle: DispatchHandle) -> torch.Tensor:
         h: _AllToAllHandle = handle  # type: ignore[assignment]
-        y_sorted = returned
+        y_sorted = returned.arrive()  # type: ignore[attr-defined]  # [S - dropped, D]
         if h.dropped:
             y_sorted = torch.cat([y_sorted, y_sorted.new_zeros(h.dropped, y_sorted.shape[1])])  # [S, D]
         return combine_sorted(y_sorted, h.weights, h.sort, h.out_dtype, h.out_shape)  # [..., D], float32 sum

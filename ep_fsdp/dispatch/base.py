@@ -173,7 +173,8 @@ class ExchangeDispatcher(TokenDispatcher):
         chunk ``i``'s experts run, the rows of the chunks after it are on the wire, and chunk
         ``i``'s results go back while chunk ``i + 1`` computes. Each token's slots stay in one
         chunk, so every token's output is combined exactly as with one chunk; only the expert
-        weight gradients sum their rows in another order."""
+        weight gradients sum their rows in another order. In the backward the transfers are
+        issued asynchronously as well (see ``_comm._ReceiveRows``)."""
         if self.chunks == 1:
             return super().run(tokens, expert_ids, weights, experts, keep=keep, in_flight=in_flight)
         shape = tuple(tokens.shape)
@@ -210,11 +211,11 @@ class ExchangeDispatcher(TokenDispatcher):
         """Wait for the rows of :meth:`_issue` and group them by local slot."""
 
     @abstractmethod
-    def _send_back(self, expert_out: torch.Tensor, handle: DispatchHandle) -> torch.Tensor:
-        """Send the experts' results back (asynchronously); the tensor :meth:`_merge` takes."""
+    def _send_back(self, expert_out: torch.Tensor, handle: DispatchHandle) -> object:
+        """Send the experts' results back (asynchronously); what :meth:`_merge` takes."""
 
     @abstractmethod
-    def _merge(self, returned: torch.Tensor, handle: DispatchHandle) -> torch.Tensor:
+    def _merge(self, returned: object, handle: DispatchHandle) -> torch.Tensor:
         """Wait for the results and sum each token's, ``[..., D]`` like the dispatched tokens."""
 
 

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from ._comm import all_to_all_rows, exchange_records, exchange_sizes
+from ._comm import RowsInFlight, exchange_records, exchange_sizes, send_rows
 from ._ops import Segments, expert_counts, gather_rows, inverse_permutation, weighted_segment_sum
 from .base import DispatchHandle, DispatchResult, ExchangeDispatcher, check_handle, flat_tokens
 
@@ -46,7 +46,7 @@ class _DedupHandle(DispatchHandle):
 
 @dataclass
 class _Issued:
-    rows_in: torch.Tensor  # [R, D] in the wire dtype, possibly still in flight
+    rows_in: RowsInFlight  # [R, D] in the wire dtype
     records_in: torch.Tensor  # [Sr, 2] (row in the source's chunk, local slot)
     weights_in: torch.Tensor  # [Sr] float32
     rows_recv: torch.Tensor  # [ep] rows from each source
@@ -95,7 +95,7 @@ class DedupAllToAllDispatcher(ExchangeDispatcher):
         flat_w = weights.reshape(-1, 1).float()  # [S, 1]
         w_sorted = gather_rows(flat_w, order, inverse_permutation(order), Segments(T * k, uniform=1)).squeeze(1)  # [S]
 
-        rows_in = all_to_all_rows(rows, rr, rs, self.group)  # [R, D], in flight
+        rows_in = send_rows(rows, rr, rs, self.group, streamed=self.chunks > 1)  # [R, D]
         records_in, weights_in = exchange_records(records, w_sorted[:Sk], sr, ss, self.group)  # [Sr, 2], [Sr]
         me = dist.get_rank(self.group)
         row_bytes = tokens.shape[1] * rows.element_size()
@@ -109,7 +109,7 @@ class DedupAllToAllDispatcher(ExchangeDispatcher):
         p: _Issued = pending  # type: ignore[assignment]
         h, ep = p.handle, self.placement.ep
         device = p.records_in.device
-        R, Sr = p.rows_in.shape[0], p.records_in.shape[0]
+        R, Sr = p.rows_in.rows, p.records_in.shape[0]
         source = torch.repeat_interleave(torch.arange(ep, device=device), p.slots_recv.sum(1), output_size=Sr)  # [Sr]
         in_start = torch.cumsum(p.rows_recv, 0) - p.rows_recv  # [ep]
         row_abs = p.records_in[:, 0] + in_start[source]  # [Sr], non-decreasing
@@ -117,11 +117,11 @@ class DedupAllToAllDispatcher(ExchangeDispatcher):
         h.group_inverse = inverse_permutation(h.group_order)
         h.slots_per_row = expert_counts(row_abs, R)  # [R]
         h.weights_in = p.weights_in
-        rows_in = p.rows_in.to(h.out_dtype)  # [R, D] back in the compute dtype
+        rows_in = p.rows_in.arrive().to(h.out_dtype)  # [R, D] back in the compute dtype
         x = gather_rows(rows_in, row_abs[h.group_order], h.group_inverse, Segments(R, lengths=h.slots_per_row))  # [Sr, D]
         return DispatchResult(x, p.slots_recv.sum(0), h)
 
-    def _send_back(self, expert_out: torch.Tensor, handle: DispatchHandle) -> torch.Tensor:
+    def _send_back(self, expert_out: torch.Tensor, handle: DispatchHandle) -> RowsInFlight:
         h = handle
         check_handle(h, _DedupHandle, type(self).__name__)
         R = h.slots_per_row.shape[0]
@@ -129,11 +129,12 @@ class DedupAllToAllDispatcher(ExchangeDispatcher):
             expert_out, h.weights_in, h.group_inverse, h.group_order, Segments(R, lengths=h.slots_per_row),
             self.wire(expert_out.dtype),
         )  # [R, D]: float32 sum of each row's weighted slots, cast to the wire dtype
-        return all_to_all_rows(partial, h.rows_send, h.rows_recv, self.group)  # [U, D] in flight
+        return send_rows(partial, h.rows_send, h.rows_recv, self.group, streamed=self.chunks > 1)  # [U, D]
 
-    def _merge(self, returned: torch.Tensor, handle: DispatchHandle) -> torch.Tensor:
+    def _merge(self, returned: object, handle: DispatchHandle) -> torch.Tensor:
         h: _DedupHandle = handle  # type: ignore[assignment]
         T = h.rows_per_token.shape[0]
+        back = returned.arrive()  # type: ignore[attr-defined]  # [U, D]
         return weighted_segment_sum(
-            returned, None, h.tok_order, h.tok_inverse, Segments(T, lengths=h.rows_per_token), h.out_dtype, h.out_shape
+            back, None, h.tok_order, h.tok_inverse, Segments(T, lengths=h.rows_per_token), h.out_dtype, h.out_shape
         )  # [..., D], float32 sum of each token's rows
