@@ -99,7 +99,9 @@ def build_hf_model(cfg: JobConfig, mesh: Any, mp: MixedPrecisionPolicy | None) -
             "vocab_size >= 256; use a model with a larger vocabulary."
         )
     model = ep_fsdp.hf.from_pretrained(path, mesh, torch_dtype=torch.float32, mp_policy=mp,
-                                       activation_checkpointing=cfg.train.activation_checkpointing)
+                                       activation_checkpointing=cfg.train.activation_checkpointing,
+                                       dispatch_chunks=cfg.parallel.dispatch_chunks,
+                                       dispatch_dtype=cfg.parallel.wire_dtype)
     return model
 
 
@@ -348,9 +350,12 @@ def main(argv: list[str] | None = None) -> None:
         model = build_hf_model(cfg, mesh, mp)
     else:
         model = build_model(cfg)
-        ep_fsdp.parallelize_moe(model, mesh, mp_policy=mp, activation_checkpointing=t.activation_checkpointing)
+        ep_fsdp.parallelize_moe(model, mesh, mp_policy=mp, activation_checkpointing=t.activation_checkpointing,
+                                dispatch_chunks=cfg.parallel.dispatch_chunks, dispatch_dtype=cfg.parallel.wire_dtype)
         # each rank allocates and initializes only its own shards; the values do not depend on the layout
         ep_fsdp.materialize(model, device, seed=t.seed)
+    if cfg.parallel.compile:
+        model.compile()  # in place: parameter and state_dict names unchanged
     torch.manual_seed(t.seed)  # router jitter and any other randomness: the same on every rank
     # each micro-batch's loss is divided by the number of micro-batches: so is the balancing gradient
     ep_fsdp.set_aux_loss_scale(model, 1.0 / t.grad_accum_steps)

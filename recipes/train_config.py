@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
+
 
 @dataclass
 class MoEFields:
@@ -98,6 +100,9 @@ class TrainFields:
         self.betas = tuple(self.betas)  # type: ignore[assignment]
 
 
+WIRE_DTYPE_NAMES = ("", "float32", "bfloat16", "float16")
+
+
 @dataclass
 class ParallelFields:
     """``[parallel]``: the ("dp_shard", "ep") mesh; dp_shard 0 means world // ep."""
@@ -105,12 +110,25 @@ class ParallelFields:
     ep: int = 1
     dp_shard: int = 0
     timeout_s: float = 300.0  # collective timeout: a stuck rank makes the others fail after this long
+    dispatch_chunks: int = 1  # parallelize_moe(dispatch_chunks=...): stream each layer's exchange
+    dispatch_dtype: str = ""  # parallelize_moe(dispatch_dtype=...): "" (the activations'), "bfloat16", ...
+    compile: bool = False  # torch.compile the model (model.compile(), after parallelizing)
 
     def __post_init__(self) -> None:
         if self.ep < 1 or self.dp_shard < 0:
             raise ValueError(f"parallel.ep must be >= 1 and parallel.dp_shard >= 0, got {self.ep}, {self.dp_shard}.")
         if not self.timeout_s > 0:
             raise ValueError(f"parallel.timeout_s must be > 0 seconds, got {self.timeout_s!r}; e.g. 300.")
+        if self.dispatch_dtype not in WIRE_DTYPE_NAMES:
+            raise ValueError(
+                f"parallel.dispatch_dtype must be one of {WIRE_DTYPE_NAMES}, got {self.dispatch_dtype!r}; "
+                "e.g. \"bfloat16\" to halve the exchange's bytes, or \"\" for the activations' dtype."
+            )
+
+    @property
+    def wire_dtype(self) -> torch.dtype | None:
+        """``dispatch_dtype`` as a torch dtype (None: the activations' own)."""
+        return getattr(torch, self.dispatch_dtype) if self.dispatch_dtype else None
 
 
 @dataclass

@@ -202,6 +202,17 @@ def test_bf16_mixed_precision_run(reference, tmp_path):
     assert got[4] < got[1]
 
 
+def test_compiled_streamed_bf16_wire_run_tracks_the_reference(reference, tmp_path):
+    """parallel.compile, dispatch_chunks and dispatch_dtype reach the model: the run learns like the
+    reference (same data and init; the bf16 wire changes the losses by rounding only)."""
+    train(tmp_path, 2, "--ep", "2", "--stop-after", "6", "--set", "log.val_every=100", "--set", "parallel.compile=true",
+          "--set", "parallel.dispatch_chunks=2", "--set", "parallel.dispatch_dtype=bfloat16")
+    ref, got = losses(reference), losses(tmp_path)
+    assert sorted(got) == list(range(1, 7))
+    assert all(abs(got[s] - ref[s]) <= 1e-2 * ref[s] for s in got), (got, ref)
+    assert got != {s: ref[s] for s in got}  # the bf16 wire did round
+
+
 def test_transformers_model_fine_tunes_resumes_exports_and_samples(tmp_path):
     """model.hf_path: a save_pretrained directory is fine-tuned (loss falls), a stopped run resumes
     bitwise, the export loads in transformers and generate.py samples from it."""
