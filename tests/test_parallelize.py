@@ -116,8 +116,9 @@ def test_expert_ownership_and_fsdp_units(pools):
             assert r["dispatcher"] == ("DedupAllToAllDispatcher" if ep == 2 else "LocalDispatcher")
 
 
-def mixed_precision_step() -> dict:
-    """bf16 parameters with fp32 gradient reduction on (1, 2): runs, and stays close to fp32."""
+def mixed_precision_step(chunks: int = 1) -> dict:
+    """bf16 parameters with fp32 gradient reduction on (1, 2): runs, and stays close to fp32
+    (also with a streamed exchange: the policy needs nothing from the user)."""
     torch.manual_seed(0)
     cfg = ep_fsdp.MoEConfig(dim=16, hidden_dim=32, num_experts=4, top_k=2, aux_loss_coef=0.01)
     model = nn.Sequential(nn.Linear(16, 16), ep_fsdp.MoE(cfg), nn.Linear(16, 16))
@@ -126,7 +127,8 @@ def mixed_precision_step() -> dict:
     rank = dist.get_rank()
     ref_loss = ref(x).square().mean()
     ep_fsdp.parallelize_moe(
-        model, worker_mesh(1, 2), mp_policy=MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+        model, worker_mesh(1, 2), mp_policy=MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32),
+        dispatch_chunks=chunks,
     )
     out = model(x[rank:rank + 1])
     aux = ep_fsdp.moe_aux_loss(model)
@@ -145,11 +147,15 @@ def mixed_precision_step() -> dict:
 
 
 def test_bf16_mixed_precision(pools):
-    for r in pools(2).run(mixed_precision_step):
-        assert r["out_dtype"] == "torch.bfloat16"
-        assert r["grad_dtype"] == "torch.float32"
-        assert abs(r["loss"] - r["ref"]) < 2e-2 * abs(r["ref"]), r
-        assert r["a2a_bytes"] > 0
+    one = pools(2).run(mixed_precision_step)
+    streamed = pools(2).run(mixed_precision_step, 3)
+    for r, c in zip(one, streamed):
+        for result in (r, c):
+            assert result["out_dtype"] == "torch.bfloat16"
+            assert result["grad_dtype"] == "torch.float32"
+            assert abs(result["loss"] - result["ref"]) < 2e-2 * abs(result["ref"]), result
+            assert result["a2a_bytes"] > 0
+        assert c["a2a_bytes"] == r["a2a_bytes"] and abs(c["loss"] - r["loss"]) <= 4e-3 * abs(r["loss"]), (c, r)
 
 
 def test_expert_fsdp_placement_is_chosen_up_front():
