@@ -6,8 +6,10 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
+import zlib
 from pathlib import Path
 
 import pytest
@@ -213,6 +215,116 @@ def test_truncated_and_corrupted_files_are_detected(tmp_path):
     shard.write_bytes(data[:100] + bytes([data[100] ^ 0xFF]) + data[101:])
     with pytest.raises(ValueError, match=r"__0_0\.distcp is corrupted \(CRC32"):
         ckpt.load(tmp_path / "t", fresh)
+
+
+def flip_byte(f: Path, at: float = 0.5) -> None:
+    """Flip one bit of ``f`` at relative position ``at`` (its size stays the same)."""
+    data = bytearray(f.read_bytes())
+    data[int(len(data) * at)] ^= 0x01
+    f.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("verify_first", [False, True], ids=["checked_while_read", "verify_first"])
+@pytest.mark.parametrize("name", ["__0_0.distcp", ".metadata", "extra/rank_00000.pt"])
+def test_corrupted_file_is_named(tmp_path, name, verify_first):
+    """A flipped bit anywhere fails the load with CheckpointCorruptError naming the file. DCP's
+    index and the extras are checked before anything is read; a tensor file is checked in the same
+    pass as its copy (the model may then hold its values), or before it with verify_first=True."""
+    model = make_model()
+    ckpt.save(tmp_path / "c", model, torch.optim.AdamW(model.parameters()), step=1,
+              extra={"rng": torch.get_rng_state()})
+    flip_byte(tmp_path / "c" / name)
+    fresh = make_model(seed=5)
+    opt = torch.optim.AdamW(fresh.parameters())
+    before = {k: v.clone() for k, v in fresh.state_dict().items()}
+    damaged = rf"is damaged: {re.escape(name)} is corrupted \(CRC32 0x[0-9a-f]{{8}}, expected 0x[0-9a-f]{{8}}\)"
+    where = re.escape(str(tmp_path / "c"))
+    with pytest.raises(ckpt.CheckpointCorruptError, match=rf"^load: checkpoint {where} {damaged}") as info:
+        ckpt.load(tmp_path / "c", fresh, opt, verify_first=verify_first)
+    assert isinstance(info.value, ckpt.CheckpointLoadError) and isinstance(info.value, ValueError)
+    if verify_first or not name.endswith(".distcp"):
+        assert "Nothing was read into the model" in str(info.value)
+        assert all(torch.equal(before[k], v) for k, v in fresh.state_dict().items())  # untouched
+        assert len(opt.state) == 0
+    else:
+        assert "the model and optimizer may hold values from it now; load an earlier checkpoint" in str(info.value)
+    with pytest.raises(ckpt.CheckpointCorruptError, match=f"export_safetensors: checkpoint .* {damaged}"):
+        ckpt.export_safetensors(tmp_path / "c", tmp_path / "out")
+    assert not (tmp_path / "out").exists() and not (tmp_path / ".out.partial").exists()
+
+
+def test_manifest_crcs_are_the_files_crcs(source):
+    """The CRC32s taken while DCP writes (asynchronous save of step 1, synchronous of step 2) are
+    those of the bytes on disk."""
+    for step in ("step_1", "step_2"):
+        meta = json.loads(Path(source, step, "ep_fsdp.json").read_text())
+        assert any(name.endswith(".distcp") for name in meta["files"])
+        for name, rec in meta["files"].items():
+            f = Path(source, step, name)
+            assert rec == {"bytes": f.stat().st_size, "crc32": zlib.crc32(f.read_bytes())}, f"{step}/{name}"
+
+
+def load_corrupted(path: str, dp_shard: int, ep: int, verify_first: bool) -> dict:
+    model, opt = make_parallel(dp_shard, ep, seed=7)
+    before = capture(model, None)
+    try:
+        ckpt.load(path, model, opt, verify_first=verify_first)
+        error = None
+    except ckpt.CheckpointCorruptError as e:
+        error = str(e)
+    untouched = bitwise_diff(capture(model, None), before) == []
+    return {"error": error, "untouched": untouched, "optim_state": len(opt.state)}
+
+
+@pytest.mark.parametrize("verify_first", [False, True], ids=["checked_while_read", "verify_first"])
+@pytest.mark.parametrize("layout", [(2, 2), (1, 2)], ids=lambda l: f"dp{l[0]}xep{l[1]}")
+def test_corrupted_shard_fails_every_rank(pools, source, tmp_path, layout, verify_first):
+    """One rank checks a file's CRC32 (rank 3 on the saving layout, rank 1 of 2 otherwise, which
+    does not read all of it); every rank raises. With verify_first, no rank's shards or optimizer
+    state were written."""
+    bad = tmp_path / "bad"
+    shutil.copytree(Path(source, "step_2"), bad)
+    flip_byte(bad / "__3_0.distcp", at=0.7)
+    results = pools(layout[0] * layout[1]).run(load_corrupted, str(bad), *layout, verify_first)
+    for rank, r in enumerate(results):
+        assert re.search(r"is damaged: __3_0\.distcp is corrupted \(CRC32", r["error"] or ""), (rank, r)
+        if verify_first:
+            assert r["untouched"] and r["optim_state"] == 0, (rank, r)
+
+
+def test_load_verifying_first_matches(source):
+    """verify_first reads the same values (plain model, no process group)."""
+    model = make_model(seed=7)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
+    ckpt.load(Path(source, "step_2"), model, opt, verify_first=True)
+    assert bitwise_diff(capture(model, opt), torch.load(Path(source, "reference.pt"))["state"]) == []
+
+
+def test_archive_tensor_decodes_in_place():
+    """Stored tensors are viewed where they lie: strides, storage offsets, 0-d, empty and bfloat16."""
+    import io
+
+    from ep_fsdp.checkpoint._io import ArchiveDecoder, archive_tensor, copy_into, native_byte_order
+
+    base = torch.arange(40, dtype=torch.float32)
+    cases = [base.reshape(5, 8).t(), base[3:17], torch.tensor(2.5), torch.zeros(0, 3),
+             torch.randn(4, 6).to(torch.bfloat16), torch.arange(12).reshape(3, 4), torch.tensor([True, False])]
+    cases += [c + 1 for c in cases[:2]] + [torch.randn(4, 6).to(torch.bfloat16)]  # same layouts, other values
+    decode = ArchiveDecoder()  # decodes each distinct pickle once: the repeats reuse its layout
+    for t in cases:
+        buf = io.BytesIO()
+        buf.write(b"x" * 5)  # an archive at an odd offset, as in a DCP file
+        torch.save(t, buf)
+        view = memoryview(bytearray(buf.getvalue()))[5:]
+        assert native_byte_order(view)
+        for got in (archive_tensor(view, "test"), archive_tensor(view, "test", in_place=False), decode(view, "test")):
+            assert got.dtype == t.dtype and got.shape == t.shape and got.stride() == t.stride() and torch.equal(got, t)
+        target = torch.empty_like(t)
+        copy_into(target, archive_tensor(view, "test"))
+        assert torch.equal(target, t)
+    for decoder in (archive_tensor, decode):
+        with pytest.raises(ckpt.CheckpointLoadError, match="broken.distcp: a stored tensor could not be decoded"):
+            decoder(memoryview(bytearray(b"not an archive")), "broken.distcp")
 
 
 def test_checkpoint_of_another_model_is_refused(tmp_path):

@@ -54,21 +54,24 @@ def test_export_names_shapes_and_values(source, exported):
 
 
 def test_export_streams_one_tensor_at_a_time(source, tmp_path, monkeypatch):
-    live: list[weakref.ref] = []
+    live: list[tuple[str, weakref.ref]] = []
     most = 0
-    original = _safetensors._read_tensor
+    original = _safetensors._read_slabs
+    reads: list[str] = []
 
-    def tracking(*args):
+    def tracking(reader, key):
         nonlocal most
-        t = original(*args)
-        live[:] = [r for r in live if r() is not None]
-        live.append(weakref.ref(t))
-        most = max(most, len(live))
-        return t
+        slabs = original(reader, key)
+        reads.append(key)
+        live[:] = [(k, r) for k, r in live if r() is not None]
+        live.extend((key, weakref.ref(t)) for t in slabs)
+        most = max(most, len({k for k, _ in live}))
+        return slabs
 
-    monkeypatch.setattr(_safetensors, "_read_tensor", tracking)
+    monkeypatch.setattr(_safetensors, "_read_slabs", tracking)
     ckpt.export_safetensors(Path(source, "step_2"), tmp_path / "out")
-    assert most == 1
+    assert most == 1  # the pieces of one tensor at a time
+    assert sorted(reads) == sorted(ckpt.read_metadata(Path(source, "step_2"))["params"])  # each read once
 
 
 def test_export_refuses_existing_target(source, tmp_path):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import shutil
 import time
 import warnings
@@ -40,9 +41,10 @@ from ._format import (
     read_metadata,
     write_json_atomic,
 )
+from ._io import Crc32FileSystemWriter, MappedFileSystemReader, MappedFiles
 from ._safe import (
+    CheckpointCorruptError,
     CheckpointLoadError,
-    SafeFileSystemReader,
     SafeLoadPlanner,
     UnsafeCheckpointError,
     load_extra,
@@ -73,10 +75,53 @@ def _gather(obj: Any) -> list[Any]:
     return out
 
 
-def _raise_if_any(error: BaseException | None, api: str, kind: type[Exception] = RuntimeError) -> None:
+def _collective_device() -> torch.device:
+    """Where a tensor for a collective on the default group must live: the CPU when the group has
+    a CPU backend (gloo), else the current accelerator (NCCL has no CPU side)."""
+    if "cpu:" in dist.get_backend_config():
+        return torch.device("cpu")
+    accelerator = torch.accelerator.current_accelerator()
+    if accelerator is None:
+        return torch.device("cpu")
+    return torch.device(accelerator.type, torch.accelerator.current_device_index())
+
+
+def _any_rank(flag: bool) -> bool:
+    """Whether ``flag`` holds on any rank: one all-reduce of one number (this rank's flag alone
+    without a process group)."""
+    if not _distributed():
+        return flag
+    t = torch.tensor([int(flag)], device=_collective_device())
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
+
+
+def _if_any_failed(obj: Any, failed: bool, collective: bool = True) -> list[Any] | None:
+    """Every rank's ``obj`` when ``failed`` holds on any rank, else ``None`` (the shared verdict:
+    every rank gets the same answer).
+
+    NOTE: the common case, no failure, costs one all-reduce of one number; ``all_gather_object``
+    (sizes, then pickles) took 7x as long with 4 processes on 2 cores (8 ms), so the details are
+    gathered only when some rank failed.
+    """
+    if not (collective and _distributed()):
+        return [obj] if failed else None
+    return _gather(obj) if _any_rank(failed) else None
+
+
+def _error_text(error: BaseException | None) -> str | None:
+    return None if error is None else f"{type(error).__name__}: {error}"
+
+
+def _raise_if_any(error: BaseException | None, api: str, kind: type[Exception] = RuntimeError,
+                  errors: list[str | None] | None = None) -> None:
     """Make every rank raise if one failed, so no rank is left waiting in a collective (``kind``
-    on the ranks that did not fail themselves)."""
-    errors = _gather(None if error is None else f"{type(error).__name__}: {error}")
+    on the ranks that did not fail themselves). ``errors``: every rank's :func:`_error_text`,
+    when the caller gathered them already (with other results)."""
+    if errors is None:
+        errors = _if_any_failed(_error_text(error), error is not None)
+        if errors is None:
+            return
     failed = {r: e for r, e in enumerate(errors) if e is not None}
     if failed:
         if error is not None and len(failed) == 1:
@@ -196,7 +241,7 @@ def save(
         raise ValueError(f"save: keep_last must be >= 1 or None, got {keep_last!r}.")
     # Every rank must take the same decision (a stale directory cache on one node must not split
     # the ranks), so the existence check and the preparation are agreed through collectives.
-    if any(_gather(path.exists())) and all(_gather(path.exists() and structure_problem(path) is None)):
+    if _any_rank(path.exists()) and not _any_rank(not (path.exists() and structure_problem(path) is None)):
         raise FileExistsError(
             f"save: {path} already exists; checkpoints are never overwritten. Save under a new name "
             "(e.g. step_{step:08d}) or delete the old one yourself."
@@ -220,27 +265,29 @@ def save(
     moe = moe_layer_records(model, layout["ep"])
     hf = transformers_record(model)
 
+    extra_error: BaseException | None = None
     try:
         if extra is not None:
             extra_path(tmp, rank).parent.mkdir(exist_ok=True)
             torch.save(extra, extra_path(tmp, rank))
     except BaseException as e:  # noqa: BLE001
-        error = e
-    _raise_if_any(error, "save")
+        extra_error = e  # NOTE: reported by the commit's collective (one collective less per save)
 
     def commit() -> Path:
         # NOTE: every phase reports its failure through a collective, so no rank is left waiting.
         manifest: dict[str, dict[str, int]] = {}
-        error: BaseException | None = None
-        try:
-            own = sorted(tmp.glob(f"__{rank}_*.distcp"))
-            if extra is not None:
-                own.append(extra_path(tmp, rank))
-            manifest = {str(p.relative_to(tmp)): {"bytes": p.stat().st_size, "crc32": file_crc32(p)} for p in own}
-        except BaseException as e:  # noqa: BLE001
-            error = e
-        manifests = _gather(manifest)
-        _raise_if_any(error, "save")
+        error: BaseException | None = extra_error
+        if error is None:
+            try:
+                own = sorted(tmp.glob(f"__{rank}_*.distcp"))
+                if extra is not None:
+                    own.append(extra_path(tmp, rank))
+                manifest = {str(p.relative_to(tmp)): _file_record(p, writer.crcs) for p in own}
+            except BaseException as e:  # noqa: BLE001
+                error = e
+        gathered = _gather((manifest, _error_text(error)))  # NOTE: one collective for both
+        manifests = [m for m, _ in gathered]
+        _raise_if_any(error, "save", errors=[e for _, e in gathered])
         if rank == 0:
             try:
                 _write_metadata_and_rename(manifests)
@@ -284,14 +331,44 @@ def save(
                     except OSError as e:  # the new checkpoint is committed: cleanup is best effort
                         warnings.warn(f"save: keep_last could not remove {old}: {e}", stacklevel=2)
 
+    # NOTE: the shard files' CRC32s are taken while they are written (a second read of every file
+    # would cost about a tenth of the save)
+    writer = Crc32FileSystemWriter(tmp)
     if async_save:
-        future = dcp.async_save(state, checkpoint_id=str(tmp), process_group=_async_group())
+        future = dcp.async_save(state, storage_writer=writer, process_group=_async_group())
         _IN_FLIGHT = PendingSave(future, commit, path)
         return _IN_FLIGHT
     # raises on every rank if any rank failed to write
-    with _quiet_single_process():
-        dcp.save(state, checkpoint_id=str(tmp), no_dist=not _distributed())
+    with _quiet_single_process(), _without_zip_crcs():
+        dcp.save(state, storage_writer=writer, no_dist=not _distributed())
     return commit()
+
+
+@contextlib.contextmanager
+def _without_zip_crcs() -> Iterator[None]:
+    """``torch.save`` without the CRC32 of every zip record it writes, for the block.
+
+    NOTE: that CRC costs about a sixth of a save to a fast disk (~6 GB/s), torch.load never checks
+    it, and the CRC32 taken while writing covers every byte of each file. The setting is
+    process-wide, so only a synchronous save turns it off (a background one would leave it off
+    while training runs); it is restored after.
+    """
+    from torch.serialization import get_crc32_options, set_crc32_options
+
+    previous = get_crc32_options()
+    set_crc32_options(False)
+    try:
+        yield
+    finally:
+        set_crc32_options(previous)
+
+
+def _file_record(path: Path, written: dict[str, tuple[int, int]]) -> dict[str, int]:
+    """``{"bytes", "crc32"}`` of a file just written: the CRC32 taken while writing it when there
+    is one for this size, else read back."""
+    size = path.stat().st_size
+    seen = written.get(path.name)
+    return {"bytes": size, "crc32": seen[1] if seen is not None and seen[0] == size else file_crc32(path)}
 
 
 @contextlib.contextmanager
@@ -326,27 +403,100 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def _verify_files(path: Path, meta: dict[str, Any], api: str = "load", collective: bool = True) -> None:
-    """Sizes of all files on every rank; CRC32 of a 1/world share of them per rank (of all of them
-    when not ``collective``, e.g. one process reading on its own)."""
+_RANK_FILE = re.compile(r"^(?:__(\d+)_\d+\.distcp|extra/rank_(\d+)\.pt)$")
+
+
+def _checker(name: str, index: int, world: int) -> int:
+    """The rank that checks the CRC32 of file ``name`` (``index`` in sorted order): the rank that
+    wrote it (modulo ``world``), other files round-robin.
+
+    NOTE: in a load on the saving layout that is the rank that reads the file, so the check and the
+    read go over the same mapped pages: the file is read from disk (or page cache) once.
+    """
+    m = _RANK_FILE.match(name)
+    return int(m.group(1) or m.group(2)) % world if m else index % world
+
+
+def _checked_here(meta: dict[str, Any], collective: bool = True) -> dict[str, int]:
+    """``{file: expected CRC32}`` of the files this rank checks (:func:`_checker`); all of them
+    when not ``collective``."""
+    rank, world = _rank_world() if collective else (0, 1)
+    return {name: rec["crc32"] for i, (name, rec) in enumerate(sorted(meta["files"].items()))
+            if _checker(name, i, world) == rank}
+
+
+def _file_problems(path: Path, meta: dict[str, Any], files: MappedFiles, collective: bool = True,
+                   deferred: frozenset[str] = frozenset()) -> list[str]:
+    """This rank's findings: sizes of all files; CRC32 of its 1/world share (of all files when not
+    ``collective``), each file checked by :func:`_checker` over its mapping in ``files``, which the
+    caller then reads the tensors from; files in ``deferred`` are checked later, while they are read.
+    Never raises: every problem is a line for the shared verdict."""
     rank, world = _rank_world() if collective else (0, 1)
     problems = []
     for i, (name, rec) in enumerate(sorted(meta["files"].items())):
         f = path / name
-        if not f.is_file():
-            problems.append(f"{name} is missing")
-            continue
-        size = f.stat().st_size
-        if size != rec["bytes"]:
-            problems.append(f"{name} has {size} bytes, expected {rec['bytes']} (truncated or replaced)")
-        elif i % world == rank and (crc := file_crc32(f)) != rec["crc32"]:
-            problems.append(f"{name} is corrupted (CRC32 {crc:#010x}, expected {rec['crc32']:#010x})")
-    all_problems = sorted({p for ps in (_gather(problems) if collective else [problems]) for p in ps})
-    if all_problems:
-        raise ValueError(
-            f"{api}: checkpoint {path} is damaged: " + "; ".join(all_problems)
-            + ". Nothing was read; use an earlier checkpoint (ep_fsdp.checkpoint.list_checkpoints(root))."
+        try:
+            if not f.is_file():
+                problems.append(f"{name} is missing")
+                continue
+            size = f.stat().st_size
+            if size != rec["bytes"]:
+                problems.append(f"{name} has {size} bytes, expected {rec['bytes']} (truncated or replaced)")
+            elif (_checker(name, i, world) == rank and name not in deferred
+                  and (problem := files.crc_problem(name, rec["crc32"]))):
+                problems.append(problem)
+        except (OSError, ValueError) as e:  # NOTE: reported through the shared verdict, never raised alone
+            problems.append(f"{name} cannot be read ({e})")
+    return problems
+
+
+def _raise_damaged(path: Path, api: str, problems: list[str]) -> None:
+    """:class:`CheckpointCorruptError` (a ``ValueError``) naming every damaged file, if any."""
+    if problems:
+        raise CheckpointCorruptError(
+            f"{api}: checkpoint {path} is damaged: " + "; ".join(sorted(set(problems)))
+            + ". Nothing was read into the model; use an earlier checkpoint "
+            "(ep_fsdp.checkpoint.list_checkpoints(root))."
         )
+
+
+def _verify_files(path: Path, meta: dict[str, Any], api: str = "load", collective: bool = True,
+                  files: MappedFiles | None = None) -> None:
+    """Sizes and CRC32s of a checkpoint's files (see :func:`_file_problems`), the verdict shared by
+    every rank when ``collective``; raises :class:`CheckpointCorruptError` naming every damaged file."""
+    problems = _file_problems(path, meta, files if files is not None else MappedFiles(path), collective)
+    _raise_damaged(path, api, [p for ps in _if_any_failed(problems, bool(problems), collective) or [] for p in ps])
+
+
+def _checked_extra(path: Path, meta: dict[str, Any], files: MappedFiles,
+                   deferred: frozenset[str] = frozenset()) -> Any:
+    """Check the files (:func:`_file_problems`) and read this rank's extra, with one verdict
+    shared by every rank: all raise, or none does.
+
+    NOTE: a rank checks its own extra's CRC32 itself (see :func:`_checker`), so it is never
+    unpickled (``weights_only``) before it passed; a refused extra fails every rank.
+    """
+    rank, _ = _rank_world()
+    problems = _file_problems(path, meta, files, deferred=deferred)
+    extra, refusal = None, None
+    extra_file = extra_path(path, rank)
+    if not problems and extra_file.is_file():
+        try:
+            extra = load_extra(extra_file)
+        except UnsafeCheckpointError as e:
+            refusal = e
+    verdicts = _if_any_failed((problems, None if refusal is None else str(refusal)),
+                              bool(problems) or refusal is not None)
+    if verdicts is None:
+        return extra
+    _raise_damaged(path, "load", [p for ps, _ in verdicts for p in ps])
+    if refusal is not None:
+        raise refusal
+    refused = {r: msg for r, (_, msg) in enumerate(verdicts) if msg is not None}
+    if refused:
+        detail = "; ".join(f"rank {r}: UnsafeCheckpointError: {m}" for r, m in sorted(refused.items()))
+        raise CheckpointLoadError(f"load failed on rank(s) {sorted(refused)}: {detail}")
+    return extra
 
 
 def _check_model_matches(path: Path, meta: dict[str, Any], model_sd: dict[str, Any], model: nn.Module) -> None:
@@ -388,15 +538,31 @@ def _check_model_matches(path: Path, meta: dict[str, Any], model_sd: dict[str, A
 
 
 def load(
-    path: str | os.PathLike[str], model: nn.Module, optimizer: torch.optim.Optimizer | None = None
+    path: str | os.PathLike[str],
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer | None = None,
+    *,
+    verify_first: bool = False,
 ) -> dict[str, Any]:
     """Load a checkpoint written by :func:`save` into ``model`` (and ``optimizer``), resharding.
 
     Works on any layout (any world size, ``dp_shard``, ``ep``) and on a plain unparallelized
     model in a single process without a process group. Collective when distributed. Before any
-    tensor is read it checks that the checkpoint is complete and undamaged (file sizes and CRC32)
-    and that it comes from the same model (parameter names, shapes, MoE configs); on failure it
-    raises and leaves the model untouched.
+    tensor is read it checks that the checkpoint is complete (files present, sizes), that DCP's
+    index and this rank's ``extra`` are undamaged (CRC32) and that it comes from the same model
+    (parameter names, shapes, MoE configs); on any of these failures it raises and leaves the
+    model and optimizer untouched.
+
+    The CRC32 of every tensor file is checked in the same pass that copies the tensors from it
+    (each file by one rank; the verdict is shared): a damaged file makes every rank raise
+    :class:`CheckpointCorruptError` naming it, but only after the copies, so the model and
+    optimizer may then hold values from the damaged checkpoint: load another checkpoint into them
+    (as ``recipes/train.py`` does) or rebuild them. ``verify_first=True`` checks every CRC32
+    before any tensor moves (model and optimizer untouched on any failure), at the cost of one
+    more pass over the files (from the page cache: about a fifth more load time).
+
+    Each file is read once, through a mapping: tensors are decoded where they lie in it and
+    copied straight into the model.
 
     Returns a dict with ``step``, ``extra`` (what this rank saved, or ``None``), ``layout`` (the
     layout it was saved on), ``moe_layers`` (configs and expert owners), ``versions`` and ``path``.
@@ -407,27 +573,27 @@ def load(
         start_step = meta["step"] + 1
     """
     path = Path(path)
-    rank, _ = _rank_world()
     meta = read_metadata(path, "load")
     if optimizer is not None and not meta["has_optimizer"]:
         raise ValueError(
             f"load: checkpoint {path} holds no optimizer state; call load(path, model) without an "
             "optimizer, or resume from a checkpoint saved with one."
         )
-    _verify_files(path, meta)
     # NOTE: checked on the model's state dict alone: building the optimizer's state dict would
-    # initialise an empty optimizer's state, which a refused load must not do.
-    _check_model_matches(path, meta, get_model_state_dict(model), model)
-    # NOTE: the extras first, with a shared verdict: a refused one fails every rank, before any tensor moves
-    extra_file, extra, error = extra_path(path, rank), None, None
+    # initialise an empty optimizer's state, which a refused load must not do. The check is the
+    # same on every rank (same metadata, same global shapes), so it needs no shared verdict.
+    model_sd = get_model_state_dict(model)
+    _check_model_matches(path, meta, model_sd, model)
+    files = MappedFiles(path)
+    # NOTE: the tensor files this rank checks are checked while it reads them (one pass), the
+    # others (DCP's index, the extras: small) before anything is read
+    check = {} if verify_first else {n: c for n, c in _checked_here(meta).items() if n.endswith(".distcp")}
     try:
-        extra = load_extra(extra_file) if extra_file.is_file() else None
-    except UnsafeCheckpointError as e:
-        error = e
-    _raise_if_any(error, "load", CheckpointLoadError)
-    state = _app_state(model, optimizer)
-    with _quiet_single_process():
-        dcp_load(state, path, no_dist=not _distributed())
+        extra = _checked_extra(path, meta, files, deferred=frozenset(check))
+        state = {"model": model_sd} if optimizer is None else _app_state(model, optimizer)
+        dcp_load(state, path, no_dist=not _distributed(), files=files, check=check)
+    finally:
+        files.close()
     if optimizer is None:
         set_model_state_dict(model, state["model"])
     else:
@@ -469,21 +635,66 @@ def _restore_placements(model: nn.Module, optimizer: torch.optim.Optimizer | Non
                 t.copy_(t[index])
 
 
-def dcp_load(state: dict[str, Any], path: Path, *, no_dist: bool) -> None:
+def dcp_load(state: dict[str, Any], path: Path, *, no_dist: bool, files: MappedFiles | None = None,
+             check: dict[str, int] | None = None) -> None:
     """``dcp.load`` through the safe reader and planner: nothing in the checkpoint is unpickled
-    beyond DCP metadata types and ``weights_only`` values (see ``_safe.py``)."""
+    beyond DCP metadata types and ``weights_only`` values (see ``_safe.py``). Reads through
+    ``files`` (mappings the caller may have checked already), each tensor copied once into
+    ``state``; ``.metadata`` is unpickled once. ``check`` (``{file: expected CRC32}``) names the
+    files this rank checks in the same pass as it reads them (see :class:`MappedFileSystemReader`).
+
+    Unless ``no_dist``, collective: every rank reads what its own ``state`` needs, then all share
+    one verdict (all raise, or none does): a CRC32 mismatch found while reading is a
+    :class:`CheckpointCorruptError` on every rank (``state`` may then hold values from the damaged
+    file); otherwise a refusal (:class:`UnsafeCheckpointError`) or a :class:`CheckpointLoadError`
+    is raised as itself on the rank that hit it, and as a :class:`CheckpointLoadError` on the others.
+    """
     from torch.distributed.checkpoint.api import CheckpointException
 
-    safe_metadata_load((path / ".metadata").read_bytes(), str(path / ".metadata"))  # refuse before DCP starts
+    files = files if files is not None else MappedFiles(path)
+    error: Exception | None = None
+    reader: MappedFileSystemReader | None = None
     try:
-        dcp.load(state, checkpoint_id=str(path), storage_reader=SafeFileSystemReader(str(path)),
-                 planner=SafeLoadPlanner(), no_dist=no_dist)
-    except CheckpointException as e:  # DCP wraps each rank's error: surface a refusal as itself
-        for failure in e.failures.values():
-            inner = failure[0] if isinstance(failure, tuple) else getattr(failure, "exception", failure)
-            if isinstance(inner, UnsafeCheckpointError):
-                raise inner from None
-        raise CheckpointLoadError(f"load: reading {path} failed: {str(e).strip()[:2000]}") from e
+        metadata = safe_metadata_load(bytes(files.view(".metadata")), str(path / ".metadata"))
+        reader = MappedFileSystemReader(path, files, metadata, check)
+        # NOTE: DCP's distributed load only gathers the ranks' read plans and scatters them back
+        # unchanged (DefaultLoadPlanner has no global step): each rank plans and reads alone, and
+        # the one collective is the verdict below.
+        with _quiet_single_process():
+            dcp.load(state, checkpoint_id=str(path), storage_reader=reader, planner=SafeLoadPlanner(), no_dist=True)
+    except (UnsafeCheckpointError, CheckpointLoadError) as e:
+        error = e
+    except CheckpointException as e:  # DCP wraps the read's error: surface a refusal as itself
+        error = _unwrapped(e) or CheckpointLoadError(f"load: reading {path} failed: {str(e).strip()[:2000]}")
+    except Exception as e:  # noqa: BLE001 - whatever the read hit, every rank must learn of it
+        error = CheckpointLoadError(f"load: reading {path} failed: {type(e).__name__}: {e}")
+    mine = (_error_text(error), reader.problems if reader else [])
+    verdicts = _if_any_failed(mine, error is not None or bool(mine[1]), collective=not no_dist)
+    if verdicts is None:
+        return
+    problems = sorted({p for _, ps in verdicts for p in ps})
+    if problems:
+        raise CheckpointCorruptError(
+            f"load: checkpoint {path} is damaged: " + "; ".join(problems) + ". It was found while reading: the "
+            "model and optimizer may hold values from it now; load an earlier checkpoint into them (or rebuild "
+            "them) before use (ep_fsdp.checkpoint.list_checkpoints(root))."
+        )
+    if error is not None:
+        raise error
+    failed = {r: v for r, (v, _) in enumerate(verdicts) if v is not None}
+    if failed:
+        detail = "; ".join(f"rank {r}: {v}" for r, v in sorted(failed.items()))
+        raise CheckpointLoadError(f"load: reading {path} failed on rank(s) {sorted(failed)}: {detail[:2000]}")
+
+
+def _unwrapped(error: Exception) -> Exception | None:
+    """The :class:`UnsafeCheckpointError` or :class:`CheckpointLoadError` inside DCP's
+    ``CheckpointException``, if that is what it wraps."""
+    for failure in getattr(error, "failures", {}).values():
+        inner = failure[0] if isinstance(failure, tuple) else getattr(failure, "exception", failure)
+        if isinstance(inner, (UnsafeCheckpointError, CheckpointLoadError)):
+            return inner
+    return None
 
 
 def list_checkpoints(root: str | os.PathLike[str]) -> list[Path]:

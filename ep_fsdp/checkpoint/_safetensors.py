@@ -22,8 +22,9 @@ from torch.distributed.tensor import DTensor
 from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
 from ..moe import moe_layers
-from ._dcp import _gather, _quiet_single_process, _verify_files, dcp_load
+from ._dcp import _gather
 from ._format import read_metadata, storage_permutations
+from ._reader import CheckpointReader
 
 __all__ = ["export_safetensors", "load_safetensors", "expert_key_map", "INDEX_FILE"]
 
@@ -64,12 +65,10 @@ def _plan(meta: dict[str, Any], max_shard_bytes: int) -> list[list[tuple[str, li
     return shards
 
 
-def _read_tensor(checkpoint: Path, key: str, rec: dict[str, Any]) -> torch.Tensor:
-    """Read one global tensor from the DCP checkpoint in this process (no process group)."""
-    target = torch.empty(rec["shape"], dtype=getattr(torch, rec["dtype"]))
-    with _quiet_single_process():
-        dcp_load({"model": {key: target}}, checkpoint, no_dist=True)
-    return target
+def _read_slabs(reader: CheckpointReader, key: str) -> list[torch.Tensor]:
+    """One global tensor, as dimension-0 pieces (views of the mapped checkpoint files when the
+    stored chunks are whole rows, see :meth:`CheckpointReader.slabs`)."""
+    return reader.slabs(key)
 
 
 def export_safetensors(
@@ -80,8 +79,10 @@ def export_safetensors(
 ) -> Path:
     """Export the model weights of a checkpoint to a Hugging Face-style safetensors directory.
 
-    Runs in one process, with or without a training world. Tensors are read from the checkpoint
-    and written one at a time (peak memory about the largest tensor), into files
+    Runs in one process, with or without a training world. The checkpoint's files are checked
+    (sizes, CRC32) and DCP's metadata read once; tensors are then read from the mapped files and
+    written one at a time (no copy where the stored chunks are whole rows; else peak memory about
+    the largest tensor), into files
     ``model-0000i-of-0000N.safetensors`` of at most ``max_shard_bytes`` (a single larger tensor
     gets its own file) plus ``model.safetensors.index.json``. Values are copied bit for bit and
     every expert of every layer is written (see the module docstring for the names).
@@ -105,11 +106,18 @@ def export_safetensors(
         raise FileExistsError(
             f"export_safetensors: {out_dir} already exists; choose a new directory or remove it first."
         )
-    _verify_files(checkpoint_path, meta, "export_safetensors", collective=False)
-    if meta.get("transformers"):  # a transformers model: hub keys, config.json (needs the hf extra)
-        from ..hf._export import export_hub
+    # NOTE: one reader for the whole export: DCP's metadata is unpickled once and every file's
+    # CRC32 checked once, over the mappings the tensors are then read from
+    with CheckpointReader(checkpoint_path, meta, "export_safetensors") as reader:
+        if meta.get("transformers"):  # a transformers model: hub keys, config.json (needs the hf extra)
+            from ..hf._export import export_hub
 
-        return export_hub(checkpoint_path, out_dir, meta, max_shard_bytes)
+            return export_hub(checkpoint_path, out_dir, meta, max_shard_bytes, reader=reader)
+        return _export(reader, out_dir, meta, max_shard_bytes)
+
+
+def _export(reader: CheckpointReader, out_dir: Path, meta: dict[str, Any], max_shard_bytes: int) -> Path:
+    """Write ``out_dir`` (via ``.NAME.partial``): the safetensors files of :func:`_plan` and the index."""
     plan = _plan(meta, max_shard_bytes)
     tmp = out_dir.with_name(f".{out_dir.name}.partial")
     if tmp.exists():
@@ -119,14 +127,14 @@ def export_safetensors(
     total = 0
     for i, shard in enumerate(plan):
         fname = f"model-{i + 1:05d}-of-{len(plan):05d}.safetensors"
-        total += _write_file(tmp / fname, shard, checkpoint_path, meta)
+        total += _write_file(tmp / fname, shard, reader, meta)
         for _, outs in shard:
             weight_map.update({name: fname for name, _ in outs})
     index = {
         "metadata": {
             "total_size": total,
             "ep_fsdp_step": meta["step"],
-            "ep_fsdp_source": str(checkpoint_path),
+            "ep_fsdp_source": str(reader.path),
         },
         "weight_map": dict(sorted(weight_map.items())),
     }
@@ -136,7 +144,7 @@ def export_safetensors(
 
 
 def _write_file(
-    path: Path, shard: list[tuple[str, list[tuple[str, list[int]]]]], checkpoint: Path, meta: dict[str, Any]
+    path: Path, shard: list[tuple[str, list[tuple[str, list[int]]]]], reader: CheckpointReader, meta: dict[str, Any]
 ) -> int:
     header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
     offset = 0
@@ -155,24 +163,27 @@ def _write_file(
         f.write(struct.pack("<Q", len(raw)))
         f.write(raw)
         rows = storage_permutations(meta)
-        for key, outs in shard:
-            # NOTE: one tensor in memory at a time; it is freed before the next one is read.
-            # Experts are written in logical order, whatever the placement they were saved with.
-            _write_tensor(f, _in_logical_order(_read_tensor(checkpoint, key, meta["params"][key]), rows.get(key)),
-                          split=outs[0][0] != key)
+        for key, _ in shard:
+            # NOTE: one tensor at a time, dropped before the next one is read. Experts are written
+            # in logical order, whatever the placement they were saved with. The bytes of the
+            # per-expert pieces, one after the other, are the tensor's own: the split is in the header.
+            _write_tensor(f, _read_slabs(reader, key), rows.get(key))
         f.flush()
         os.fsync(f.fileno())
     return offset
 
 
-def _in_logical_order(tensor: torch.Tensor, physical: list[int] | None) -> torch.Tensor:
-    return tensor if physical is None else tensor[torch.tensor(physical)]
-
-
-def _write_tensor(f: Any, tensor: torch.Tensor, split: bool) -> None:
-    """Write the bytes of ``tensor`` (of each ``tensor[j]`` in order when ``split``)."""
-    for piece in tensor.unbind(0) if split else (tensor,):
-        f.write(piece.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+def _write_tensor(f: Any, slabs: list[torch.Tensor], physical: list[int] | None) -> None:
+    """Write the bytes of the tensor made of ``slabs`` (concatenated along dimension 0); with
+    ``physical``, its rows in logical order: ``tensor[physical[0]]``, ``tensor[physical[1]]``, ..."""
+    if physical is None:
+        pieces = slabs
+    else:
+        rows = [row for slab in slabs for row in slab.unbind(0)]
+        pieces = [rows[p] for p in physical]
+    for piece in pieces:
+        # NOTE: written straight from the mapped checkpoint bytes (a uint8 view, no copy)
+        f.write(piece.contiguous().reshape(-1).view(torch.uint8).numpy())
 
 
 def load_safetensors(model: nn.Module, directory: str | os.PathLike[str], *, allow_cast: bool = False) -> None:

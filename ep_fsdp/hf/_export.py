@@ -20,6 +20,7 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
+from ..checkpoint._reader import CheckpointReader
 from ._model import build_on_meta
 
 __all__ = ["export_hub"]
@@ -37,27 +38,29 @@ def _groups(params: dict[str, Any]) -> Iterator[list[str]]:
     yield from groups.values()
 
 
-def _read(checkpoint: Path, keys: list[str], meta: dict[str, Any]) -> dict[str, torch.Tensor]:
-    """Read the global tensors ``keys`` from the DCP checkpoint in this process, in one pass."""
-    from ..checkpoint._dcp import _quiet_single_process, dcp_load
-
+def _read(reader: CheckpointReader, keys: list[str], meta: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """The global tensors ``keys`` of the checkpoint (views of its mapped files where one stored
+    chunk holds a tensor), experts in logical order."""
     from ..checkpoint._format import storage_permutations
 
-    params = meta["params"]
-    out = {k: torch.empty(params[k]["shape"], dtype=getattr(torch, params[k]["dtype"])) for k in keys}
-    with _quiet_single_process():
-        dcp_load({"model": out}, checkpoint, no_dist=True)
+    out = {k: reader.tensor(k) for k in keys}
     for key, physical in storage_permutations(meta).items():  # experts in logical order
         if key in out:
             out[key] = out[key][torch.tensor(physical)]
     return out
 
 
-def export_hub(checkpoint: Path, out_dir: Path, meta: dict[str, Any], max_shard_bytes: int) -> Path:
+def export_hub(checkpoint: Path, out_dir: Path, meta: dict[str, Any], max_shard_bytes: int,
+               reader: CheckpointReader | None = None) -> Path:
     """Write ``out_dir`` (via ``.NAME.partial``): safetensors in hub keys, index, ``config.json`` and
-    ``generation_config.json`` (when recorded)."""
+    ``generation_config.json`` (when recorded). Reads through ``reader`` (opened on ``checkpoint``
+    here when not given: the files are checked and DCP's metadata read once for the whole export)."""
     from transformers import AutoConfig
     from transformers.core_model_loading import revert_weight_conversion
+
+    if reader is None:
+        with CheckpointReader(checkpoint, meta, "export_safetensors") as own:
+            return export_hub(checkpoint, out_dir, meta, max_shard_bytes, reader=own)
 
     record = meta["transformers"]
     tmp = out_dir.with_name(f".{out_dir.name}.partial")
@@ -85,7 +88,7 @@ def export_hub(checkpoint: Path, out_dir: Path, meta: dict[str, Any], max_shard_
 
     total = 0
     for keys in _groups(params):
-        hub = revert_weight_conversion(model, _read(checkpoint, keys, meta))
+        hub = revert_weight_conversion(model, _read(reader, keys, meta))
         for name, tensor in hub.items():
             nbytes = tensor.numel() * tensor.element_size()
             if pending and pending_bytes + nbytes > max_shard_bytes:

@@ -1,12 +1,18 @@
-"""Checkpoint save/load throughput against plain file I/O of the same bytes, in the same run.
+"""Checkpoint save/load/export throughput against plain file I/O of the same bytes, in the same run.
 
     torchrun --nproc-per-node 4 recipes/benchmarks/checkpoint.py --dir /tmp/ckpt_bench
 
 Builds the reference MoE transformer at about ``--size-gb`` GB of float32 parameters, parallelizes
 it on (dp_shard, ep) = (world/ep, ep), then alternates, ``--repeats`` times:
 ``ep_fsdp.checkpoint.save`` / ``load`` of the model, and each rank writing (with fsync) and reading
-back its own local shards with plain ``open``/``write``/``readinto``. Rank 0 prints medians, GB/s
-and the ratio (checkpoint time / plain time). The OS page cache serves the reads of both.
+back its own local shards with plain ``open``/``write``/``readinto``; then rank 0 alone runs
+``export_safetensors`` of that checkpoint against a plain copy of the checkpoint's files
+(read + write + fsync of each; export fsyncs its files too). Rank 0 prints medians, GB/s
+and the ratio (ep_fsdp time / plain time). The OS page cache serves the reads of all of them;
+with ``--cold`` the files are evicted from it before every load and plain read (disk speed).
+Within each pair the order alternates between repeats (the disk's speed depends on what was written
+just before). Each repeat's files are deleted before the next one: the directory holds about 4x
+``--size-gb``.
 """
 
 from __future__ import annotations
@@ -46,6 +52,38 @@ def plain_read(path: Path, tensors: list[torch.Tensor]) -> None:
             f.readinto(t.numpy().data)
 
 
+def plain_copy(src: Path, dst: Path, chunk: int = 16 << 20) -> None:
+    """Read every file of checkpoint ``src`` and write it to ``dst``, fsync'd (the bytes export
+    reads and writes), through one reused buffer."""
+    buf = bytearray(chunk)
+    view = memoryview(buf)
+    for f in sorted(p for p in src.rglob("*") if p.is_file()):
+        out = dst / f.relative_to(src)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        with open(f, "rb", buffering=0) as r, open(out, "wb") as w:
+            while n := r.readinto(buf):
+                w.write(view[:n])
+            w.flush()
+            os.fsync(w.fileno())
+
+
+def evict(*paths: Path) -> None:
+    """Drop the (clean, fsync'd) pages of these files, or of every file under these directories,
+    from the page cache, so that the next read comes from the disk."""
+    for path in paths:
+        for f in (sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]):
+            fd = os.open(f, os.O_RDONLY)
+            try:
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            finally:
+                os.close(fd)
+
+
+def on_rank0(fn) -> None:
+    if dist.get_rank() == 0:
+        fn()
+
+
 def timed(fn) -> float:
     dist.barrier()
     start = time.perf_counter()
@@ -60,6 +98,8 @@ def main() -> None:
     p.add_argument("--size-gb", type=float, default=1.0)
     p.add_argument("--ep", type=int, default=2)
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--cold", action="store_true",
+                   help="evict the files from the page cache before every read (load, plain read): disk speed")
     args = p.parse_args()
     dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=600))
     rank, world = dist.get_rank(), dist.get_world_size()
@@ -78,22 +118,40 @@ def main() -> None:
         shutil.rmtree(args.dir, ignore_errors=True)
         args.dir.mkdir(parents=True)
     dist.barrier()
-    times: dict[str, list[float]] = {"save": [], "plain write": [], "load": [], "plain read": []}
+    names = ("save", "plain write", "load", "plain read", "export", "plain copy")
+    times: dict[str, list[float]] = {k: [] for k in names}
     for i in range(args.repeats):
         path = args.dir / f"ckpt_{i}"
         plain = args.dir / f"plain_{i}_rank{rank}.bin"
-        times["save"].append(timed(lambda: ckpt.save(path, model, step=i)))
-        times["plain write"].append(timed(lambda: plain_write(plain, tensors)))
-        times["load"].append(timed(lambda: ckpt.load(path, model)))
-        times["plain read"].append(timed(lambda: plain_read(plain, tensors)))
+        pairs = {
+            "save": lambda: ckpt.save(path, model, step=i),
+            "plain write": lambda: plain_write(plain, tensors),
+            "load": lambda: ckpt.load(path, model),
+            "plain read": lambda: plain_read(plain, tensors),
+            "export": lambda: on_rank0(lambda: ckpt.export_safetensors(path, args.dir / f"hf_{i}")),
+            "plain copy": lambda: on_rank0(lambda: plain_copy(path, args.dir / f"copy_{i}")),
+        }
+        for ours, ref in zip(names[::2], names[1::2]):
+            # NOTE: the order within a pair alternates: the disk's speed depends on what was written before
+            for name in (ours, ref) if i % 2 == 0 else (ref, ours):
+                if args.cold and name in ("load", "plain read"):
+                    evict(path, plain)
+                times[name].append(timed(pairs[name]))
+        dist.barrier()
+        if rank == 0:  # NOTE: one repeat's files at a time keeps the directory at about 4x the model
+            for name in (f"ckpt_{i}", f"hf_{i}", f"copy_{i}"):
+                shutil.rmtree(args.dir / name, ignore_errors=True)
+        plain.unlink()
+        dist.barrier()
     if rank == 0:
         gb = total_bytes / 1e9
         print(f"model {gb:.2f} GB float32 ({E} experts x {layers} layers, D={D}, H={H}), world={world}, "
-              f"ep={args.ep}, dir={args.dir}, medians of {args.repeats}")
-        print(f"{'operation':<8}{'ep_fsdp s':>11}{'GB/s':>8}{'plain s':>10}{'GB/s':>8}{'ratio':>8}")
-        for ours, ref in (("save", "plain write"), ("load", "plain read")):
+              f"ep={args.ep}, dir={args.dir}, medians of {args.repeats}, reads from "
+              + ("the disk (--cold)" if args.cold else "the page cache"))
+        print(f"{'operation':<8}{'ep_fsdp s':>11}{'GB/s':>8}{'plain s':>10}{'GB/s':>8}{'ratio':>8}  plain")
+        for ours, ref in (("save", "plain write"), ("load", "plain read"), ("export", "plain copy")):
             a, b = statistics.median(times[ours]), statistics.median(times[ref])
-            print(f"{ours:<8}{a:>11.2f}{gb / a:>8.2f}{b:>10.2f}{gb / b:>8.2f}{a / b:>7.2f}x")
+            print(f"{ours:<8}{a:>11.2f}{gb / a:>8.2f}{b:>10.2f}{gb / b:>8.2f}{a / b:>7.2f}x  {ref}")
         shutil.rmtree(args.dir, ignore_errors=True)
     dist.destroy_process_group()
 
