@@ -2,7 +2,8 @@
 
 The floor is one dense SwiGLU (gate and up projections fused, as in the layer) applied to all
 ``T*k`` routed rows: the expert matmuls of the MoE layer without routing, permutation or combine.
-Layer and floor run interleaved in the same process; the table shows medians and their ratio.
+Layer and floor run interleaved in the same process; the table shows medians and their ratio. The
+layer runs twice: on one fixed input, and on a new input every step (new routing, as in training).
 
 With transformers installed (``--hf``, the default when it is), more rows on the same shapes:
 transformers' Qwen3-MoE sparse block as transformers runs it (its ``grouped_mm`` experts), the same
@@ -45,6 +46,20 @@ def time_once(fn: Callable[[], None]) -> float:
 def moe_step(layer: MoE, x: torch.Tensor, grad: torch.Tensor) -> Callable[[], None]:
     def step() -> None:
         x.grad = None
+        layer.zero_grad(set_to_none=True)
+        layer(x).backward(grad)
+
+    return step
+
+
+def fresh_routing_step(layer: MoE, xs: list[torch.Tensor], grad: torch.Tensor) -> Callable[[], None]:
+    """Like :func:`moe_step`, on a new input each call: routing (and every expert's row count)
+    changes every step, as in training. With one fixed input the per-expert matmul shapes repeat
+    and the matmul library's per-shape kernel cache always hits."""
+    inputs = iter(xs)
+
+    def step() -> None:
+        x = next(inputs)
         layer.zero_grad(set_to_none=True)
         layer(x).backward(grad)
 
@@ -144,6 +159,8 @@ def main() -> None:
         w2 = torch.randn(D, H, device=device, dtype=dtype, requires_grad=True)
         grad_rows = torch.randn(T * k, D, device=device, dtype=dtype)
         candidates = {"dense floor": dense_step(rows, w13, w2, grad_rows), "ep_fsdp.MoE": moe_step(layer, x, grad)}
+        xs = [torch.randn(T, D, device=device, dtype=dtype, requires_grad=True) for _ in range(args.warmup + args.repeats)]
+        candidates["ep_fsdp.MoE, new routing each step"] = fresh_routing_step(layer, xs, grad)
         if args.compile:
             candidates["dense floor compiled"] = dense_step(rows, w13, w2, grad_rows, torch.compile(dense_swiglu))
             compiled = copy.deepcopy(layer)
