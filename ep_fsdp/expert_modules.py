@@ -142,9 +142,8 @@ class ExpertParallelExperts(nn.Module):
             # layer (and the fastest path; no regrouping around it).
             with _local_parameters(self):
                 out = self._ep_base_forward(hidden_states, top_k_index, top_k_weights)
-            if self.training and not in_backward():
-                slots = expert_counts(top_k_index, self.ep_num_experts)
-                self.routing.add_forward(slots, slots, 0)
+            if self.training:
+                self._record_forward(top_k_index, expert_counts(top_k_index, self.ep_num_experts), 0)
             return out
         weights = top_k_weights.float()  # NOTE: the dispatcher combines in float32 and casts back
         out, moved = self.dispatcher.run(

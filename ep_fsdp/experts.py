@@ -41,9 +41,10 @@ def _grouped_mm_op(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor) -> torc
 
     NOTE: torch 2.13's fake kernel of ``_grouped_mm`` on CPU accepts only bf16 while the eager
     kernel also runs float32 and float16, so ``torch.compile`` of a float32 layer failed. Behind
-    this operator compile sees the fake kernel below (any dtype) and calls the eager kernel.
+    this operator compile sees the fake kernel below (any dtype) and calls the eager kernel. The
+    output is made contiguous, as the fake kernel says (CUDA pads the last dim's stride to 16 bytes).
     """
-    return torch._grouped_mm(a, b, offs=offs)
+    return torch._grouped_mm(a, b, offs=offs).contiguous()
 
 
 @_grouped_mm_op.register_fake

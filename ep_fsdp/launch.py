@@ -12,7 +12,8 @@ import torch.distributed as dist
 __all__ = ["init_distributed", "exit_process", "is_peer_failure"]
 
 # What gloo and NCCL say when a peer stopped participating: a timeout, or a connection it closed.
-_PEER_FAILURE_MARKERS = ("timed out", "timeout", "pair closure", "connection reset", "connection closed")
+_PEER_FAILURE_MARKERS = ("timed out", "application timeout", "operation timeout", "pair closure",
+                         "connection reset", "connection closed")
 
 
 def init_distributed(timeout: datetime.timedelta = datetime.timedelta(minutes=5)) -> torch.device:
@@ -84,9 +85,9 @@ def is_peer_failure(error: BaseException) -> bool:
         if id(e) in seen:
             continue
         seen.add(id(e))
-        if isinstance(e, dist.DistBackendError) and "timeout" in type(e).__name__.lower():
-            return True
-        if any(m in str(e).lower() for m in _PEER_FAILURE_MARKERS):
+        # NOTE: a bad argument (ValueError, TypeError) is never a peer's failure, whatever it says
+        # (e.g. "parallel.timeout_s must be > 0")
+        if not isinstance(e, (ValueError, TypeError)) and any(m in str(e).lower() for m in _PEER_FAILURE_MARKERS):
             return True
         stack += [c for c in (e.__cause__, e.__context__) if c is not None]
         failures = getattr(e, "failures", None)  # DCP's CheckpointException: {rank: exception}

@@ -119,6 +119,11 @@ class ParallelFields:
             raise ValueError(f"parallel.ep must be >= 1 and parallel.dp_shard >= 0, got {self.ep}, {self.dp_shard}.")
         if not self.timeout_s > 0:
             raise ValueError(f"parallel.timeout_s must be > 0 seconds, got {self.timeout_s!r}; e.g. 300.")
+        if self.dispatch_chunks < 1:
+            raise ValueError(
+                f"parallel.dispatch_chunks must be >= 1, got {self.dispatch_chunks}; 1 is one exchange per layer, "
+                "2-4 stream it."
+            )
         if self.dispatch_dtype not in WIRE_DTYPE_NAMES:
             raise ValueError(
                 f"parallel.dispatch_dtype must be one of {WIRE_DTYPE_NAMES}, got {self.dispatch_dtype!r}; "

@@ -35,6 +35,7 @@ def test_overrides_are_typed():
         ("train.mixed_precision=fp8", "train.mixed_precision must be 'none' or 'bf16', got 'fp8'"),
         ("train.seq_len=100000", "train.seq_len=100000 exceeds model.max_seq_len"),
         ("train.steps", "--set expects table.key=value"),
+        ("parallel.dispatch_chunks=0", r"parallel.dispatch_chunks must be >= 1, got 0"),
         ("parallel.dispatch_dtype=int8", r"parallel.dispatch_dtype must be one of \('', 'float32', 'bfloat16', "
                                           r"'float16'\), got 'int8'"),
     ],

@@ -141,4 +141,5 @@ def test_peer_failures_are_recognised_in_every_form_gloo_and_dcp_give_them():
     assert is_peer_failure(wrapped)
     assert is_peer_failure(CheckpointException("save", {1: (gloo_timeout, None)}))
     assert not is_peer_failure(RuntimeError("mat1 and mat2 shapes cannot be multiplied"))
+    assert not is_peer_failure(ValueError("parallel.timeout_s must be > 0 seconds, got 0; e.g. 300."))
     assert not is_peer_failure(CheckpointException("load", {0: (ValueError("size mismatch"), None)}))

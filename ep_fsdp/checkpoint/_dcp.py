@@ -110,6 +110,7 @@ def _if_any_failed(obj: Any, failed: bool, collective: bool = True) -> list[Any]
 
 
 def _error_text(error: BaseException | None) -> str | None:
+    """The text a rank shares about its failure (None: it did not fail)."""
     return None if error is None else f"{type(error).__name__}: {error}"
 
 
@@ -483,19 +484,19 @@ def _checked_extra(path: Path, meta: dict[str, Any], files: MappedFiles,
     if not problems and extra_file.is_file():
         try:
             extra = load_extra(extra_file)
-        except UnsafeCheckpointError as e:
-            refusal = e
-    verdicts = _if_any_failed((problems, None if refusal is None else str(refusal)),
+        except Exception as e:  # noqa: BLE001 - refused, unreadable or undecodable: shared below
+            refusal = e  # NOTE: raised on every rank, or the others would wait in the next collective
+    verdicts = _if_any_failed((problems, None if refusal is None else f"{type(refusal).__name__}: {refusal}"),
                               bool(problems) or refusal is not None)
     if verdicts is None:
         return extra
     _raise_damaged(path, "load", [p for ps, _ in verdicts for p in ps])
-    if refusal is not None:
+    if isinstance(refusal, (UnsafeCheckpointError, CheckpointLoadError)):  # raised as themselves
         raise refusal
     refused = {r: msg for r, (_, msg) in enumerate(verdicts) if msg is not None}
     if refused:
-        detail = "; ".join(f"rank {r}: UnsafeCheckpointError: {m}" for r, m in sorted(refused.items()))
-        raise CheckpointLoadError(f"load failed on rank(s) {sorted(refused)}: {detail}")
+        detail = "; ".join(f"rank {r}: {m}" for r, m in sorted(refused.items()))
+        raise CheckpointLoadError(f"load failed on rank(s) {sorted(refused)}: {detail}") from refusal
     return extra
 
 

@@ -194,7 +194,7 @@ def _decode(archive: memoryview, source: str, in_place: bool = True) -> tuple[to
     except Exception as e:  # noqa: BLE001 - a malformed archive, whatever torch raises for it
         raise CheckpointLoadError(
             f"{source}: a stored tensor could not be decoded ({type(e).__name__}: {e}); the file is not what DCP "
-            "wrote (its CRC32 matched, so it was written that way). Use another checkpoint."
+            "writes (damaged, or written so). Use another checkpoint."
         ) from None
 
 

@@ -55,9 +55,10 @@ class CheckpointLoadError(RuntimeError):
 
 
 class CheckpointCorruptError(CheckpointLoadError, ValueError):
-    """A checkpoint file is missing, has the wrong size or fails its CRC32 check. Raised before
-    anything from the checkpoint reaches the model. Also a ``ValueError`` (what these checks raised
-    before they became a :class:`CheckpointLoadError`)."""
+    """A checkpoint file is missing, has the wrong size or fails its CRC32 check, on every rank.
+    Sizes are checked before anything from the checkpoint reaches the model; CRC32s during the copy
+    (so the model may be partly overwritten) unless ``load(..., verify_first=True)``. Also a
+    ``ValueError`` (what these checks raised before they became a :class:`CheckpointLoadError`)."""
 
 
 class _MetadataUnpickler(pickle._Unpickler):  # type: ignore[name-defined]

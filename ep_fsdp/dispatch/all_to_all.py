@@ -15,9 +15,9 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from ._comm import RowsInFlight, exchange_sizes, send_rows
+from ._comm import RowsInFlight, send_rows
 from ._ops import Segments, gather_rows, inverse_permutation
-from .base import DispatchHandle, DispatchResult, ExchangeDispatcher, check_handle, flat_tokens
+from .base import DispatchHandle, DispatchResult, ExchangeDispatcher, SizePlan, check_handle, flat_tokens
 from .local import SlotSort, combine_sorted, gather_sorted, sort_slots
 
 __all__ = ["AllToAllDispatcher", "regroup_by_expert"]
@@ -57,8 +57,8 @@ class _Issued:
 class AllToAllDispatcher(ExchangeDispatcher):
     """One row per (token, expert) to the expert's rank; results come back and are combined there."""
 
-    def _issue(self, tokens: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor,
-               keep: torch.Tensor | None) -> _Issued:
+    def _plan(self, tokens: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor,
+              keep: torch.Tensor | None) -> SizePlan:
         ep, G, E = self.placement.ep, self.num_local_experts, self.placement.num_experts
         shape = tuple(tokens.shape)
         tokens, expert_ids, weights = flat_tokens(tokens, expert_ids, weights)  # [T, D], [T, k], [T, k]
@@ -66,12 +66,16 @@ class AllToAllDispatcher(ExchangeDispatcher):
         if keep is not None:
             physical = physical.masked_fill(~keep.reshape(physical.shape), E)  # dropped: sorted last, never sent
         sort = sort_slots(physical, E)
-        wire = self.wire(tokens.dtype)
-        x_sorted = gather_sorted(tokens.to(wire), sort)  # [S, D], contiguous per destination rank
-        send = sort.counts.view(ep, G)  # [ep, G]
-        recv = exchange_sizes(send, self.group)  # [ep, G] rows from source s for my slot g
-        # NOTE: the one device-to-host synchronisation of the layer: all sizes in one copy.
-        host = torch.cat([send.sum(1), recv.sum(1), recv.sum(0)]).tolist()
+        x_sorted = gather_sorted(tokens.to(self.wire(tokens.dtype)), sort)  # [S, D], contiguous per destination
+        send = sort.counts.view(ep, G)  # [ep, G] rows for peer r's slot g
+        return SizePlan(send, {"shape": shape, "tokens": tokens, "weights": weights, "sort": sort, "x_sorted": x_sorted})
+
+    def _host_sizes(self, plan: SizePlan, recv: torch.Tensor) -> torch.Tensor:
+        return torch.cat([plan.sizes.sum(1), recv.sum(1), recv.sum(0)])  # [ep + ep + G]
+
+    def _send(self, plan: SizePlan, recv: torch.Tensor, host: list[int]) -> _Issued:
+        ep = self.placement.ep
+        shape, tokens, weights, sort, x_sorted = (plan.state[k] for k in ("shape", "tokens", "weights", "sort", "x_sorted"))
         input_splits, output_splits, counts_host = host[:ep], host[ep:2 * ep], host[2 * ep:]
         kept = sum(input_splits)
         received = send_rows(x_sorted[:kept], output_splits, input_splits, self.group, streamed=self.chunks > 1)

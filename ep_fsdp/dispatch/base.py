@@ -27,12 +27,13 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 import torch.distributed as dist
 
 from ..placement import ExpertPlacement
+from ._comm import exchange_sizes
 
 __all__ = [
     "TokenDispatcher", "ExchangeDispatcher", "DispatchResult", "DispatchHandle", "RunStats", "ExpertsFn",
@@ -62,6 +63,15 @@ class DispatchResult(NamedTuple):
     rows: torch.Tensor
     counts: torch.Tensor
     handle: DispatchHandle
+
+
+@dataclass
+class SizePlan:
+    """One call's local routing work, before the size exchange: ``sizes [ep, c]`` integers for
+    each peer (what the size exchange sends) and the implementation's own ``state``."""
+
+    sizes: torch.Tensor
+    state: dict[str, Any]
 
 
 class RunStats(NamedTuple):
@@ -127,9 +137,12 @@ class ExchangeDispatcher(TokenDispatcher):
     ``wire_dtype``: the dtype rows and their gradients travel in (default: the rows' own); they
     are cast back on arrival, and every sum still accumulates in float32.
 
-    Implementations split each direction in two: ``_issue`` (size exchange, index math, rows sent
-    asynchronously) and ``_arrive`` (wait, regroup by local slot); ``_send_back`` (the experts'
-    results sent asynchronously) and ``_merge`` (wait, weighted sum per token).
+    Implementations split the dispatch in three: ``_plan`` (local index math and the sizes for
+    each peer), ``_send`` (given the received sizes on the device and every size on the host: rows
+    sent asynchronously) and ``_arrive`` (wait, regroup by local slot); the size exchange and its
+    one host sync between ``_plan`` and ``_send`` are this class's, so a streamed exchange makes
+    one of each for all its chunks. The return is ``_send_back`` (the experts' results sent
+    asynchronously) and ``_merge`` (wait, weighted sum per token).
     """
 
     def __init__(
@@ -142,8 +155,8 @@ class ExchangeDispatcher(TokenDispatcher):
                 f"{type(self).__name__}: placement.ep={placement.ep} != size of the exchange group "
                 f"{dist.get_world_size(group)}; build the placement for the ep mesh dim."
             )
-        check_chunks(chunks, type(self).__name__)
-        check_wire_dtype(wire_dtype, type(self).__name__)
+        check_chunks(chunks, type(self).__name__, "chunks")
+        check_wire_dtype(wire_dtype, type(self).__name__, "wire_dtype")
         self.group = group
         self.chunks = chunks
         self.wire_dtype = wire_dtype
@@ -156,7 +169,10 @@ class ExchangeDispatcher(TokenDispatcher):
         self, tokens: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor, *,
         keep: torch.Tensor | None = None, in_flight: Callable[[], None] | None = None,
     ) -> DispatchResult:
-        pending = self._issue(tokens, expert_ids, weights, keep)
+        plan = self._plan(tokens, expert_ids, weights, keep)
+        recv = exchange_sizes(plan.sizes, self.group)  # [ep, c] from each peer
+        # NOTE: the one device-to-host synchronisation of the layer: all sizes in one copy.
+        pending = self._send(plan, recv, self._host_sizes(plan, recv).tolist())
         if in_flight is not None:
             in_flight()
         return self._arrive(pending)
@@ -169,7 +185,8 @@ class ExchangeDispatcher(TokenDispatcher):
         keep: torch.Tensor | None = None, in_flight: Callable[[], None] | None = None,
     ) -> tuple[torch.Tensor, RunStats]:
         """The streamed exchange: tokens split into ``chunks`` contiguous chunks (some may be
-        empty; every rank makes the same collectives). All chunks are issued first, so while
+        empty; every rank makes the same collectives). One size exchange and one host sync serve
+        every chunk, and all chunks' rows are sent first, so while
         chunk ``i``'s experts run, the rows of the chunks after it are on the wire, and chunk
         ``i``'s results go back while chunk ``i + 1`` computes. Each token's slots stay in one
         chunk, so every token's output is combined exactly as with one chunk; only the expert
@@ -181,9 +198,18 @@ class ExchangeDispatcher(TokenDispatcher):
         flat, ids, w = flat_tokens(tokens, expert_ids, weights)  # [T, D], [T, k], [T, k]
         parts = zip(flat.tensor_split(self.chunks), ids.tensor_split(self.chunks), w.tensor_split(self.chunks),
                     keep.reshape(ids.shape).tensor_split(self.chunks) if keep is not None else [None] * self.chunks)
-        issued = []
-        for i, (x_c, ids_c, w_c, keep_c) in enumerate(parts):
-            issued.append(self._issue(x_c, ids_c, w_c, keep_c))
+        plans = [self._plan(*part) for part in parts]
+        # NOTE: one size exchange and one host sync for all chunks, then every chunk's rows go out
+        # back to back (with a size exchange per chunk, NCCL would queue chunk i + 1's behind
+        # chunk i's rows on its stream, and the host would wait for each before sending the next).
+        width = plans[0].sizes.shape[1]
+        recvs = exchange_sizes(torch.cat([p.sizes for p in plans], dim=1), self.group).split(width, dim=1)
+        wanted = [self._host_sizes(p, r) for p, r in zip(plans, recvs)]
+        host = torch.cat(wanted).tolist()
+        issued, at = [], 0
+        for i, (plan, recv, w) in enumerate(zip(plans, recvs, wanted)):
+            issued.append(self._send(plan, recv, host[at:at + w.numel()]))
+            at += w.numel()
             if i == 0 and in_flight is not None:
                 in_flight()
         back = []
@@ -201,14 +227,23 @@ class ExchangeDispatcher(TokenDispatcher):
         return out, stats
 
     @abstractmethod
-    def _issue(self, tokens: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor,
-               keep: torch.Tensor | None) -> object:
-        """Exchange sizes, build the indices and send the rows (asynchronously); what
-        :meth:`_arrive` needs."""
+    def _plan(self, tokens: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor,
+              keep: torch.Tensor | None) -> SizePlan:
+        """The local index math of one call and the sizes each peer must know (no collective)."""
+
+    @abstractmethod
+    def _host_sizes(self, plan: SizePlan, recv: torch.Tensor) -> torch.Tensor:
+        """The integers :meth:`_send` needs on the host, 1-D, from the plan and ``recv [ep, c]``
+        (the sizes each peer sent)."""
+
+    @abstractmethod
+    def _send(self, plan: SizePlan, recv: torch.Tensor, host: list[int]) -> object:
+        """Send the rows (asynchronously); what :meth:`_arrive` needs. ``host``: the values of
+        :meth:`_host_sizes`."""
 
     @abstractmethod
     def _arrive(self, pending: object) -> DispatchResult:
-        """Wait for the rows of :meth:`_issue` and group them by local slot."""
+        """Wait for the rows of :meth:`_send` and group them by local slot."""
 
     @abstractmethod
     def _send_back(self, expert_out: torch.Tensor, handle: DispatchHandle) -> object:
@@ -219,20 +254,21 @@ class ExchangeDispatcher(TokenDispatcher):
         """Wait for the results and sum each token's, ``[..., D]`` like the dispatched tokens."""
 
 
-def check_chunks(chunks: object, api: str) -> None:
-    """Raise unless ``chunks`` is a positive int."""
+def check_chunks(chunks: object, api: str, name: str = "dispatch_chunks") -> None:
+    """Raise unless ``chunks`` (the argument ``name`` of ``api``) is a positive int."""
     if not isinstance(chunks, int) or isinstance(chunks, bool) or chunks < 1:
         raise ValueError(
-            f"{api}: dispatch_chunks must be an int >= 1, got {chunks!r}; use 1 for one exchange per "
+            f"{api}: {name} must be an int >= 1, got {chunks!r}; use 1 for one exchange per "
             "layer, or 2-4 to overlap the token exchange with the experts' compute."
         )
 
 
-def check_wire_dtype(dtype: object, api: str) -> None:
-    """Raise unless ``dtype`` is None or a floating dtype the exchange can carry."""
+def check_wire_dtype(dtype: object, api: str, name: str = "dispatch_dtype") -> None:
+    """Raise unless ``dtype`` (the argument ``name`` of ``api``) is None or a floating dtype the
+    exchange can carry."""
     if dtype is not None and dtype not in WIRE_DTYPES:
         raise ValueError(
-            f"{api}: dispatch_dtype must be None or one of {list(WIRE_DTYPES)}, got {dtype!r}; "
+            f"{api}: {name} must be None or one of {list(WIRE_DTYPES)}, got {dtype!r}; "
             "use torch.bfloat16 to send activations and their gradients in half the bytes."
         )
 

@@ -22,9 +22,9 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from ._comm import RowsInFlight, exchange_records, exchange_sizes, send_rows
+from ._comm import RowsInFlight, exchange_records, send_rows
 from ._ops import Segments, expert_counts, gather_rows, inverse_permutation, weighted_segment_sum
-from .base import DispatchHandle, DispatchResult, ExchangeDispatcher, check_handle, flat_tokens
+from .base import DispatchHandle, DispatchResult, ExchangeDispatcher, SizePlan, check_handle, flat_tokens
 
 __all__ = ["DedupAllToAllDispatcher"]
 
@@ -57,8 +57,8 @@ class _Issued:
 class DedupAllToAllDispatcher(ExchangeDispatcher):
     """One row per (token, destination rank); gate weights applied on the expert's rank."""
 
-    def _issue(self, tokens: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor,
-               keep: torch.Tensor | None) -> _Issued:
+    def _plan(self, tokens: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor,
+              keep: torch.Tensor | None) -> SizePlan:
         ep, G = self.placement.ep, self.num_local_experts
         shape = tuple(tokens.shape)
         tokens, expert_ids, weights = flat_tokens(tokens, expert_ids, weights)  # [T, D], [T, k], [T, k]
@@ -73,17 +73,29 @@ class DedupAllToAllDispatcher(ExchangeDispatcher):
         s_dest, s_token = dest[order], token[order]  # [S]
         first = torch.ones_like(s_dest, dtype=torch.bool)  # [S] first slot of a (dest, token) pair
         first[1:] = (s_dest[1:] != s_dest[:-1]) | (s_token[1:] != s_token[:-1])
-        row_of_sorted = torch.cumsum(first, 0) - 1  # [S] unique row (destination-major)
         rows_send = torch.zeros(ep + 1, dtype=torch.long, device=device).scatter_add_(0, s_dest, first.long())[:ep]
         slots_send = expert_counts(dest * G + slot, (ep + 1) * G)[:ep * G].view(ep, G)  # [ep, G]
-        recv = exchange_sizes(torch.cat([rows_send.unsqueeze(1), slots_send], dim=1), self.group)  # [ep, 1+G]
+        state = {"shape": shape, "tokens": tokens, "weights": weights, "slot": slot, "order": order, "s_dest": s_dest,
+                 "s_token": s_token, "first": first, "rows_send": rows_send, "slots_send": slots_send}
+        return SizePlan(torch.cat([rows_send.unsqueeze(1), slots_send], dim=1), state)  # [ep, 1 + G]
+
+    def _host_sizes(self, plan: SizePlan, recv: torch.Tensor) -> torch.Tensor:
+        rows_send, slots_send = plan.state["rows_send"], plan.state["slots_send"]
+        rows_recv, slots_recv = recv[:, 0], recv[:, 1:]  # [ep], [ep, G]
+        return torch.cat([rows_send, slots_send.sum(1), rows_recv, slots_recv.sum(1), slots_recv.sum(0)])
+
+    def _send(self, plan: SizePlan, recv: torch.Tensor, host: list[int]) -> _Issued:
+        ep = self.placement.ep
+        st = plan.state
+        shape, tokens, weights, slot, order = st["shape"], st["tokens"], st["weights"], st["slot"], st["order"]
+        s_dest, s_token, first, rows_send = st["s_dest"], st["s_token"], st["first"], st["rows_send"]
+        T, k = weights.shape
         rows_recv_dev, slots_recv_dev = recv[:, 0], recv[:, 1:]  # [ep], [ep, G]
-        # NOTE: the one device-to-host synchronisation of the layer: all sizes in one copy.
-        host = torch.cat([rows_send, slots_send.sum(1), rows_recv_dev, slots_recv_dev.sum(1), slots_recv_dev.sum(0)]).tolist()
         rs, ss, rr, sr, counts_host = (host[:ep], host[ep:2 * ep], host[2 * ep:3 * ep], host[3 * ep:4 * ep], host[4 * ep:])
         U, R, Sk = sum(rs), sum(rr), sum(ss)  # Sk: slots kept (sent), the first Sk sorted
 
         # sender: one row per (token, destination), rows ordered (destination, token)
+        row_of_sorted = torch.cumsum(first, 0) - 1  # [S] unique row (destination-major)
         first_pos = torch.argsort((~first).to(torch.int8), stable=True)[:U]  # [U] sorted slot starting each row
         unique_token = s_token[first_pos]  # [U]
         tok_order = torch.argsort(unique_token, stable=True)  # [U] rows grouped by token

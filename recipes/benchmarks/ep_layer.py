@@ -3,9 +3,10 @@
     torchrun --nproc-per-node 2 recipes/benchmarks/ep_layer.py            # gloo on CPU, NCCL on GPU
     torchrun --nproc-per-node 4 recipes/benchmarks/ep_layer.py --tokens 2048
 
-Every rank feeds ``--tokens`` tokens to one ``ep_fsdp.MoE`` (D=256 H=512 E=8 k=2 by default)
-parallelized with ``ep = world`` (so each rank holds ``E / ep`` experts). Routing is uniform, so
-each rank's experts get ``tokens * k`` rows, as many as it sends.
+Every rank feeds ``--tokens`` random tokens to one ``ep_fsdp.MoE`` (D=256 H=512 E=8 k=2 by
+default) parallelized with ``ep = world`` (so each rank holds ``E / ep`` experts). The router is
+randomly initialised, so routing is roughly even: each rank's experts get about ``tokens * k`` rows,
+some ranks a few percent more than others (the slowest rank sets each step's time, as in training).
 
 The reference (``no exchange``) is the same per-rank work with nothing on the wire: an
 unparallelized ``ep_fsdp.MoE`` with the ``E / ep`` local experts, the same tokens and top-k,
@@ -39,6 +40,8 @@ _COMM_EVENTS = ("wait_tensor", "all_to_all", "allreduce", "all_reduce", "alltoal
 
 
 class OneLayer(nn.Module):
+    """One MoE layer as the one block of a model (``parallelize_moe`` shards ``layers`` elements)."""
+
     def __init__(self, cfg: ep_fsdp.MoEConfig) -> None:
         super().__init__()
         self.layers = nn.ModuleList([ep_fsdp.MoE(cfg)])
@@ -48,6 +51,7 @@ class OneLayer(nn.Module):
 
 
 def step_fn(model: nn.Module, x: torch.Tensor, grad: torch.Tensor, sync: Callable[[], None]) -> Callable[[], None]:
+    """One forward+backward of ``model`` on ``x``, ending with ``sync`` (the device's)."""
     def step() -> None:
         model.zero_grad(set_to_none=True)
         model(x).backward(grad)
@@ -57,6 +61,7 @@ def step_fn(model: nn.Module, x: torch.Tensor, grad: torch.Tensor, sync: Callabl
 
 
 def slowest(seconds: float, device: torch.device) -> float:
+    """The largest of every rank's ``seconds``."""
     t = torch.tensor([seconds], device=device)
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return float(t)
@@ -76,6 +81,7 @@ def comm_share(fn: Callable[[], None], steps: int) -> float:
 
 
 def main() -> None:
+    """Time every row on every rank; rank 0 prints the table."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--dim", type=int, default=256)
     p.add_argument("--hidden-dim", type=int, default=512)

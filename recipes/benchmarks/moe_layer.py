@@ -112,6 +112,7 @@ def parallelized_world1(module: nn.Module) -> nn.Module:
 
 
 def dense_swiglu(rows: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:
+    """The floor: one dense SwiGLU, gate and up fused, ``[T*k, D] -> [T*k, D]``."""
     gate, up = F.linear(rows, w13).chunk(2, dim=-1)  # [T*k, H] each
     return F.linear(F.silu(gate) * up, w2)  # [T*k, D]
 
