@@ -169,13 +169,29 @@ class ExchangeDispatcher(TokenDispatcher):
         self, tokens: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor, *,
         keep: torch.Tensor | None = None, in_flight: Callable[[], None] | None = None,
     ) -> DispatchResult:
-        plan = self._plan(tokens, expert_ids, weights, keep)
-        recv = exchange_sizes(plan.sizes, self.group)  # [ep, c] from each peer
-        # NOTE: the one device-to-host synchronisation of the layer: all sizes in one copy.
-        pending = self._send(plan, recv, self._host_sizes(plan, recv).tolist())
-        if in_flight is not None:
-            in_flight()
+        (pending,) = self._send_all([self._plan(tokens, expert_ids, weights, keep)], in_flight)
         return self._arrive(pending)
+
+    def _send_all(self, plans: list[SizePlan], in_flight: Callable[[], None] | None) -> list[object]:
+        """Exchange the sizes of every plan in one collective, bring every size the sends need to
+        the host in one copy, and send each plan's rows; ``in_flight()`` runs once the first
+        plan's rows are on the wire.
+
+        NOTE: the one device-to-host synchronisation of the layer, also for a streamed exchange:
+        with a size exchange per chunk, NCCL would queue chunk i + 1's sizes behind chunk i's rows
+        on its stream, and the host would wait for each chunk before sending the next.
+        """
+        width = plans[0].sizes.shape[1]
+        recvs = exchange_sizes(torch.cat([p.sizes for p in plans], dim=1), self.group).split(width, dim=1)  # [ep, c] each
+        wanted = [self._host_sizes(p, r) for p, r in zip(plans, recvs)]
+        host = torch.cat(wanted).tolist()
+        issued, at = [], 0
+        for plan, recv, sizes in zip(plans, recvs, wanted):
+            issued.append(self._send(plan, recv, host[at:at + sizes.numel()]))
+            at += sizes.numel()
+            if len(issued) == 1 and in_flight is not None:
+                in_flight()
+        return issued
 
     def combine(self, expert_out: torch.Tensor, handle: DispatchHandle) -> torch.Tensor:
         return self._merge(self._send_back(expert_out, handle), handle)
@@ -198,20 +214,7 @@ class ExchangeDispatcher(TokenDispatcher):
         flat, ids, w = flat_tokens(tokens, expert_ids, weights)  # [T, D], [T, k], [T, k]
         parts = zip(flat.tensor_split(self.chunks), ids.tensor_split(self.chunks), w.tensor_split(self.chunks),
                     keep.reshape(ids.shape).tensor_split(self.chunks) if keep is not None else [None] * self.chunks)
-        plans = [self._plan(*part) for part in parts]
-        # NOTE: one size exchange and one host sync for all chunks, then every chunk's rows go out
-        # back to back (with a size exchange per chunk, NCCL would queue chunk i + 1's behind
-        # chunk i's rows on its stream, and the host would wait for each before sending the next).
-        width = plans[0].sizes.shape[1]
-        recvs = exchange_sizes(torch.cat([p.sizes for p in plans], dim=1), self.group).split(width, dim=1)
-        wanted = [self._host_sizes(p, r) for p, r in zip(plans, recvs)]
-        host = torch.cat(wanted).tolist()
-        issued, at = [], 0
-        for i, (plan, recv, w) in enumerate(zip(plans, recvs, wanted)):
-            issued.append(self._send(plan, recv, host[at:at + w.numel()]))
-            at += w.numel()
-            if i == 0 and in_flight is not None:
-                in_flight()
+        issued = self._send_all([self._plan(*part) for part in parts], in_flight)
         back = []
         for pending in issued:  # NOTE: chunk i computes while chunks > i are still arriving
             rows, counts, handle = self._arrive(pending)

@@ -33,21 +33,11 @@ import torch.nn as nn
 from torch.profiler import ProfilerActivity, profile
 
 import ep_fsdp
+from bench_util import OneBlock, add_layer_args
 from ep_fsdp.launch import exit_process
 
 # Profiler events in which a rank waits for (or performs, when blocking) a collective.
 _COMM_EVENTS = ("wait_tensor", "all_to_all", "allreduce", "all_reduce", "alltoall", "barrier", "c10d::")
-
-
-class OneLayer(nn.Module):
-    """One MoE layer as the one block of a model (``parallelize_moe`` shards ``layers`` elements)."""
-
-    def __init__(self, cfg: ep_fsdp.MoEConfig) -> None:
-        super().__init__()
-        self.layers = nn.ModuleList([ep_fsdp.MoE(cfg)])
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.layers[0](x)
 
 
 def step_fn(model: nn.Module, x: torch.Tensor, grad: torch.Tensor, sync: Callable[[], None]) -> Callable[[], None]:
@@ -83,13 +73,7 @@ def comm_share(fn: Callable[[], None], steps: int) -> float:
 def main() -> None:
     """Time every row on every rank; rank 0 prints the table."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--dim", type=int, default=256)
-    p.add_argument("--hidden-dim", type=int, default=512)
-    p.add_argument("--experts", type=int, default=8)
-    p.add_argument("--top-k", type=int, default=2)
-    p.add_argument("--tokens", type=int, default=4096, help="per rank")
-    p.add_argument("--repeats", type=int, default=9)
-    p.add_argument("--warmup", type=int, default=2)
+    add_layer_args(p, tokens_help="per rank")
     p.add_argument("--threads", type=int, default=1, help="torch threads per rank (CPU)")
     p.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"])
     args = p.parse_args()
@@ -113,7 +97,7 @@ def main() -> None:
         cfg = ep_fsdp.MoEConfig(dim=D, hidden_dim=H, num_experts=E, top_k=k)
         local_cfg = ep_fsdp.MoEConfig(dim=D, hidden_dim=H, num_experts=E // world, top_k=k)
         torch.manual_seed(0)
-        reference = OneLayer(local_cfg).to(device=device, dtype=dtype)
+        reference = OneBlock(ep_fsdp.MoE(local_cfg)).to(device=device, dtype=dtype)
         variants: dict[str, dict] = {"EP, 1 chunk": {}, "EP, 2 chunks": {"dispatch_chunks": 2},
                                      "EP, 4 chunks": {"dispatch_chunks": 4}}
         if dtype == torch.float32:
@@ -122,7 +106,7 @@ def main() -> None:
         models = {}
         for key, options in variants.items():
             torch.manual_seed(0)
-            model = OneLayer(cfg).to(device=device, dtype=dtype)
+            model = OneBlock(ep_fsdp.MoE(cfg)).to(device=device, dtype=dtype)
             ep_fsdp.parallelize_moe(model, mesh, **options)
             models[key] = model
         g = torch.Generator(device=device).manual_seed(rank)

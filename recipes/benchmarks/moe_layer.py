@@ -34,6 +34,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import ep_fsdp
+from bench_util import OneBlock, add_layer_args
 from ep_fsdp import MoE, MoEConfig
 
 
@@ -91,22 +92,13 @@ def qwen3_moe_block(D: int, H: int, E: int, k: int) -> nn.Module:
     return block
 
 
-class _Holder(nn.Module):
-    def __init__(self, module: nn.Module) -> None:
-        super().__init__()
-        self.layers = nn.ModuleList([module])
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.layers[0](x)
-
-
 def parallelized_world1(module: nn.Module) -> nn.Module:
     """``module`` as the one block of a model parallelized by ep_fsdp on a 1-rank mesh."""
     if not dist.is_initialized():
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
         os.environ.setdefault("MASTER_PORT", "29591")
         dist.init_process_group("gloo", rank=0, world_size=1)
-    holder = _Holder(module)
+    holder = OneBlock(module)
     ep_fsdp.parallelize_moe(holder, ep_fsdp.build_mesh(ep=1, device_type="cpu"))
     return holder
 
@@ -128,13 +120,7 @@ def dense_step(rows: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, grad: to
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--dim", type=int, default=256)
-    p.add_argument("--hidden-dim", type=int, default=512)
-    p.add_argument("--experts", type=int, default=8)
-    p.add_argument("--top-k", type=int, default=2)
-    p.add_argument("--tokens", type=int, default=4096)
-    p.add_argument("--repeats", type=int, default=9)
-    p.add_argument("--warmup", type=int, default=2)
+    add_layer_args(p)
     p.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"])
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True,

@@ -23,16 +23,8 @@ import torch.distributed as dist
 import torch.nn as nn
 
 import ep_fsdp
+from bench_util import OneBlock
 from ep_fsdp.launch import exit_process
-
-
-class OneLayer(nn.Module):
-    def __init__(self, cfg: ep_fsdp.MoEConfig) -> None:
-        super().__init__()
-        self.layers = nn.ModuleList([ep_fsdp.MoE(cfg)])
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.layers[0](x)
 
 
 def steps(model: nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, grad: torch.Tensor, n: int) -> list[float]:
@@ -58,7 +50,7 @@ def main() -> None:
     rank, world = dist.get_rank(), dist.get_world_size()
     D, H, E = 256, 512, 8
     torch.manual_seed(0)
-    model = OneLayer(ep_fsdp.MoEConfig(dim=D, hidden_dim=H, num_experts=E, top_k=2, expert_bias=True))
+    model = OneBlock(ep_fsdp.MoE(ep_fsdp.MoEConfig(dim=D, hidden_dim=H, num_experts=E, top_k=2, expert_bias=True)))
     with torch.no_grad():  # skew: experts 0-3 (ep ranks 0 and 1 at ep=4) win every selection
         model.layers[0].router.expert_bias[: E // 2] = 10.0
     ep_fsdp.parallelize_moe(model, ep_fsdp.build_mesh(ep=world, device_type="cpu"))

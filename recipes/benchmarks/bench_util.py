@@ -1,0 +1,31 @@
+"""What the layer benchmarks share: a one-block model and the layer-shape arguments."""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+import torch.nn as nn
+
+
+class OneBlock(nn.Module):
+    """``module`` as the one block of a model (``parallelize_moe`` shards ``layers`` elements)."""
+
+    def __init__(self, module: nn.Module) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList([module])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.layers[0](x)
+
+
+def add_layer_args(p: argparse.ArgumentParser, *, tokens_help: str | None = None) -> None:
+    """``--dim --hidden-dim --experts --top-k --tokens --repeats --warmup`` with the benchmarks'
+    defaults (D=256 H=512 E=8 k=2, 4096 tokens, 9 timed repeats after 2 warm-up ones)."""
+    p.add_argument("--dim", type=int, default=256)
+    p.add_argument("--hidden-dim", type=int, default=512)
+    p.add_argument("--experts", type=int, default=8)
+    p.add_argument("--top-k", type=int, default=2)
+    p.add_argument("--tokens", type=int, default=4096, help=tokens_help)
+    p.add_argument("--repeats", type=int, default=9)
+    p.add_argument("--warmup", type=int, default=2)
