@@ -167,25 +167,28 @@ class _WeightedSegmentSum(torch.autograd.Function):
         acc = accumulation_dtype(y.dtype)
         N, D = y.shape
         grad = grad.reshape(-1, D).to(acc)  # [R, D]
+        want_w = ctx.has_weights and ctx.needs_input_grad[1]
+        if not (want_w or ctx.needs_input_grad[0]):
+            return None, None, None, None, None, None, None
         position_segment = seg.expand(torch.arange(seg.num, device=grad.device), N)  # [N] segment of each position
+        row_segment = position_segment.index_select(0, inverse)  # [N] segment of each row of y
+        # NOTE: row i of y sits at position inverse[i]; one gather gives every row its segment's
+        # gradient, shared by both results below
+        row_grad = grad.index_select(0, row_segment)  # [N, D] in y's row order
         grad_w = None
-        if ctx.has_weights and ctx.needs_input_grad[1]:
-            y_seg = y.index_select(0, order).to(acc)  # [N, D] in segment order
-            if seg.uniform is not None:  # NOTE: a batched mat-vec, no [N, D] product temporary
-                grad_w = torch.bmm(y_seg.view(seg.num, seg.uniform, D), grad.unsqueeze(2)).reshape(-1)  # [N]
-            else:
-                grad_w = torch.linalg.vecdot(y_seg, grad.index_select(0, position_segment))  # [N]
-            grad_w = grad_w.to(weights.dtype)
-            del y_seg
+        if want_w:
+            # N dot products as one batched mat-vec (no [N, D] product temporary), in y's row
+            # order, then moved to position order
+            per_row = torch.bmm(row_grad.unsqueeze(1), y.to(acc).unsqueeze(2)).view(N)  # [N]
+            grad_w = per_row.index_select(0, order).to(weights.dtype)  # [N] in segment order
         grad_y = None
         if ctx.needs_input_grad[0]:
-            # row i of y sits at position inverse[i]: its gradient is that position's weight times
-            # its segment's gradient (one gather-and-scale pass, bags of one row)
-            row_segment = position_segment.index_select(0, inverse)  # [N]
-            row_weight = weights.index_select(0, inverse).to(acc) if ctx.has_weights else None  # [N]
-            grad_y = torch.nn.functional.embedding_bag(
-                row_segment, grad, torch.arange(N, device=grad.device), mode="sum", per_sample_weights=row_weight
-            ).to(ctx.y_dtype)  # [N, D] in y's order
+            if ctx.has_weights:
+                row_weight = weights.index_select(0, inverse).to(acc).unsqueeze(1)  # [N, 1]
+                # computed in the accumulation dtype, written in y's (one pass, no cast copy)
+                grad_y = torch.mul(row_grad, row_weight, out=row_grad.new_empty((N, D), dtype=ctx.y_dtype))
+            else:
+                grad_y = row_grad.to(ctx.y_dtype)  # [N, D]
         return grad_y, grad_w, None, None, None, None, None
 
 

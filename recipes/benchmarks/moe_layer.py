@@ -67,6 +67,26 @@ def fresh_routing_step(layer: MoE, xs: list[torch.Tensor], grad: torch.Tensor) -
     return step
 
 
+def experts_step(layer: MoE, x: torch.Tensor) -> Callable[[], None]:
+    """The layer's experts alone (grouped matmuls and SwiGLU, forward+backward) on ``x``'s routed
+    rows already sorted by expert, with the layer's own per-expert row counts: what any layer
+    built on per-expert matmuls pays, with no routing, permutation or combine."""
+    with torch.no_grad():
+        ids = layer.router(x.reshape(-1, x.shape[-1])).expert_ids  # [T, k]
+    order = ids.reshape(-1).argsort(stable=True)  # [S] slots sorted by expert
+    rows = x.detach()[order // ids.shape[1]].requires_grad_()  # [S, D]
+    counts = torch.bincount(ids.reshape(-1), minlength=layer.config.num_experts)  # [E]
+    counts_host = counts.tolist()
+    grad = torch.randn_like(rows)
+
+    def step() -> None:
+        rows.grad = None
+        layer.experts.zero_grad(set_to_none=True)
+        layer.experts(rows, counts, counts_host).backward(grad)
+
+    return step
+
+
 def block_step(block: nn.Module, x: torch.Tensor, grad: torch.Tensor) -> Callable[[], None]:
     """A module of ``[1, T, D] -> [1, T, D]`` (a transformers sparse MoE block)."""
     def step() -> None:
@@ -145,7 +165,8 @@ def main() -> None:
         w13 = torch.randn(2 * H, D, device=device, dtype=dtype, requires_grad=True)
         w2 = torch.randn(D, H, device=device, dtype=dtype, requires_grad=True)
         grad_rows = torch.randn(T * k, D, device=device, dtype=dtype)
-        candidates = {"dense floor": dense_step(rows, w13, w2, grad_rows), "ep_fsdp.MoE": moe_step(layer, x, grad)}
+        candidates = {"dense floor": dense_step(rows, w13, w2, grad_rows), "ep_fsdp.MoE": moe_step(layer, x, grad),
+                      "  its experts alone": experts_step(layer, x)}
         xs = [torch.randn(T, D, device=device, dtype=dtype, requires_grad=True) for _ in range(args.warmup + args.repeats)]
         candidates["ep_fsdp.MoE, new routing each step"] = fresh_routing_step(layer, xs, grad)
         if args.compile:
@@ -168,6 +189,8 @@ def main() -> None:
         ms = {key: statistics.median(v) * 1e3 for key, v in times.items()}
         for key, value in ms.items():
             print(f"{name:<10}{key:<34}{value:>9.2f}{value / ms['dense floor']:>8.2f}x")
+        share = (ms["ep_fsdp.MoE"] - ms["  its experts alone"]) / ms["dense floor"]
+        print(f"{name:<10}{'dispatch (MoE - experts) / floor':<34}{'':>9}{share:>8.2f}x")
         if args.compile:
             ratio = ms["ep_fsdp.MoE compiled"] / ms["dense floor compiled"]
             print(f"{name:<10}{'compiled MoE / compiled floor':<34}{'':>9}{ratio:>8.2f}x")
