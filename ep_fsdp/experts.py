@@ -115,22 +115,63 @@ def _grouped_weight_grad(
     return grad_w
 
 
+# Bytes of one [rows, H] block of the SwiGLU's operands on CPU (see ``_SwiGLU``).
+_SWIGLU_BLOCK_BYTES = 1 << 20
+
+
+def _row_blocks(x: torch.Tensor) -> list[tuple[int, int]]:
+    """``[start, end)`` row ranges of ``x [N, H]`` for the SwiGLU's passes: blocks of about
+    ``_SWIGLU_BLOCK_BYTES`` on CPU in eager mode, else one range (GPU, or under ``torch.compile``,
+    which fuses the passes itself)."""
+    N = x.shape[0]
+    if x.device.type != "cpu" or torch.compiler.is_compiling() or N == 0:
+        return [(0, N)]
+    rows = max(1, _SWIGLU_BLOCK_BYTES // max(1, x.shape[1] * x.element_size()))
+    return [(s, min(s + rows, N)) for s in range(0, N, rows)]
+
+
 class _SwiGLU(torch.autograd.Function):
     """``silu(gate) * up`` that saves only its two inputs (the pre-activations) for the backward.
 
     NOTE: autograd would also keep ``silu(gate)``, one more ``[N, H]`` tensor per layer.
+    NOTE: on CPU each pass runs over blocks of rows (about 1 MiB per operand) so that the
+    intermediates (``silu(gate)``, ``grad * up``) are still in cache when the next pass reads
+    them: a whole ``[N, H]`` intermediate would be written to memory and read back (measured: the
+    MoE layer's forward+backward ~9% faster at H=512, bf16 and float32). The results are those of
+    one pass up to one ulp where a block boundary moves silu's scalar tail.
     """
 
     @staticmethod
     def forward(ctx: Any, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
         ctx.save_for_backward(gate, up)
-        return F.silu(gate) * up  # [N, H]
+        blocks = _row_blocks(gate)
+        if len(blocks) == 1:
+            return F.silu(gate) * up  # [N, H]
+        out = torch.empty_like(gate)  # [N, H]
+        act = gate.new_empty((blocks[0][1], gate.shape[1]))  # [rows, H] reused by every block
+        for s, e in blocks:
+            a = act[: e - s]
+            torch.ops.aten.silu.out(gate[s:e], out=a)
+            torch.mul(a, up[s:e], out=out[s:e])
+        return out
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         gate, up = ctx.saved_tensors
-        grad_up = grad * F.silu(gate)  # [N, H] (silu recomputed: one pass instead of a saved tensor)
-        grad_gate = torch.ops.aten.silu_backward(grad * up, gate)  # [N, H], fused d silu / d gate
+        blocks = _row_blocks(gate)
+        if len(blocks) == 1:
+            grad_up = grad * F.silu(gate)  # [N, H] (silu recomputed: one pass instead of a saved tensor)
+            grad_gate = torch.ops.aten.silu_backward(grad * up, gate)  # [N, H], fused d silu / d gate
+            return grad_gate, grad_up
+        grad = grad.contiguous()
+        grad_gate, grad_up = torch.empty_like(gate), torch.empty_like(up)  # [N, H] each
+        tmp = gate.new_empty((blocks[0][1], gate.shape[1]))  # [rows, H] reused by every block
+        for s, e in blocks:
+            t, g, a = tmp[: e - s], grad[s:e], gate[s:e]
+            torch.ops.aten.silu.out(a, out=t)  # silu recomputed
+            torch.mul(g, t, out=grad_up[s:e])
+            torch.mul(g, up[s:e], out=t)
+            torch.ops.aten.silu_backward.grad_input(t, a, grad_input=grad_gate[s:e])  # fused d silu / d gate
         return grad_gate, grad_up
 
 

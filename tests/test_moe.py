@@ -372,3 +372,24 @@ def test_balancing_gradient_under_either_checkpoint_flavour(reentrant):
         torch.testing.assert_close(p.grad, q.grad)
     assert layer.routing.forwards == 1 and layer.routing.loss_forwards == 1  # values logged once
     assert layer._balancing_to_replay == 0
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_swiglu_in_row_blocks_equals_the_plain_formula(monkeypatch, dtype):
+    """On CPU the SwiGLU runs over blocks of rows (a last partial block here); forward and both
+    gradients are those of autograd's ``silu(gate) * up`` (to the last bit: silu's vectorized
+    and scalar paths round alike up to one ulp, and a block boundary moves where each runs)."""
+    monkeypatch.setattr(experts_mod, "_SWIGLU_BLOCK_BYTES", 7 * 16 * torch.empty((), dtype=dtype).element_size())
+    torch.manual_seed(3)
+    gate = torch.randn(45, 16, dtype=dtype, requires_grad=True)
+    up = torch.randn(45, 16, dtype=dtype, requires_grad=True)
+    grad = torch.randn(45, 16, dtype=dtype)
+    assert len(experts_mod._row_blocks(gate)) == 7  # 6 blocks of 7 rows and one of 3
+    out = experts_mod.swiglu(gate, up)
+    out.backward(grad)
+    ref_gate, ref_up = gate.detach().clone().requires_grad_(), up.detach().clone().requires_grad_()
+    ref = torch.nn.functional.silu(ref_gate) * ref_up
+    ref.backward(grad)
+    ulp = torch.finfo(dtype).eps
+    for got, want in ((out, ref), (gate.grad, ref_gate.grad), (up.grad, ref_up.grad)):
+        torch.testing.assert_close(got, want, rtol=ulp, atol=ulp)

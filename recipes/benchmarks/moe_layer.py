@@ -26,6 +26,7 @@ import importlib.util
 import os
 import statistics
 import time
+import warnings
 from collections.abc import Callable
 
 import torch
@@ -112,6 +113,33 @@ def qwen3_moe_block(D: int, H: int, E: int, k: int) -> nn.Module:
     return block
 
 
+def torchtitan_moe(D: int, H: int, E: int, k: int) -> nn.Module:
+    """torchtitan's MoE layer (softmax router with normalized top-k weights, grouped_mm experts,
+    its local token dispatcher, no load-balancing bias), ``[1, T, D] -> [1, T, D]``.
+
+    NOTE: its experts always compute in bf16 (they cast rows and weights), so it is a peer of the
+    bf16 rows only; its float32 row is printed for reference and left out of the peer ratio.
+    """
+    from torchtitan.models.common.linear import Linear
+    from torchtitan.models.common.moe import MoE as TitanMoE
+    from torchtitan.models.common.moe import GroupedExperts, RoutedExperts, TokenChoiceTopKRouter
+    from torchtitan.models.common.token_dispatcher import LocalTokenDispatcher
+
+    config = TitanMoE.Config(
+        num_experts=E,
+        routed_experts=RoutedExperts.Config(
+            inner_experts=GroupedExperts.Config(dim=D, hidden_dim=H, num_experts=E),
+            token_dispatcher=LocalTokenDispatcher.Config(num_experts=E, top_k=k)),
+        router=TokenChoiceTopKRouter.Config(num_experts=E, gate=Linear.Config(in_features=D, out_features=E),
+                                            top_k=k, score_func="softmax", route_norm=True),
+        load_balance_coeff=None)
+    layer = config.build()
+    with torch.no_grad():
+        for p in layer.parameters():
+            nn.init.uniform_(p, -p.shape[-1] ** -0.5, p.shape[-1] ** -0.5)
+    return layer
+
+
 def parallelized_world1(module: nn.Module) -> nn.Module:
     """``module`` as the one block of a model parallelized by ep_fsdp on a 1-rank mesh."""
     if not dist.is_initialized():
@@ -145,6 +173,9 @@ def main() -> None:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True,
                    help="add torch.compile rows: the compiled floor and the compiled layer")
+    p.add_argument("--torchtitan", action=argparse.BooleanOptionalAction,
+                   default=importlib.util.find_spec("torchtitan") is not None,
+                   help="add torchtitan's MoE layer as a peer row (default: when torchtitan is installed)")
     p.add_argument("--hf", action=argparse.BooleanOptionalAction,
                    default=importlib.util.find_spec("transformers") is not None,
                    help="add the transformers rows (default: when transformers is installed)")
@@ -179,11 +210,19 @@ def main() -> None:
             candidates["transformers Qwen3-MoE block"] = block_step(block, x, grad)
             candidates["  parallelized by ep_fsdp"] = block_step(parallelized_world1(copy.deepcopy(block)), x, grad)
             candidates["ep_fsdp.MoE parallelized"] = moe_step(parallelized_world1(copy.deepcopy(layer)), x, grad)
+        if args.torchtitan:
+            with warnings.catch_warnings():  # its float32 gate runs under a CPU autocast it warns about
+                warnings.simplefilter("ignore")
+                titan = torchtitan_moe(D, H, E, k).to(device=device, dtype=dtype)
+            label = "torchtitan MoE" + (" (experts in bf16)" if dtype != torch.bfloat16 else "")
+            candidates[label] = block_step(titan, x, grad)
         times: dict[str, list[float]] = {key: [] for key in candidates}
         for i in range(args.warmup + args.repeats):
             for key, fn in candidates.items():  # interleaved: noise hits both alike
                 sync()
-                t = time_once(lambda: (fn(), sync()))
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    t = time_once(lambda: (fn(), sync()))
                 if i >= args.warmup:
                     times[key].append(t)
         ms = {key: statistics.median(v) * 1e3 for key, v in times.items()}
@@ -194,7 +233,7 @@ def main() -> None:
         if args.compile:
             ratio = ms["ep_fsdp.MoE compiled"] / ms["dense floor compiled"]
             print(f"{name:<10}{'compiled MoE / compiled floor':<34}{'':>9}{ratio:>8.2f}x")
-        peers = [key for key in ("transformers Qwen3-MoE block",) if key in ms]
+        peers = [key for key in ("transformers Qwen3-MoE block", "torchtitan MoE") if key in ms]
         if peers:
             fastest = min(peers, key=ms.__getitem__)
             print(f"{name:<10}{'ep_fsdp.MoE / fastest peer':<34}{'':>9}{ms['ep_fsdp.MoE'] / ms[fastest]:>8.2f}x  ({fastest})")
