@@ -14,6 +14,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.distributed.tensor import DTensor
 
+from ._blocks import row_blocks
 from .config import MoEConfig
 
 __all__ = ["GroupedExperts", "SharedExperts", "grouped_linear", "swiglu", "use_grouped_mm"]
@@ -115,21 +116,6 @@ def _grouped_weight_grad(
     return grad_w
 
 
-# Bytes of one [rows, H] block of the SwiGLU's operands on CPU (see ``_SwiGLU``).
-_SWIGLU_BLOCK_BYTES = 1 << 20
-
-
-def _row_blocks(x: torch.Tensor) -> list[tuple[int, int]]:
-    """``[start, end)`` row ranges of ``x [N, H]`` for the SwiGLU's passes: blocks of about
-    ``_SWIGLU_BLOCK_BYTES`` on CPU in eager mode, else one range (GPU, or under ``torch.compile``,
-    which fuses the passes itself)."""
-    N = x.shape[0]
-    if x.device.type != "cpu" or torch.compiler.is_compiling() or N == 0:
-        return [(0, N)]
-    rows = max(1, _SWIGLU_BLOCK_BYTES // max(1, x.shape[1] * x.element_size()))
-    return [(s, min(s + rows, N)) for s in range(0, N, rows)]
-
-
 class _SwiGLU(torch.autograd.Function):
     """``silu(gate) * up`` that saves only its two inputs (the pre-activations) for the backward.
 
@@ -144,7 +130,7 @@ class _SwiGLU(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
         ctx.save_for_backward(gate, up)
-        blocks = _row_blocks(gate)
+        blocks = row_blocks(gate, gate.shape[1] * gate.element_size())
         if len(blocks) == 1:
             return F.silu(gate) * up  # [N, H]
         out = torch.empty_like(gate)  # [N, H]
@@ -158,7 +144,7 @@ class _SwiGLU(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         gate, up = ctx.saved_tensors
-        blocks = _row_blocks(gate)
+        blocks = row_blocks(gate, gate.shape[1] * gate.element_size())
         if len(blocks) == 1:
             grad_up = grad * F.silu(gate)  # [N, H] (silu recomputed: one pass instead of a saved tensor)
             grad_gate = torch.ops.aten.silu_backward(grad * up, gate)  # [N, H], fused d silu / d gate

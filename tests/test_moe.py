@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 
 import ep_fsdp
+from ep_fsdp import _blocks as blocks_mod
 from ep_fsdp import experts as experts_mod
 from ep_fsdp.config import MoEConfig
 from ep_fsdp.moe import MoE
@@ -379,12 +380,12 @@ def test_swiglu_in_row_blocks_equals_the_plain_formula(monkeypatch, dtype):
     """On CPU the SwiGLU runs over blocks of rows (a last partial block here); forward and both
     gradients are those of autograd's ``silu(gate) * up`` (to the last bit: silu's vectorized
     and scalar paths round alike up to one ulp, and a block boundary moves where each runs)."""
-    monkeypatch.setattr(experts_mod, "_SWIGLU_BLOCK_BYTES", 7 * 16 * torch.empty((), dtype=dtype).element_size())
+    monkeypatch.setattr(blocks_mod, "BLOCK_BYTES", 7 * 16 * torch.empty((), dtype=dtype).element_size())
     torch.manual_seed(3)
     gate = torch.randn(45, 16, dtype=dtype, requires_grad=True)
     up = torch.randn(45, 16, dtype=dtype, requires_grad=True)
     grad = torch.randn(45, 16, dtype=dtype)
-    assert len(experts_mod._row_blocks(gate)) == 7  # 6 blocks of 7 rows and one of 3
+    assert len(blocks_mod.row_blocks(gate, 16 * gate.element_size())) == 7  # 6 blocks of 7 rows and one of 3
     out = experts_mod.swiglu(gate, up)
     out.backward(grad)
     ref_gate, ref_up = gate.detach().clone().requires_grad_(), up.detach().clone().requires_grad_()

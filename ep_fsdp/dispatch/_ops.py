@@ -20,6 +20,8 @@ from typing import Any
 
 import torch
 
+from .._blocks import row_blocks
+
 __all__ = ["Segments", "ordered_segment_sum", "gather_rows", "weighted_segment_sum", "inverse_permutation", "expert_counts"]
 
 
@@ -54,6 +56,12 @@ class Segments:
             return Segments(num_rows // ctx.seg_uniform, uniform=ctx.seg_uniform)
         return Segments(saved[0].shape[0], lengths=saved[0])
 
+    def part(self, start: int, end: int) -> Segments:
+        """Segments ``[start, end)`` on their own."""
+        if self.uniform is not None:
+            return Segments(end - start, uniform=self.uniform)
+        return Segments(end - start, lengths=self.lengths[start:end])
+
     def offsets(self, device: torch.device) -> torch.Tensor:
         """``[R]`` int64 index of each segment's first row."""
         if self.uniform is not None:
@@ -67,26 +75,62 @@ def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def ordered_segment_sum(
-    x: torch.Tensor, order: torch.Tensor, seg: Segments, weights: torch.Tensor | None = None
+    x: torch.Tensor, order: torch.Tensor, seg: Segments, weights: torch.Tensor | None = None,
+    out_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
     """``out[r] = sum_{j in segment r} weights[j] * x[order[j]]``, ``[N, D] -> [R, D]``.
 
     Segment ``r`` is the ``r``-th run of ``seg`` in ``order [N]``; ``weights [N]`` (optional) are
-    per position of ``order``. Summed in order, in at least float32; the result has the
-    accumulation dtype (float32, or float64 for a float64 ``x``).
+    per position of ``order``. Summed in order, in at least float32 (the accumulation dtype:
+    float32, or float64 for a float64 ``x``); the result is rounded once to ``out_dtype``
+    (default: the accumulation dtype).
 
     NOTE: ``embedding_bag`` does the gather, the weighting and the in-order sum in one pass and
-    without atomics; the input is widened first so that a bf16 row is never summed in bf16.
+    without atomics. A row narrower than float32 is widened first, so that a bf16 row is never
+    summed in bf16; on CPU that runs over cache-sized blocks of segments (gather, widen, sum per
+    block) instead of widening all ``N`` rows to memory and reading them back.
     """
     acc = accumulation_dtype(x.dtype)
-    wide = x.to(acc)  # [N, D] (a no-op for float32)
+    out_dtype = out_dtype or acc
+    w = weights.to(acc) if weights is not None else None
+    blocks = _segment_blocks(x, seg, order.shape[0], x.shape[1] * torch.empty((), dtype=acc).element_size())
+    if x.dtype == acc or len(blocks) == 1:  # nothing to widen, or one pass (GPU, compile)
+        return _segment_sum(x.to(acc), order, seg, w).to(out_dtype)
+    out = x.new_empty((seg.num, x.shape[1]), dtype=out_dtype)  # [R, D]
+    for r0, r1, p0, p1 in blocks:
+        rows = x.index_select(0, order[p0:p1]).to(acc)  # [p1 - p0, D] this block's rows, in order
+        local = seg.part(r0, r1)
+        out[r0:r1] = _segment_sum(rows, torch.arange(p1 - p0, device=x.device), local, w[p0:p1] if w is not None else None)
+    return out
+
+
+def _segment_sum(wide: torch.Tensor, order: torch.Tensor, seg: Segments, weights: torch.Tensor | None) -> torch.Tensor:
+    """:func:`ordered_segment_sum` in one pass over rows already in the accumulation dtype."""
     if seg.uniform == 1:  # one row per segment: a gather (and a scale)
         out = wide.index_select(0, order)
-        return out * weights.to(acc).unsqueeze(1) if weights is not None else out
+        return out * weights.unsqueeze(1) if weights is not None else out
     return torch.nn.functional.embedding_bag(
-        order, wide, seg.offsets(order.device), mode="sum",
-        per_sample_weights=weights.to(acc) if weights is not None else None,
+        order, wide, seg.offsets(order.device), mode="sum", per_sample_weights=weights,
     )  # [R, D]
+
+
+def _segment_blocks(x: torch.Tensor, seg: Segments, positions: int, row_bytes: int) -> list[tuple[int, int, int, int]]:
+    """``(r0, r1, p0, p1)``: segments ``[r0, r1)`` covering positions ``[p0, p1)`` of ``order``, in
+    blocks of about :data:`ep_fsdp._blocks.BLOCK_BYTES` (a segment is never split); one block off
+    the CPU or under ``torch.compile``."""
+    pos = row_blocks(x.new_empty((positions, 0)), row_bytes)
+    if len(pos) == 1:
+        return [(0, seg.num, 0, positions)]
+    rows = pos[0][1]  # positions per block
+    if seg.uniform is not None:
+        per = max(1, rows // seg.uniform)  # segments per block
+        return [(r, min(r + per, seg.num), r * seg.uniform, min(r + per, seg.num) * seg.uniform)
+                for r in range(0, seg.num, per)]
+    starts = seg.offsets(seg.lengths.device)  # [R] (host: CPU only reaches here)
+    cut = torch.nonzero(starts[1:] // rows != starts[:-1] // rows).flatten().add_(1).tolist()  # first segment of each new block
+    bounds = [0] + cut + [seg.num]
+    ends = starts.tolist() + [positions]
+    return [(a, b, ends[a], ends[b]) for a, b in zip(bounds[:-1], bounds[1:]) if b > a]
 
 
 def inverse_permutation(index: torch.Tensor) -> torch.Tensor:
@@ -122,8 +166,8 @@ class _GatherRows(torch.autograd.Function):
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None, None, None]:
         back_order, *seg_saved = ctx.saved_tensors
         back_seg = Segments.restore(ctx, tuple(seg_saved), back_order.shape[0])
-        summed = ordered_segment_sum(grad, back_order, back_seg)  # [R, D] copies of each source row, in order
-        return summed.to(grad.dtype), None, None, None
+        summed = ordered_segment_sum(grad, back_order, back_seg, out_dtype=grad.dtype)  # [R, D] copies of each source row, in order
+        return summed, None, None, None
 
 
 def gather_rows(x: torch.Tensor, index: torch.Tensor, back_order: torch.Tensor, back_seg: Segments) -> torch.Tensor:
@@ -151,9 +195,9 @@ class _WeightedSegmentSum(torch.autograd.Function):
     ) -> torch.Tensor:
         ctx.has_weights, ctx.y_dtype = weights is not None, y.dtype
         ctx.save_for_backward(y, weights if weights is not None else y.new_empty(0), order, inverse, *seg.save(ctx))
-        summed = ordered_segment_sum(y, order, seg, weights)  # [R, D] float32
+        summed = ordered_segment_sum(y, order, seg, weights, out_dtype=out_dtype)  # [R, D] summed in float32
         if out_shape is None or tuple(out_shape) == tuple(summed.shape):
-            return summed.to(out_dtype)
+            return summed
         # NOTE: written into a fresh tensor of the caller's shape, not returned as a reshaped view
         # (FSDP2 warns about modules whose output is a view: in-place ops on it would lose hooks).
         out = summed.new_empty(out_shape, dtype=out_dtype)
@@ -172,23 +216,22 @@ class _WeightedSegmentSum(torch.autograd.Function):
             return None, None, None, None, None, None, None
         position_segment = seg.expand(torch.arange(seg.num, device=grad.device), N)  # [N] segment of each position
         row_segment = position_segment.index_select(0, inverse)  # [N] segment of each row of y
-        # NOTE: row i of y sits at position inverse[i]; one gather gives every row its segment's
-        # gradient, shared by both results below
-        row_grad = grad.index_select(0, row_segment)  # [N, D] in y's row order
-        grad_w = None
-        if want_w:
-            # N dot products as one batched mat-vec (no [N, D] product temporary), in y's row
-            # order, then moved to position order
-            per_row = torch.bmm(row_grad.unsqueeze(1), y.to(acc).unsqueeze(2)).view(N)  # [N]
-            grad_w = per_row.index_select(0, order).to(weights.dtype)  # [N] in segment order
-        grad_y = None
-        if ctx.needs_input_grad[0]:
-            if ctx.has_weights:
-                row_weight = weights.index_select(0, inverse).to(acc).unsqueeze(1)  # [N, 1]
-                # computed in the accumulation dtype, written in y's (one pass, no cast copy)
-                grad_y = torch.mul(row_grad, row_weight, out=row_grad.new_empty((N, D), dtype=ctx.y_dtype))
-            else:
-                grad_y = row_grad.to(ctx.y_dtype)  # [N, D]
+        # NOTE: row i of y sits at position inverse[i]: one gather gives every row its segment's
+        # gradient, shared by both results. On CPU it runs over cache-sized blocks of rows, so
+        # the gathered block is still in cache for the dot products and the scaling.
+        need_y = ctx.needs_input_grad[0]
+        row_weight = weights.index_select(0, inverse).to(acc) if ctx.has_weights and need_y else None  # [N]
+        per_row = grad.new_empty(N) if want_w else None  # [N] gate-weight gradient in y's row order
+        grad_y = y.new_empty((N, D), dtype=ctx.y_dtype) if need_y else None  # [N, D]
+        for s, e in row_blocks(y, D * grad.element_size()):
+            row_grad = grad.index_select(0, row_segment[s:e])  # [b, D] each row's segment gradient
+            if per_row is not None:  # b dot products as one batched mat-vec, no [b, D] product
+                torch.bmm(row_grad.unsqueeze(1), y[s:e].to(acc).unsqueeze(2), out=per_row[s:e].view(-1, 1, 1))
+            if grad_y is not None and row_weight is not None:
+                torch.mul(row_grad, row_weight[s:e].unsqueeze(1), out=grad_y[s:e])  # computed in acc, stored in y's dtype
+            elif grad_y is not None:
+                grad_y[s:e] = row_grad
+        grad_w = per_row.index_select(0, order).to(weights.dtype) if per_row is not None else None  # [N] segment order
         return grad_y, grad_w, None, None, None, None, None
 
 
