@@ -16,11 +16,11 @@ __all__ = ["BLOCK_BYTES", "row_blocks"]
 BLOCK_BYTES = 1 << 20
 
 
-def row_blocks(x: torch.Tensor, row_bytes: int) -> list[tuple[int, int]]:
-    """``[start, end)`` ranges covering ``x``'s ``N`` rows: blocks of about :data:`BLOCK_BYTES`
-    (``row_bytes`` per row of the widest operand) on CPU in eager mode, else ``[(0, N)]``."""
-    N = x.shape[0]
-    if x.device.type != "cpu" or torch.compiler.is_compiling() or N == 0:
+def row_blocks(N: int, device: torch.device, row_bytes: int) -> list[tuple[int, int]]:
+    """``[start, end)`` ranges covering ``N`` rows on ``device``: blocks of about
+    :data:`BLOCK_BYTES` (``row_bytes`` per row of the widest operand) on CPU in eager mode,
+    else ``[(0, N)]``."""
+    if device.type != "cpu" or torch.compiler.is_compiling() or N == 0:
         return [(0, N)]
     rows = max(1, BLOCK_BYTES // max(1, row_bytes))
     return [(s, min(s + rows, N)) for s in range(0, N, rows)]

@@ -130,7 +130,7 @@ class _SwiGLU(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
         ctx.save_for_backward(gate, up)
-        blocks = row_blocks(gate, gate.shape[1] * gate.element_size())
+        blocks = row_blocks(gate.shape[0], gate.device, gate.shape[1] * gate.element_size())
         if len(blocks) == 1:
             return F.silu(gate) * up  # [N, H]
         out = torch.empty_like(gate)  # [N, H]
@@ -144,7 +144,7 @@ class _SwiGLU(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         gate, up = ctx.saved_tensors
-        blocks = row_blocks(gate, gate.shape[1] * gate.element_size())
+        blocks = row_blocks(gate.shape[0], gate.device, gate.shape[1] * gate.element_size())
         if len(blocks) == 1:
             grad_up = grad * F.silu(gate)  # [N, H] (silu recomputed: one pass instead of a saved tensor)
             grad_gate = torch.ops.aten.silu_backward(grad * up, gate)  # [N, H], fused d silu / d gate

@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from ep_fsdp.dispatch import AllToAllDispatcher, DedupAllToAllDispatcher, LocalDispatcher
-from ep_fsdp.dispatch._ops import Segments, weighted_segment_sum
+from ep_fsdp import _blocks as blocks_mod
+from ep_fsdp.dispatch._ops import Segments, gather_rows, weighted_segment_sum
 from ep_fsdp.dispatch.all_to_all import regroup_by_expert
 from ep_fsdp.dispatch.local import combine_sorted, gather_sorted, sort_slots
 from ep_fsdp.placement import ExpertPlacement
@@ -73,6 +74,44 @@ def test_weighted_segment_sum_uneven_segments_and_gradients():
     out.backward(torch.tensor([[1.0], [5.0], [2.0]]))
     assert y.grad.squeeze(1).tolist() == [10.0, 2000.0, 1.0, 200.0]
     assert w.grad.tolist() == [3.0, 1.0, 8.0, 4.0]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("uniform", [True, False])
+def test_segment_sums_in_cache_blocks_equal_one_pass(monkeypatch, dtype, uniform):
+    """On CPU the widening segment sums and the combine backward run over row blocks; with
+    segments never split across blocks (long and empty ones included), outputs and gradients are
+    bitwise those of one pass."""
+    torch.manual_seed(5)
+    if uniform:
+        seg, N = Segments(40, uniform=3), 120
+    else:
+        lengths = torch.tensor([0, 7, 1, 0, 30, 2, 5, 0, 9, 3, 1, 12, 0, 4])  # one segment longer than a block
+        seg, N = Segments(lengths.numel(), lengths=lengths), int(lengths.sum())
+    y0 = torch.randn(N, 8, dtype=dtype)
+    w0 = torch.rand(N)
+    order = torch.randperm(N)
+    inverse = torch.empty_like(order)
+    inverse[order] = torch.arange(N)
+    grad = torch.randn(seg.num, 8, dtype=dtype)
+    x0 = torch.randn(seg.num, 8, dtype=dtype)  # source rows of a gather: row r has segment r's copies
+    source = seg.expand(torch.arange(seg.num), N).index_select(0, inverse)  # [N] source row of each copy
+
+    def run(block_bytes: int) -> list[torch.Tensor]:
+        monkeypatch.setattr(blocks_mod, "BLOCK_BYTES", block_bytes)
+        y, w = y0.clone().requires_grad_(), w0.clone().requires_grad_()
+        out = weighted_segment_sum(y, w, order, inverse, seg, dtype)
+        out.backward(grad)
+        x = x0.clone().requires_grad_()
+        back = gather_rows(x, source, order, seg)  # [N, 8]; its backward sums each source row's copies
+
+        back.backward(torch.randn(back.shape, dtype=dtype, generator=torch.Generator().manual_seed(1)))
+        return [out, y.grad, w.grad, x.grad]
+
+    blocked = run(8 * 4 * 4)  # blocks of 4 float32 rows
+    assert len(blocks_mod.row_blocks(N, y0.device, 8 * 4)) > 4  # (the gathers' blocks: several)
+    for got, want in zip(blocked, run(1 << 30)):  # against one pass
+        assert torch.equal(got, want)
 
 
 def test_regroup_by_expert_groups_by_local_slot():

@@ -385,7 +385,7 @@ def test_swiglu_in_row_blocks_equals_the_plain_formula(monkeypatch, dtype):
     gate = torch.randn(45, 16, dtype=dtype, requires_grad=True)
     up = torch.randn(45, 16, dtype=dtype, requires_grad=True)
     grad = torch.randn(45, 16, dtype=dtype)
-    assert len(blocks_mod.row_blocks(gate, 16 * gate.element_size())) == 7  # 6 blocks of 7 rows and one of 3
+    assert len(blocks_mod.row_blocks(45, gate.device, 16 * gate.element_size())) == 7  # 6 blocks of 7 rows and one of 3
     out = experts_mod.swiglu(gate, up)
     out.backward(grad)
     ref_gate, ref_up = gate.detach().clone().requires_grad_(), up.detach().clone().requires_grad_()

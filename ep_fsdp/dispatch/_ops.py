@@ -118,7 +118,7 @@ def _segment_blocks(x: torch.Tensor, seg: Segments, positions: int, row_bytes: i
     """``(r0, r1, p0, p1)``: segments ``[r0, r1)`` covering positions ``[p0, p1)`` of ``order``, in
     blocks of about :data:`ep_fsdp._blocks.BLOCK_BYTES` (a segment is never split); one block off
     the CPU or under ``torch.compile``."""
-    pos = row_blocks(x.new_empty((positions, 0)), row_bytes)
+    pos = row_blocks(positions, x.device, row_bytes)
     if len(pos) == 1:
         return [(0, seg.num, 0, positions)]
     rows = pos[0][1]  # positions per block
@@ -223,7 +223,7 @@ class _WeightedSegmentSum(torch.autograd.Function):
         row_weight = weights.index_select(0, inverse).to(acc) if ctx.has_weights and need_y else None  # [N]
         per_row = grad.new_empty(N) if want_w else None  # [N] gate-weight gradient in y's row order
         grad_y = y.new_empty((N, D), dtype=ctx.y_dtype) if need_y else None  # [N, D]
-        for s, e in row_blocks(y, D * grad.element_size()):
+        for s, e in row_blocks(N, y.device, D * grad.element_size()):
             row_grad = grad.index_select(0, row_segment[s:e])  # [b, D] each row's segment gradient
             if per_row is not None:  # b dot products as one batched mat-vec, no [b, D] product
                 torch.bmm(row_grad.unsqueeze(1), y[s:e].to(acc).unsqueeze(2), out=per_row[s:e].view(-1, 1, 1))
