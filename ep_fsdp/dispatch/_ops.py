@@ -93,8 +93,10 @@ def ordered_segment_sum(
     acc = accumulation_dtype(x.dtype)
     out_dtype = out_dtype or acc
     w = weights.to(acc) if weights is not None else None
+    if x.dtype == acc:  # nothing to widen: one pass reads the rows where they are
+        return _segment_sum(x, order, seg, w).to(out_dtype)
     blocks = _segment_blocks(x, seg, order.shape[0], x.shape[1] * torch.empty((), dtype=acc).element_size())
-    if x.dtype == acc or len(blocks) == 1:  # nothing to widen, or one pass (GPU, compile)
+    if len(blocks) == 1:  # one pass (GPU, compile)
         return _segment_sum(x.to(acc), order, seg, w).to(out_dtype)
     out = x.new_empty((seg.num, x.shape[1]), dtype=out_dtype)  # [R, D]
     for r0, r1, p0, p1 in blocks:
