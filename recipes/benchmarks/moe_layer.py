@@ -10,9 +10,12 @@ transformers' Qwen3-MoE sparse block as transformers runs it (its ``grouped_mm``
 block after ``ep_fsdp.parallelize_moe`` at world size 1 (ep_fsdp's dispatcher around the block's
 own experts forward), and ``ep_fsdp.MoE`` parallelized the same way; ratios to the floor and
 of the parallelized transformers block to the parallelized ``ep_fsdp.MoE``, and the ratio of
-``ep_fsdp.MoE`` to the fastest peer measured (torchtitan's MoE is not a package; transformers'
-block is the peer row). With ``--compile`` (default): the floor and the layer under
-``torch.compile``, and their ratio.
+``ep_fsdp.MoE`` to the fastest peer measured. With torchtitan installed (``--torchtitan``, the
+default when it is), its MoE layer on the same shapes: a peer of the bf16 rows (its experts
+always compute in bf16). "its experts alone" times the layer's grouped experts on rows already
+sorted by expert (the part no dispatcher removes); "dispatch" is the rest, as a share of the
+floor. With ``--compile`` (default): the floor, the layer and its experts under
+``torch.compile``, and their ratios.
 
     python recipes/benchmarks/moe_layer.py                       # D=256 H=512 E=8 k=2 T=4096
     python recipes/benchmarks/moe_layer.py --dtypes bfloat16 --repeats 30
