@@ -99,6 +99,7 @@ def test_segment_sums_in_cache_blocks_equal_one_pass(monkeypatch, dtype, uniform
 
     def run(block_bytes: int) -> list[torch.Tensor]:
         monkeypatch.setattr(blocks_mod, "BLOCK_BYTES", block_bytes)
+        monkeypatch.setattr(torch, "get_num_threads", lambda: 1)
         y, w = y0.clone().requires_grad_(), w0.clone().requires_grad_()
         out = weighted_segment_sum(y, w, order, inverse, seg, dtype)
         out.backward(grad)
