@@ -9,11 +9,6 @@ with atomics. Results are therefore bitwise reproducible run to run,
 also on CUDA under ``torch.use_deterministic_algorithms(True)``. Weighted sums accumulate in
 float32 whatever the row dtype.
 
-Under ``torch.compile`` the sums over segments of one length (the k copies of each token) and the
-combine's backward are written as plain gather, widen, multiply and sum ops instead, which
-inductor fuses into one kernel each (``embedding_bag`` and ``bmm`` are opaque calls whose
-float32 inputs would be materialized first); they are still fixed-order reductions, no atomics.
-
 NOTE: autograd's own backward of ``index_select``/``x[idx]`` is an ``index_add``, which uses
 atomics on CUDA; the Functions below replace it with a permutation followed by a segment sum.
 """
@@ -98,13 +93,6 @@ def ordered_segment_sum(
     acc = accumulation_dtype(x.dtype)
     out_dtype = out_dtype or acc
     w = weights.to(acc) if weights is not None else None
-    if torch.compiler.is_compiling() and seg.uniform is not None:
-        # NOTE: plain gather, widen, scale and sum over the k copies: inductor fuses them into one
-        # kernel (an embedding_bag is an opaque call that needs its float32 table materialized)
-        rows = x.index_select(0, order).to(acc)  # [N, D]
-        if w is not None:
-            rows = rows * w.unsqueeze(1)
-        return rows.view(seg.num, seg.uniform, x.shape[1]).sum(1).to(out_dtype)  # [R, D]
     if x.dtype == acc:  # nothing to widen: one pass reads the rows where they are
         return _segment_sum(x, order, seg, w).to(out_dtype)
     blocks = _segment_blocks(x, seg, order.shape[0], x.shape[1] * torch.empty((), dtype=acc).element_size())
@@ -235,14 +223,6 @@ class _WeightedSegmentSum(torch.autograd.Function):
         # the gathered block is still in cache for the dot products and the scaling.
         need_y = ctx.needs_input_grad[0]
         row_weight = weights.index_select(0, inverse).to(acc) if ctx.has_weights and need_y else None  # [N]
-        if torch.compiler.is_compiling():
-            # NOTE: plain ops that inductor fuses (a bmm is an opaque call on materialized inputs)
-            row_grad = grad.index_select(0, row_segment)  # [N, D]
-            grad_w = (row_grad * y.to(acc)).sum(-1).index_select(0, order).to(weights.dtype) if want_w else None
-            grad_y = None
-            if need_y:
-                grad_y = (row_grad * row_weight.unsqueeze(1) if row_weight is not None else row_grad).to(ctx.y_dtype)
-            return grad_y, grad_w, None, None, None, None, None
         per_row = grad.new_empty(N) if want_w else None  # [N] gate-weight gradient in y's row order
         grad_y = y.new_empty((N, D), dtype=ctx.y_dtype) if need_y else None  # [N, D]
         for s, e in row_blocks(N, y.device, D * grad.element_size()):
