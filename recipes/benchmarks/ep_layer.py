@@ -33,7 +33,7 @@ import torch.nn as nn
 from torch.profiler import ProfilerActivity, profile
 
 import ep_fsdp
-from bench_util import OneBlock, add_layer_args
+from bench_util import OneBlock, add_layer_args, shuffled_rounds
 from ep_fsdp.launch import exit_process
 
 # Profiler events in which a rank waits for (or performs, when blocking) a collective.
@@ -115,8 +115,9 @@ def main() -> None:
         candidates = {"no exchange (E/ep local)": step_fn(reference, x, grad, sync)}
         candidates |= {key: step_fn(m, x, grad, sync) for key, m in models.items()}
         times: dict[str, list[float]] = {key: [] for key in candidates}
-        for i in range(args.warmup + args.repeats):
-            for key, fn in candidates.items():  # interleaved: noise hits all rows alike
+        for i, order in shuffled_rounds(list(candidates), args.warmup + args.repeats):
+            for key in order:  # interleaved, in a new order each round (the same on every rank)
+                fn = candidates[key]
                 dist.barrier()
                 start = time.perf_counter()
                 fn()

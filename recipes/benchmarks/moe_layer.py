@@ -2,7 +2,8 @@
 
 The floor is one dense SwiGLU (gate and up projections fused, as in the layer) applied to all
 ``T*k`` routed rows: the expert matmuls of the MoE layer without routing, permutation or combine.
-Layer and floor run interleaved in the same process; the table shows medians and their ratio. The
+Layer and floor run interleaved in the same process, in a new random order each round; the table
+shows medians and their ratio. The
 layer runs twice: on one fixed input, and on a new input every step (new routing, as in training).
 
 With transformers installed (``--hf``, the default when it is), more rows on the same shapes:
@@ -38,7 +39,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import ep_fsdp
-from bench_util import OneBlock, add_layer_args
+from bench_util import OneBlock, add_layer_args, shuffled_rounds
 from ep_fsdp import MoE, MoEConfig
 
 
@@ -223,8 +224,9 @@ def main() -> None:
             label = "torchtitan MoE" + (" (experts in bf16)" if dtype != torch.bfloat16 else "")
             candidates[label] = block_step(titan, x, grad)
         times: dict[str, list[float]] = {key: [] for key in candidates}
-        for i in range(args.warmup + args.repeats):
-            for key, fn in candidates.items():  # interleaved: noise hits both alike
+        for i, order in shuffled_rounds(list(candidates), args.warmup + args.repeats):
+            for key in order:  # interleaved, in a new order each round
+                fn = candidates[key]
                 sync()
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore")
