@@ -395,3 +395,26 @@ def test_swiglu_in_row_blocks_equals_the_plain_formula(monkeypatch, dtype):
     ulp = torch.finfo(dtype).eps
     for got, want in ((out, ref), (gate.grad, ref_gate.grad), (up.grad, ref_up.grad)):
         torch.testing.assert_close(got, want, rtol=ulp, atol=ulp)
+
+
+def test_bf16_layer_in_row_blocks_equals_one_pass(monkeypatch):
+    """The whole bf16 layer (SwiGLU, combine, gather backward) with tiny CPU row blocks against
+    one pass: the same output and gradients (to silu's last-bit tail)."""
+    torch.manual_seed(11)
+    layer = MoE(MoEConfig(dim=32, hidden_dim=48, num_experts=4, top_k=2)).to(torch.bfloat16)
+    x0 = torch.randn(37, 32, dtype=torch.bfloat16)
+    grad = torch.randn(37, 32, dtype=torch.bfloat16)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 1)
+
+    def run(block_bytes: int) -> list[torch.Tensor]:
+        monkeypatch.setattr(blocks_mod, "BLOCK_BYTES", block_bytes)
+        layer.zero_grad(set_to_none=True)
+        x = x0.clone().requires_grad_()
+        out = layer(x)
+        out.backward(grad)
+        return [out, x.grad] + [p.grad for p in layer.parameters()]
+
+    blocked = run(5 * 48 * 4)  # a few rows per block: many blocks, partial last ones
+    assert len(blocks_mod.row_blocks(74, x0.device, 48 * 2)) == 8  # the SwiGLU: 74 rows, blocks of 10
+    for got, want in zip(blocked, run(1 << 30)):
+        torch.testing.assert_close(got.float(), want.float(), rtol=2 * 2.0**-8, atol=1e-6)
