@@ -33,6 +33,39 @@ def _grouped_mm(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor) -> torch.T
     return torch._grouped_mm(a, b, offs=offs)
 
 
+# Rows per matmul window on CPU (see ``_rows_mm``).
+_ROW_WINDOW = 32
+
+
+def _rows_mm(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor, counts_host: list[int] | None) -> torch.Tensor:
+    """``a [N, K] x b [G, K, M] -> [N, M]``: group ``g``'s rows of ``a`` times ``b[g]`` (the row-block
+    form of ``grouped_mm``).
+
+    On CPU in eager mode it runs one ``mm`` per expert over a window of rows rounded up to a
+    multiple of ``_ROW_WINDOW``. The rows past an expert's own (the next experts' rows) are
+    computed with its matrix and overwritten when their own expert runs, in order, so every
+    output row is its own expert's product (as in ``grouped_mm``, up to the last bit: a float32
+    kernel may sum a row differently for another row count).
+    NOTE: oneDNN builds a bf16 kernel per matmul shape and handles a ragged row tail separately.
+    Windows give whole blocks, and a few row counts that repeat from step to step. In the bf16
+    layer that made forward+backward 1-3% faster with a fixed input, and 4% faster with new
+    routing every step (randomized A/B in one process). The weight gradient contracts over the
+    exact rows, so it stays on ``grouped_mm``.
+    """
+    if a.device.type != "cpu" or torch.compiler.is_compiling():
+        return _grouped_mm(a, b, offs)
+    counts = counts_host if counts_host is not None else torch.diff(offs, prepend=offs.new_zeros(1)).tolist()
+    N = a.shape[0]
+    out = a.new_empty((N, b.shape[2]))  # [N, M]
+    start = 0
+    for g, m in enumerate(counts):
+        if m:
+            end = min(start + -(-m // _ROW_WINDOW) * _ROW_WINDOW, N)
+            torch.mm(a[start:end], b[g], out=out[start:end])
+        start += m
+    return out
+
+
 @torch.library.custom_op("ep_fsdp::grouped_mm", mutates_args=())
 def _grouped_mm_op(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
     """``torch._grouped_mm(a, b, offs=offs)`` as an opaque operator (no autograd of its own).
@@ -56,7 +89,8 @@ def _grouped_mm_fake(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor) -> to
 
 
 class _GroupedLinear(torch.autograd.Function):
-    """``y[rows of g] = x[rows of g] @ w[g].T`` with ``grouped_mm`` in both passes.
+    """``y[rows of g] = x[rows of g] @ w[g].T`` with ``grouped_mm`` in both passes (its row-block
+    calls through :func:`_rows_mm` on CPU).
 
     NOTE: written out by hand because the autograd formula of ``grouped_mm`` fails on CPU in
     torch 2.13 ("Invalid strides/sizes"), while the three forward-style calls below all run.
@@ -79,7 +113,7 @@ class _GroupedLinear(torch.autograd.Function):
         ctx.counts_host = counts_host
         if x.shape[0] == 0:
             return x.new_empty(0, w.shape[1])
-        return _grouped_mm(x, w.transpose(-2, -1), offs)
+        return _rows_mm(x, w.transpose(-2, -1), offs, counts_host)
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
@@ -89,7 +123,7 @@ class _GroupedLinear(torch.autograd.Function):
             grad_w = torch.zeros_like(w) if ctx.needs_input_grad[1] else None
             return grad_x, grad_w, None, None, None
         grad = grad.contiguous()  # [N, M]
-        grad_x = _grouped_mm(grad, w, offs) if ctx.needs_input_grad[0] else None  # [N, K]
+        grad_x = _rows_mm(grad, w, offs, ctx.counts_host) if ctx.needs_input_grad[0] else None  # [N, K]
         grad_w = None
         if ctx.needs_input_grad[1]:
             grad_w = _grouped_weight_grad(grad, x, offs, counts, ctx.counts_host, w)  # [G, M, K]

@@ -418,3 +418,24 @@ def test_bf16_layer_in_row_blocks_equals_one_pass(monkeypatch):
     assert len(blocks_mod.row_blocks(74, x0.device, 48 * 2)) == 8  # the SwiGLU: 74 rows, blocks of 10
     for got, want in zip(blocked, run(1 << 30)):
         torch.testing.assert_close(got.float(), want.float(), rtol=2 * 2.0**-8, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_row_windows_equal_grouped_mm(dtype):
+    """The CPU row-window matmuls (each expert over its rows rounded up to a window, spilling into
+    the next experts' rows, which their own expert then overwrites) give grouped_mm's result:
+    empty experts, experts smaller than a window (a spill across several of them) and a last
+    expert whose window is cut at the end. Every row is its own expert's product, to the last
+    bit (float32 kernels may sum a row of a 3-row matmul differently from a 32-row one)."""
+    torch.manual_seed(12)
+    counts = [40, 0, 3, 1, 0, 70, 5]
+    N, K, M = sum(counts), 16, 24
+    a = torch.randn(N, K, dtype=dtype)
+    b = torch.randn(len(counts), M, K, dtype=dtype).transpose(-2, -1)  # [G, K, M], column-major like the layer's
+    offs = torch.tensor(counts).cumsum(0).to(torch.int32)
+    want = torch._grouped_mm(a, b, offs=offs)
+    assert experts_mod._ROW_WINDOW > max(counts[2:5])
+    eps = torch.finfo(dtype).eps
+    for counts_host in (counts, None):  # from the host, or read from offs
+        got = experts_mod._rows_mm(a, b, offs, counts_host)
+        torch.testing.assert_close(got, want, rtol=4 * eps, atol=4 * eps * float(want.abs().max()))
