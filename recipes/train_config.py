@@ -16,6 +16,8 @@ from typing import Any
 
 import torch
 
+from ep_fsdp.dispatch.base import WIRE_DTYPES
+
 
 @dataclass
 class MoEFields:
@@ -100,7 +102,8 @@ class TrainFields:
         self.betas = tuple(self.betas)  # type: ignore[assignment]
 
 
-WIRE_DTYPE_NAMES = ("", "float32", "bfloat16", "float16")
+# "" (the activations' dtype) or a dtype the exchange carries, by name
+WIRE_DTYPE_NAMES = ("",) + tuple(str(d).removeprefix("torch.") for d in WIRE_DTYPES)
 
 
 @dataclass

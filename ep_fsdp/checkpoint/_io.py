@@ -55,6 +55,11 @@ def _map(path: Path) -> mmap.mmap | None:
         return mmap.mmap(f.fileno(), size, access=mmap.ACCESS_COPY) if size else None
 
 
+def crc_mismatch(name: str, crc: int, expected: int) -> str | None:
+    """``None`` when file ``name``'s CRC32 ``crc`` is ``expected``, else the problem in words."""
+    return None if crc == expected else f"{name} is corrupted (CRC32 {crc:#010x}, expected {expected:#010x})"
+
+
 class MappedFiles:
     """The files of one checkpoint directory, each mapped on first use and kept for one load or
     export. A view stays valid while anything refers to it, also after :meth:`close`.
@@ -99,8 +104,7 @@ class MappedFiles:
 
     def crc_problem(self, name: str, expected: int) -> str | None:
         """``None`` when the CRC32 of ``name`` is ``expected``, else the problem in words."""
-        crc = crc32(self.view(name))
-        return None if crc == expected else f"{name} is corrupted (CRC32 {crc:#010x}, expected {expected:#010x})"
+        return crc_mismatch(name, crc32(self.view(name)), expected)
 
     def close(self) -> None:
         """Drop the mappings (unmapped once no tensor refers to them)."""
@@ -381,8 +385,8 @@ class MappedFileSystemReader(SafeFileSystemReader):
         for name in names:
             items = sorted(per_file.get(name, []), key=self._span)
             crc = self._read_file(name, items, planner, checked=name in self._check)
-            if crc is not None and crc != self._check[name]:
-                self.problems.append(f"{name} is corrupted (CRC32 {crc:#010x}, expected {self._check[name]:#010x})")
+            if crc is not None and (problem := crc_mismatch(name, crc, self._check[name])):
+                self.problems.append(problem)
         return done
 
     def _span(self, item: ReadItem) -> tuple[int, int]:

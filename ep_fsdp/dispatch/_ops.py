@@ -95,7 +95,7 @@ def ordered_segment_sum(
     w = weights.to(acc) if weights is not None else None
     if x.dtype == acc:  # nothing to widen: one pass reads the rows where they are
         return _segment_sum(x, order, seg, w).to(out_dtype)
-    blocks = _segment_blocks(x, seg, order.shape[0], x.shape[1] * torch.empty((), dtype=acc).element_size())
+    blocks = _segment_blocks(x.device, seg, order.shape[0], x.shape[1] * acc.itemsize)
     if len(blocks) == 1:  # one pass (GPU, compile)
         return _segment_sum(x.to(acc), order, seg, w).to(out_dtype)
     out = x.new_empty((seg.num, x.shape[1]), dtype=out_dtype)  # [R, D]
@@ -116,11 +116,11 @@ def _segment_sum(wide: torch.Tensor, order: torch.Tensor, seg: Segments, weights
     )  # [R, D]
 
 
-def _segment_blocks(x: torch.Tensor, seg: Segments, positions: int, row_bytes: int) -> list[tuple[int, int, int, int]]:
+def _segment_blocks(device: torch.device, seg: Segments, positions: int, row_bytes: int) -> list[tuple[int, int, int, int]]:
     """``(r0, r1, p0, p1)``: segments ``[r0, r1)`` covering positions ``[p0, p1)`` of ``order``, in
     blocks of about :data:`ep_fsdp._blocks.BLOCK_BYTES` (a segment is never split); one block off
     the CPU or under ``torch.compile``."""
-    pos = row_blocks(positions, x.device, row_bytes)
+    pos = row_blocks(positions, device, row_bytes)
     if len(pos) == 1:
         return [(0, seg.num, 0, positions)]
     rows = pos[0][1]  # positions per block

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from ._comm import RowsInFlight, send_rows
+from ._comm import RowsInFlight
 from ._ops import Segments, gather_rows, inverse_permutation
 from .base import DispatchHandle, DispatchResult, ExchangeDispatcher, SizePlan, check_handle, flat_tokens
 from .local import SlotSort, combine_sorted, gather_sorted, sort_slots
@@ -78,7 +78,7 @@ class AllToAllDispatcher(ExchangeDispatcher):
         shape, tokens, weights, sort, x_sorted = (plan.state[k] for k in ("shape", "tokens", "weights", "sort", "x_sorted"))
         input_splits, output_splits, counts_host = host[:ep], host[ep:2 * ep], host[2 * ep:]
         kept = sum(input_splits)
-        received = send_rows(x_sorted[:kept], output_splits, input_splits, self.group, streamed=self.chunks > 1)
+        received = self._send_rows(x_sorted[:kept], output_splits, input_splits)
         R = sum(output_splits)
         regroup, regroup_inverse = regroup_by_expert(recv, R)  # overlaps the transfer
         me = dist.get_rank(self.group)
@@ -102,7 +102,7 @@ class AllToAllDispatcher(ExchangeDispatcher):
         R = expert_out.shape[0]
         y = expert_out.to(self.wire(expert_out.dtype))  # [R, D]
         y_received = gather_rows(y, h.regroup_inverse, h.regroup, Segments(R, uniform=1))  # [R, D]
-        return send_rows(y_received, h.input_splits, h.output_splits, self.group, streamed=self.chunks > 1)
+        return self._send_rows(y_received, h.input_splits, h.output_splits)
 
     def _merge(self, returned: object, handle: DispatchHandle) -> torch.Tensor:
         h: _AllToAllHandle = handle  # type: ignore[assignment]

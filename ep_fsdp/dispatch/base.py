@@ -33,7 +33,7 @@ import torch
 import torch.distributed as dist
 
 from ..placement import ExpertPlacement
-from ._comm import exchange_sizes
+from ._comm import RowsInFlight, exchange_sizes, send_rows
 
 __all__ = [
     "TokenDispatcher", "ExchangeDispatcher", "DispatchResult", "DispatchHandle", "RunStats", "ExpertsFn",
@@ -164,6 +164,11 @@ class ExchangeDispatcher(TokenDispatcher):
     def wire(self, dtype: torch.dtype) -> torch.dtype:
         """The dtype rows of ``dtype`` travel in."""
         return self.wire_dtype or dtype
+
+    def _send_rows(self, x: torch.Tensor, output_splits: list[int], input_splits: list[int]) -> RowsInFlight:
+        """Send rows over this exchange's group; streamed (the gradient sent back asynchronously
+        too) when the exchange is chunked."""
+        return send_rows(x, output_splits, input_splits, self.group, streamed=self.chunks > 1)
 
     def dispatch(
         self, tokens: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor, *,

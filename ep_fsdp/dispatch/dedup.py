@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from ._comm import RowsInFlight, exchange_records, send_rows
+from ._comm import RowsInFlight, exchange_records
 from ._ops import Segments, expert_counts, gather_rows, inverse_permutation, weighted_segment_sum
 from .base import DispatchHandle, DispatchResult, ExchangeDispatcher, SizePlan, check_handle, flat_tokens
 
@@ -107,7 +107,7 @@ class DedupAllToAllDispatcher(ExchangeDispatcher):
         flat_w = weights.reshape(-1, 1).float()  # [S, 1]
         w_sorted = gather_rows(flat_w, order, inverse_permutation(order), Segments(T * k, uniform=1)).squeeze(1)  # [S]
 
-        rows_in = send_rows(rows, rr, rs, self.group, streamed=self.chunks > 1)  # [R, D]
+        rows_in = self._send_rows(rows, rr, rs)  # [R, D]
         records_in, weights_in = exchange_records(records, w_sorted[:Sk], sr, ss, self.group)  # [Sr, 2], [Sr]
         me = dist.get_rank(self.group)
         row_bytes = tokens.shape[1] * rows.element_size()
@@ -141,7 +141,7 @@ class DedupAllToAllDispatcher(ExchangeDispatcher):
             expert_out, h.weights_in, h.group_inverse, h.group_order, Segments(R, lengths=h.slots_per_row),
             self.wire(expert_out.dtype),
         )  # [R, D]: float32 sum of each row's weighted slots, cast to the wire dtype
-        return send_rows(partial, h.rows_send, h.rows_recv, self.group, streamed=self.chunks > 1)  # [U, D]
+        return self._send_rows(partial, h.rows_send, h.rows_recv)  # [U, D]
 
     def _merge(self, returned: object, handle: DispatchHandle) -> torch.Tensor:
         h: _DedupHandle = handle  # type: ignore[assignment]

@@ -41,6 +41,7 @@ import torch.nn.functional as F
 import ep_fsdp
 from bench_util import OneBlock, add_layer_args, shuffled_rounds
 from ep_fsdp import MoE, MoEConfig
+from ep_fsdp.dispatch.local import sort_slots
 
 
 def time_once(fn: Callable[[], None]) -> float:
@@ -80,10 +81,9 @@ def experts_step(layer: MoE, x: torch.Tensor, compiled: bool = False) -> Callabl
     experts = torch.compile(layer.experts) if compiled else layer.experts
     with torch.no_grad():
         ids = layer.router(x.reshape(-1, x.shape[-1])).expert_ids  # [T, k]
-    order = ids.reshape(-1).argsort(stable=True)  # [S] slots sorted by expert
-    rows = x.detach()[order // ids.shape[1]].requires_grad_()  # [S, D]
-    counts = torch.bincount(ids.reshape(-1), minlength=layer.config.num_experts)  # [E]
-    counts_host = counts.tolist()
+    sort = sort_slots(ids, layer.config.num_experts)  # the layer's own sort of its slots by expert
+    rows = x.detach()[sort.sort_idx // sort.top_k].requires_grad_()  # [S, D]
+    counts, counts_host = sort.counts, sort.counts.tolist()  # [E]
     grad = torch.randn_like(rows)
 
     def step() -> None:
