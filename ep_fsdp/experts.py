@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch.distributed.tensor import DTensor
 
 from ._blocks import row_blocks
+from ._row_windows import rows_mm, rows_weight_grad, windows_apply
 from .config import MoEConfig
 
 __all__ = ["GroupedExperts", "SharedExperts", "grouped_linear", "swiglu", "use_grouped_mm"]
@@ -33,37 +34,18 @@ def _grouped_mm(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor) -> torch.T
     return torch._grouped_mm(a, b, offs=offs)
 
 
-# Rows per matmul window on CPU (see ``_rows_mm``).
-_ROW_WINDOW = 32
+def _host_counts(offs: torch.Tensor, counts_host: list[int] | None) -> list[int]:
+    """Rows per group as a Python list (read from ``offs`` when not given; CPU only, no device sync)."""
+    return counts_host if counts_host is not None else torch.diff(offs, prepend=offs.new_zeros(1)).tolist()
 
 
 def _rows_mm(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor, counts_host: list[int] | None) -> torch.Tensor:
     """``a [N, K] x b [G, K, M] -> [N, M]``: group ``g``'s rows of ``a`` times ``b[g]`` (the row-block
-    form of ``grouped_mm``).
-
-    On CPU in eager mode it runs one ``mm`` per expert over a window of rows rounded up to a
-    multiple of ``_ROW_WINDOW``. The rows past an expert's own (the next experts' rows) are
-    computed with its matrix and overwritten when their own expert runs, in order, so every
-    output row is its own expert's product (as in ``grouped_mm``, up to the last bit: a float32
-    kernel may sum a row differently for another row count).
-    NOTE: oneDNN builds a bf16 kernel per matmul shape and handles a ragged row tail separately.
-    Windows give whole blocks, and a few row counts that repeat from step to step. In the bf16
-    layer that made forward+backward 1-3% faster with a fixed input, and 4% faster with new
-    routing every step (randomized A/B in one process). The weight gradient contracts over the
-    exact rows, so it stays on ``grouped_mm``.
-    """
-    if a.device.type != "cpu" or torch.compiler.is_compiling():
+    form of ``grouped_mm``); on CPU in eager mode over row windows
+    (:func:`ep_fsdp._row_windows.rows_mm`)."""
+    if not windows_apply(a):
         return _grouped_mm(a, b, offs)
-    counts = counts_host if counts_host is not None else torch.diff(offs, prepend=offs.new_zeros(1)).tolist()
-    N = a.shape[0]
-    out = a.new_empty((N, b.shape[2]))  # [N, M]
-    start = 0
-    for g, m in enumerate(counts):
-        if m:
-            end = min(start + -(-m // _ROW_WINDOW) * _ROW_WINDOW, N)
-            torch.mm(a[start:end], b[g], out=out[start:end])
-        start += m
-    return out
+    return rows_mm(a, b, _host_counts(offs, counts_host))
 
 
 @torch.library.custom_op("ep_fsdp::grouped_mm", mutates_args=())
@@ -136,6 +118,8 @@ def _grouped_weight_grad(
 ) -> torch.Tensor:
     """``[M, N] x [N, K]`` grouped over the rows of each expert -> ``[G, M, K]``, exact zeros for
     experts without rows (see ``_GroupedLinear``)."""
+    if windows_apply(x):
+        return rows_weight_grad(grad, x, _host_counts(offs, counts_host))
     if counts_host is not None:
         busy = [g for g, c in enumerate(counts_host) if c > 0]
         if len(busy) == len(counts_host):

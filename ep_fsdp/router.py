@@ -12,6 +12,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ._blocks import row_blocks
 from .config import MoEConfig
 from .selection import expert_dropout_mask, group_limited_mask
 
@@ -34,19 +35,44 @@ class _Float32Linear(torch.autograd.Function):
 
     NOTE: under bf16 autograd would keep the float32 copy of the layer input, twice the bytes of
     the input itself, for the weight gradient; the cast is redone in the backward instead.
+    NOTE: on CPU in eager mode both passes run over cache-sized blocks of rows
+    (:func:`ep_fsdp._blocks.row_blocks`): each block of ``x`` is widened while it is in cache, and
+    the float32 input gradient of a block is rounded to ``x``'s dtype there. In one pass a float32
+    copy of ``x`` (twice) and a float32 ``[T, D]`` gradient went to memory and back: about 1.5 ms
+    a step of a bf16 layer at T=4096, D=256 on this project's 2-core CPU.
     """
 
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
         ctx.save_for_backward(x, w)
-        return F.linear(x.float(), w.float())  # [T, E]
+        blocks = row_blocks(x.shape[0], x.device, x.shape[1] * 4)
+        if len(blocks) == 1:
+            return F.linear(x.float(), w.float())  # [T, E]
+        w32 = w.float().t()  # [D, E]
+        out = x.new_empty((x.shape[0], w.shape[0]), dtype=torch.float32)  # [T, E]
+        for s, e in blocks:
+            torch.mm(x[s:e].float(), w32, out=out[s:e])
+        return out
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         x, w = ctx.saved_tensors
-        grad_x = (grad @ w.float()).to(x.dtype) if ctx.needs_input_grad[0] else None  # [T, D]
-        grad_w = (grad.t() @ x.float()).to(w.dtype) if ctx.needs_input_grad[1] else None  # [E, D]
-        return grad_x, grad_w
+        want_x, want_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        w32 = w.float()  # [E, D]
+        blocks = row_blocks(x.shape[0], x.device, x.shape[1] * 4)
+        if len(blocks) == 1:
+            grad_x = (grad @ w32).to(x.dtype) if want_x else None  # [T, D]
+            grad_w = (grad.t() @ x.float()).to(w.dtype) if want_w else None  # [E, D]
+            return grad_x, grad_w
+        grad = grad.contiguous()  # [T, E]
+        grad_x = torch.empty_like(x) if want_x else None  # [T, D] in x's dtype
+        grad_w32 = w32.new_zeros(w32.shape) if want_w else None  # [E, D] summed over blocks
+        for s, e in blocks:
+            if grad_x is not None:
+                grad_x[s:e] = grad[s:e] @ w32  # float32 block, rounded once to x's dtype in cache
+            if grad_w32 is not None:
+                grad_w32.addmm_(grad[s:e].t(), x[s:e].float())
+        return grad_x, grad_w32.to(w.dtype) if grad_w32 is not None else None
 
 
 def float32_logits(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 
 import ep_fsdp
 from ep_fsdp import _blocks as blocks_mod
+from ep_fsdp import _row_windows as windows_mod
 from ep_fsdp import experts as experts_mod
 from ep_fsdp.config import MoEConfig
 from ep_fsdp.moe import MoE
@@ -324,8 +325,8 @@ def test_build_mesh_needs_process_group():
 
 
 def test_weight_gradient_never_contracts_over_an_empty_expert(monkeypatch):
-    """With the counts on the host (every expert-parallel path), grouped_mm's weight gradient is
-    called on the experts with rows only; empty experts get exact zeros."""
+    """With the counts on the host (every expert-parallel path), grouped_mm's weight gradient (off
+    the CPU) is called on the experts with rows only; empty experts get exact zeros."""
     torch.manual_seed(8)
     x = torch.randn(5, 8, requires_grad=True)
     w = torch.randn(4, 16, 8, requires_grad=True)
@@ -340,6 +341,7 @@ def test_weight_gradient_never_contracts_over_an_empty_expert(monkeypatch):
         return real(a, b, offs=offs, **kw)
 
     monkeypatch.setattr(torch, "_grouped_mm", recording)
+    monkeypatch.setattr(experts_mod, "windows_apply", lambda t: False)  # grouped_mm as on a GPU, not CPU row windows
     y = experts_mod.grouped_linear(x, w, counts, counts_host, grouped=True)
     y.square().sum().backward()
     assert seen[-1] == [3, 2]  # the weight-gradient call: experts 0 and 2 only
@@ -420,22 +422,87 @@ def test_bf16_layer_in_row_blocks_equals_one_pass(monkeypatch):
         torch.testing.assert_close(got.float(), want.float(), rtol=2 * 2.0**-8, atol=1e-6)
 
 
+# Row counts per expert for the row-window tests: empty experts, experts smaller than a window (a
+# forward window spilling across several), a last expert whose window ends at the last row, one
+# whose window has foreign rows on both sides, and fewer rows than one window (exact rows).
+_WINDOW_COUNTS = [[40, 0, 3, 1, 0, 70, 5], [33, 64, 2, 0], [2, 29, 2], [0, 7, 5, 0], [36, 0]]
+
+
+@pytest.mark.parametrize("counts", _WINDOW_COUNTS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_row_windows_equal_grouped_mm(dtype):
+def test_row_windows_equal_grouped_mm(dtype, counts):
     """The CPU row-window matmuls (each expert over its rows rounded up to a window, spilling into
-    the next experts' rows, which their own expert then overwrites) give grouped_mm's result:
-    empty experts, experts smaller than a window (a spill across several of them) and a last
-    expert whose window is cut at the end. Every row is its own expert's product, to the last
-    bit (float32 kernels may sum a row of a 3-row matmul differently from a 32-row one)."""
+    the next experts' rows, which their own expert then overwrites; backwards into scratch at the
+    end) give grouped_mm's result. Every row is its own expert's product, to the last bit
+    (float32 kernels may sum a row of a 3-row matmul differently from a 32-row one)."""
     torch.manual_seed(12)
-    counts = [40, 0, 3, 1, 0, 70, 5]
     N, K, M = sum(counts), 16, 24
     a = torch.randn(N, K, dtype=dtype)
     b = torch.randn(len(counts), M, K, dtype=dtype).transpose(-2, -1)  # [G, K, M], column-major like the layer's
     offs = torch.tensor(counts).cumsum(0).to(torch.int32)
     want = torch._grouped_mm(a, b, offs=offs)
-    assert experts_mod._ROW_WINDOW > max(counts[2:5])
+    assert windows_mod.ROW_WINDOW > 5
     eps = torch.finfo(dtype).eps
     for counts_host in (counts, None):  # from the host, or read from offs
         got = experts_mod._rows_mm(a, b, offs, counts_host)
         torch.testing.assert_close(got, want, rtol=4 * eps, atol=4 * eps * float(want.abs().max()))
+
+
+@pytest.mark.parametrize("counts", _WINDOW_COUNTS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_row_window_weight_gradient_equals_grouped_mm(dtype, counts):
+    """The weight gradient over row windows (the neighbours' rows zeroed in both operands for the
+    call) equals grouped_mm's per-expert contraction, also when a neighbour's rows hold inf and
+    nan (zeroed, they add nothing); empty experts get exact zeros, and both operands come back
+    bit for bit with unchanged version counters (other autograd nodes saved them)."""
+    torch.manual_seed(13)
+    N, K, M = sum(counts), 16, 24
+    grad, x = torch.randn(N, M, dtype=dtype), torch.randn(N, K, dtype=dtype)
+    big = counts.index(max(counts))  # the largest expert: its first row lies in earlier experts' windows
+    first = sum(counts[:big])
+    grad[first, 0], x[first, 1] = float("inf"), float("nan")
+    grad_before, x_before, versions = grad.clone(), x.clone(), (grad._version, x._version)
+    offs = torch.tensor(counts).cumsum(0).to(torch.int32)
+    want = torch._grouped_mm(grad.t(), x, offs=offs)  # [G, M, K]
+    got = windows_mod.rows_weight_grad(grad, x, counts)
+    eps = torch.finfo(dtype).eps
+    finite = [g for g in range(len(counts)) if g != big]
+    torch.testing.assert_close(got[finite], want[finite], rtol=4 * eps, atol=4 * eps * float(want[finite].abs().max()))
+    assert not torch.isfinite(got[big]).all()  # the non-finite row stays with its own expert
+    for g, c in enumerate(counts):
+        if c == 0:
+            assert torch.count_nonzero(got[g]) == 0
+    assert torch.equal(grad.isnan(), grad_before.isnan()) and torch.equal(grad.nan_to_num(), grad_before.nan_to_num())
+    assert torch.equal(x.isnan(), x_before.isnan()) and torch.equal(x.nan_to_num(), x_before.nan_to_num())
+    assert (grad._version, x._version) == versions
+
+
+@pytest.mark.parametrize("weight_dtype", [torch.float32, torch.bfloat16])
+def test_router_logits_in_row_blocks_equal_one_pass(monkeypatch, weight_dtype):
+    """The float32 router matmul of a bf16 input over CPU row blocks (each block widened in cache,
+    the input gradient rounded per block, the weight gradient summed over blocks) equals one
+    pass: logits and input gradient to float32 rounding, the weight gradient to the order of its
+    float32 sum."""
+    from ep_fsdp.router import float32_logits
+
+    torch.manual_seed(14)
+    x0 = torch.randn(45, 16, dtype=torch.bfloat16)
+    w0 = torch.randn(4, 16, dtype=weight_dtype)
+    grad = torch.randn(45, 4)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 1)
+
+    def run(block_bytes: int) -> list[torch.Tensor]:
+        monkeypatch.setattr(blocks_mod, "BLOCK_BYTES", block_bytes)
+        x, w = x0.clone().requires_grad_(), w0.clone().requires_grad_()
+        logits = float32_logits(x, w)
+        logits.backward(grad)
+        return [logits, x.grad, w.grad]
+
+    blocked = run(7 * 16 * 4)  # blocks of 7 rows, a last one of 3
+    assert len(blocks_mod.row_blocks(45, x0.device, 16 * 4)) == 7
+    got_logits, got_x, got_w = blocked
+    want_logits, want_x, want_w = run(1 << 30)
+    assert got_logits.dtype == torch.float32 and got_x.dtype == torch.bfloat16 and got_w.dtype == weight_dtype
+    torch.testing.assert_close(got_logits, want_logits, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(got_x, want_x, rtol=2.0**-8, atol=0)
+    torch.testing.assert_close(got_w.float(), want_w.float(), rtol=2.0**-7 if weight_dtype == torch.bfloat16 else 1e-5, atol=1e-5)

@@ -76,14 +76,14 @@ def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
 
 def ordered_segment_sum(
     x: torch.Tensor, order: torch.Tensor, seg: Segments, weights: torch.Tensor | None = None,
-    out_dtype: torch.dtype | None = None,
+    out_dtype: torch.dtype | None = None, out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``out[r] = sum_{j in segment r} weights[j] * x[order[j]]``, ``[N, D] -> [R, D]``.
 
     Segment ``r`` is the ``r``-th run of ``seg`` in ``order [N]``; ``weights [N]`` (optional) are
     per position of ``order``. Summed in order, in at least float32 (the accumulation dtype:
     float32, or float64 for a float64 ``x``); the result is rounded once to ``out_dtype``
-    (default: the accumulation dtype).
+    (default: the accumulation dtype), or written into ``out [R, D]`` (contiguous) when given.
 
     NOTE: ``embedding_bag`` does the gather, the weighting and the in-order sum in one pass and
     without atomics. A row narrower than float32 is widened first, so that a bf16 row is never
@@ -91,14 +91,17 @@ def ordered_segment_sum(
     block) instead of widening all ``N`` rows to memory and reading them back.
     """
     acc = accumulation_dtype(x.dtype)
-    out_dtype = out_dtype or acc
+    out_dtype = out.dtype if out is not None else out_dtype or acc
+    if seg.uniform == 1 and weights is None:  # one row per segment: a permutation, nothing is summed
+        rows = x.index_select(0, order)  # [R, D]
+        return rows.to(out_dtype) if out is None else out.copy_(rows)
     w = weights.to(acc) if weights is not None else None
-    if x.dtype == acc:  # nothing to widen: one pass reads the rows where they are
-        return _segment_sum(x, order, seg, w).to(out_dtype)
-    blocks = _segment_blocks(x.device, seg, order.shape[0], x.shape[1] * acc.itemsize)
-    if len(blocks) == 1:  # one pass (GPU, compile)
-        return _segment_sum(x.to(acc), order, seg, w).to(out_dtype)
-    out = x.new_empty((seg.num, x.shape[1]), dtype=out_dtype)  # [R, D]
+    blocks = [] if x.dtype == acc else _segment_blocks(x.device, seg, order.shape[0], x.shape[1] * acc.itemsize)
+    if len(blocks) <= 1:  # one pass: nothing to widen (the rows are read where they are), GPU, compile
+        summed = _segment_sum(x if x.dtype == acc else x.to(acc), order, seg, w)  # [R, D]
+        return summed.to(out_dtype) if out is None else out.copy_(summed)
+    if out is None:
+        out = x.new_empty((seg.num, x.shape[1]), dtype=out_dtype)  # [R, D]
     for r0, r1, p0, p1 in blocks:
         rows = x.index_select(0, order[p0:p1]).to(acc)  # [p1 - p0, D] this block's rows, in order
         local = seg.part(r0, r1)
@@ -197,13 +200,12 @@ class _WeightedSegmentSum(torch.autograd.Function):
     ) -> torch.Tensor:
         ctx.has_weights, ctx.y_dtype = weights is not None, y.dtype
         ctx.save_for_backward(y, weights if weights is not None else y.new_empty(0), order, inverse, *seg.save(ctx))
-        summed = ordered_segment_sum(y, order, seg, weights, out_dtype=out_dtype)  # [R, D] summed in float32
-        if out_shape is None or tuple(out_shape) == tuple(summed.shape):
-            return summed
+        if out_shape is None:
+            return ordered_segment_sum(y, order, seg, weights, out_dtype=out_dtype)  # [R, D] summed in float32
         # NOTE: written into a fresh tensor of the caller's shape, not returned as a reshaped view
         # (FSDP2 warns about modules whose output is a view: in-place ops on it would lose hooks).
-        out = summed.new_empty(out_shape, dtype=out_dtype)
-        out.view(summed.shape).copy_(summed)
+        out = y.new_empty(out_shape, dtype=out_dtype)
+        ordered_segment_sum(y, order, seg, weights, out=out.view(seg.num, y.shape[1]))
         return out
 
     @staticmethod
@@ -212,7 +214,7 @@ class _WeightedSegmentSum(torch.autograd.Function):
         seg = Segments.restore(ctx, tuple(seg_saved), order.shape[0])
         acc = accumulation_dtype(y.dtype)
         N, D = y.shape
-        grad = grad.reshape(-1, D).to(acc)  # [R, D]
+        grad = grad.reshape(-1, D)  # [R, D] in the output's dtype, widened per block below
         want_w = ctx.has_weights and ctx.needs_input_grad[1]
         if not (want_w or ctx.needs_input_grad[0]):
             return None, None, None, None, None, None, None
@@ -223,10 +225,10 @@ class _WeightedSegmentSum(torch.autograd.Function):
         # the gathered block is still in cache for the dot products and the scaling.
         need_y = ctx.needs_input_grad[0]
         row_weight = weights.index_select(0, inverse).to(acc) if ctx.has_weights and need_y else None  # [N]
-        per_row = grad.new_empty(N) if want_w else None  # [N] gate-weight gradient in y's row order
+        per_row = grad.new_empty(N, dtype=acc) if want_w else None  # [N] gate-weight gradient in y's row order
         grad_y = y.new_empty((N, D), dtype=ctx.y_dtype) if need_y else None  # [N, D]
-        for s, e in row_blocks(N, y.device, D * grad.element_size()):
-            row_grad = grad.index_select(0, row_segment[s:e])  # [b, D] each row's segment gradient
+        for s, e in row_blocks(N, y.device, D * acc.itemsize):
+            row_grad = grad.index_select(0, row_segment[s:e]).to(acc)  # [b, D] each row's segment gradient
             if per_row is not None:  # b dot products as one batched mat-vec, no [b, D] product
                 torch.bmm(row_grad.unsqueeze(1), y[s:e].to(acc).unsqueeze(2), out=per_row[s:e].view(-1, 1, 1))
             if grad_y is not None and row_weight is not None:
