@@ -59,7 +59,15 @@ def _grouped_mm_op(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor) -> torc
     kernel also runs float32 and float16, so ``torch.compile`` of a float32 layer failed. Behind
     this operator compile sees the fake kernel below (any dtype) and calls the eager kernel. The
     output is made contiguous, as the fake kernel says (CUDA pads the last dim's stride to 16 bytes).
+    On CPU the kernel is the row-window form (:mod:`ep_fsdp._row_windows`), as in eager mode; its
+    weight gradient zeroes and restores rows of its inputs within the call, so the operator is
+    still free of visible mutations.
     """
+    if a.device.type == "cpu":
+        counts = torch.diff(offs, prepend=offs.new_zeros(1)).tolist()
+        if b.dim() == 3:
+            return rows_mm(a, b, counts)
+        return rows_weight_grad(a.t(), b, counts)
     return torch._grouped_mm(a, b, offs=offs).contiguous()
 
 
