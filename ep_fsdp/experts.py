@@ -41,7 +41,7 @@ def _host_counts(offs: torch.Tensor, counts_host: list[int] | None) -> list[int]
 
 def _rows_mm(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor, counts_host: list[int] | None) -> torch.Tensor:
     """``a [N, K] x b [G, K, M] -> [N, M]``: group ``g``'s rows of ``a`` times ``b[g]`` (the row-block
-    form of ``grouped_mm``); on CPU in eager mode over row windows
+    form of ``grouped_mm``); bf16/float16 on CPU over row windows
     (:func:`ep_fsdp._row_windows.rows_mm`)."""
     if not windows_apply(a):
         return _grouped_mm(a, b, offs)
@@ -63,7 +63,7 @@ def _grouped_mm_op(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor) -> torc
     weight gradient zeroes and restores rows of its inputs within the call, so the operator is
     still free of visible mutations.
     """
-    if a.device.type == "cpu":
+    if windows_apply(a):  # NOTE: the operator's own body runs eagerly, also in a compiled graph
         counts = torch.diff(offs, prepend=offs.new_zeros(1)).tolist()
         if b.dim() == 3:
             return rows_mm(a, b, counts)
@@ -79,8 +79,8 @@ def _grouped_mm_fake(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor) -> to
 
 
 class _GroupedLinear(torch.autograd.Function):
-    """``y[rows of g] = x[rows of g] @ w[g].T`` with ``grouped_mm`` in both passes (its row-block
-    calls through :func:`_rows_mm` on CPU).
+    """``y[rows of g] = x[rows of g] @ w[g].T`` with ``grouped_mm`` in both passes; bf16/float16
+    on CPU all three matmuls run over row windows instead (:mod:`ep_fsdp._row_windows`).
 
     NOTE: written out by hand because the autograd formula of ``grouped_mm`` fails on CPU in
     torch 2.13 ("Invalid strides/sizes"), while the three forward-style calls below all run.
@@ -90,7 +90,8 @@ class _GroupedLinear(torch.autograd.Function):
     path: they come with the size exchange): the empty experts are left out of the call and get
     exact zeros. With no rows at all no kernel runs. Only where the counts are not on the host
     (the unparallelized layer, which makes no host sync) does the call include empty groups; there
-    the CPU kernel writes zeros (tested) and other devices' results are zeroed explicitly.
+    the CPU kernel writes zeros (tested) and other devices' results are zeroed explicitly. The
+    CPU row windows skip empty experts and write their zeros.
     """
 
     @staticmethod
