@@ -102,7 +102,8 @@ def parallelize_moe(
         mesh: 2-D ``DeviceMesh`` with dims ``("dp_shard", "ep")`` (see :func:`ep_fsdp.build_mesh`).
         mp_policy: FSDP2 mixed precision (``param_dtype``, ``reduce_dtype``); default full precision.
         reshard_after_forward: free unsharded parameters after forward (ZeRO-3) or keep them
-            until backward (ZeRO-2-like). The root module always keeps them.
+            until backward (ZeRO-2-like). The root module always keeps them, and so does the
+            last block in module order with the units inside it (its backward comes first).
         activation_checkpointing: recompute each block's activations in the backward pass.
         block_filter: ``(name, module, parent) -> bool`` choosing the FSDP blocks; default: every
             element of an ``nn.ModuleList`` (:func:`default_block_filter`).
@@ -214,9 +215,17 @@ def parallelize_moe(
             checkpoint_module(block)
 
     units: list[tuple[FSDPModule, DeviceMesh]] = []
+    module_names = {id(m): n for n, m in named.items()}
+    outermost = _outermost(blocks)
+    last_block = outermost[-1][0] if outermost else None
 
     def shard(module: nn.Module, on: DeviceMesh, policy: MixedPrecisionPolicy = mp_policy, **kwargs: object) -> None:
-        fully_shard(module, mesh=on, mp_policy=policy, reshard_after_forward=reshard_after_forward, **kwargs)
+        # NOTE: the last block (in module order) and the units inside it keep their parameters
+        # after the forward, as the root does (torchtitan's default): their backward runs right
+        # after the forward, so a reshard would only be undone at once by another all-gather.
+        name = module_names.get(id(module), "")
+        last = last_block is not None and (name == last_block or name.startswith(last_block + "."))
+        fully_shard(module, mesh=on, mp_policy=policy, reshard_after_forward=reshard_after_forward and not last, **kwargs)
         units.append((module, on))  # type: ignore[arg-type]
 
     low_precision = mp_policy.param_dtype not in (None, torch.float32)

@@ -190,10 +190,12 @@ def prefetch_plan(dp_shard: int, ep: int) -> dict:
                                  [names[s] for s in st._states_to_backward_prefetch])
     factors = {n or "root": m._get_fsdp_state()._fsdp_param_group.gradient_divide_factor
                for n, m in model.named_modules() if isinstance(m, FSDPModule) and m._get_fsdp_state()._fsdp_param_group}
-    return {"plan": plan, "factors": factors}
+    keeps = {n or "root": m._get_fsdp_state()._fsdp_param_group.post_forward_mesh_info is None
+             for n, m in model.named_modules() if isinstance(m, FSDPModule) and m._get_fsdp_state()._fsdp_param_group}
+    return {"plan": plan, "factors": factors, "keeps": keeps}
 
 
-def test_blocks_prefetch_the_next_blocks_expert_and_router_units(pools):
+def test_blocks_prefetch_the_next_blocks_units_and_the_last_block_keeps_its_parameters(pools):
     r = pools(2).run(prefetch_plan, 1, 2)[0]
     plan = r["plan"]
     ff = "layers.{}.feed_forward"
@@ -204,6 +206,11 @@ def test_blocks_prefetch_the_next_blocks_expert_and_router_units(pools):
                                    "layers.1", ff.format(1) + ".experts", ff.format(1) + ".router"]
     assert plan["layers.1"][1] == ["layers.0"]
     assert set(r["factors"].values()) == {1.0}  # grad_reduction="sum": no unit divides
+    # The root and the last block with its units keep their parameters after the forward (their
+    # backward comes first); every other unit reshards (reshard_after_forward=True, the default).
+    last = {"root", "layers.2", ff.format(2) + ".router", ff.format(2) + ".experts"}
+    assert {n for n, keep in r["keeps"].items() if keep} == last, r["keeps"]
+    assert {"layers.0", "layers.1", ff.format(1) + ".experts"} <= set(r["keeps"])
 
 
 def bare_layer_step(dp_shard: int, ep: int) -> dict:

@@ -10,7 +10,12 @@ some ranks a few percent more than others (the slowest rank sets each step's tim
 
 The reference (``no exchange``) is the same per-rank work with nothing on the wire: an
 unparallelized ``ep_fsdp.MoE`` with the ``E / ep`` local experts, the same tokens and top-k,
-so the same router, permutation, expert matmuls and combine per rank. Rows (all interleaved,
+so the same router, permutation, expert matmuls and combine per rank. Its experts get exactly
+``tokens * k`` rows on every rank, while under EP the random router gives some ranks more than
+others. ``--balanced`` removes that difference: after each router's own work, every model routes
+its tokens so that each expert gets exactly ``tokens * k / E`` rows from each rank (and a token's
+experts share a rank as often as under random routing, so as many rows travel), so the experts
+do the reference's work under EP too and the ratio is the exchange's own cost. Rows (all interleaved,
 medians, the slowest rank per step):
 
 * ``EP`` with ``dispatch_chunks`` 1, 2 and 4, and ``dispatch_dtype=bfloat16`` (float32 compute);
@@ -22,6 +27,7 @@ medians, the slowest rank per step):
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import statistics
 import time
@@ -35,6 +41,7 @@ from torch.profiler import ProfilerActivity, profile
 import ep_fsdp
 from bench_util import OneBlock, add_layer_args, shuffled_rounds
 from ep_fsdp.launch import exit_process
+from ep_fsdp.router import RouterOutput
 
 # Profiler events in which a rank waits for (or performs, when blocking) a collective.
 _COMM_EVENTS = ("wait_tensor", "all_to_all", "allreduce", "all_reduce", "alltoall", "barrier", "c10d::")
@@ -48,6 +55,37 @@ def step_fn(model: nn.Module, x: torch.Tensor, grad: torch.Tensor, sync: Callabl
         sync()
 
     return step
+
+
+def balanced_ids(T: int, k: int, E: int, device: torch.device) -> torch.Tensor:
+    """``[T, k]`` expert ids in which every expert appears exactly once per slot ``j`` in each block
+    of ``E`` tokens: token ``t`` takes ``(t + c_j) mod E``, with ``c_0 = 0`` and ``c_1..c_{k-1}``
+    distinct offsets in ``1..E-1`` drawn (one seed) per block. A token's experts are distinct and
+    fall on one rank or several as often as under a uniformly random choice, so an exchange sends
+    as many rows as with random routing."""
+    g = torch.Generator().manual_seed(0)
+    blocks = -(-T // E)
+    offsets = torch.stack([torch.cat([torch.zeros(1, dtype=torch.long), torch.randperm(E - 1, generator=g)[: k - 1] + 1])
+                           for _ in range(blocks)])  # [blocks, k]
+    t = torch.arange(T)
+    return ((t[:, None] + offsets[t // E]) % E).to(device)  # [T, k]
+
+
+def balance_routing(model: nn.Module) -> None:
+    """Route the tokens of every ``ep_fsdp.MoE`` in ``model`` by :func:`balanced_ids` after its
+    router's own work (scores, top-k): with ``T`` a multiple of ``E``, every expert gets ``T * k / E``
+    rows of each rank, and each rank's experts the rows of the reference. The gate weights are the
+    router's probabilities of those experts, so the router still gets a gradient."""
+    for _, layer in ep_fsdp.moe_layers(model):
+        routed = layer.router.forward
+
+        def forward(x: torch.Tensor, routed=routed, E: int = layer.config.num_experts, **kwargs) -> RouterOutput:
+            out = routed(x, **kwargs)
+            ids = balanced_ids(*out.expert_ids.shape, E, x.device)  # [T, k]
+            weights = out.probs.gather(-1, ids)  # [T, k]
+            return dataclasses.replace(out, expert_ids=ids, weights=weights, slot_scores=weights.detach())
+
+        layer.router.forward = forward
 
 
 def slowest(seconds: float, device: torch.device) -> float:
@@ -76,6 +114,8 @@ def main() -> None:
     add_layer_args(p, tokens_help="per rank")
     p.add_argument("--threads", type=int, default=1, help="torch threads per rank (CPU)")
     p.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"])
+    p.add_argument("--balanced", action="store_true",
+                   help="route every model's tokens evenly over the experts: the reference's rows on every rank")
     args = p.parse_args()
     cuda = torch.cuda.is_available()
     device = ep_fsdp.init_distributed(timeout=datetime.timedelta(seconds=300))
@@ -90,7 +130,7 @@ def main() -> None:
     if rank == 0:
         print(f"EP MoE layer forward+backward, ep={world}, {T} tokens per rank, D={D} H={H} E={E} k={k}, "
               f"device={device}, backend={dist.get_backend()}, threads/rank={torch.get_num_threads()}, "
-              f"torch {torch.__version__}")
+              f"routing={'balanced' if args.balanced else 'random router'}, torch {torch.__version__}")
         print(f"{'dtype':<10}{'row':<30}{'ms':>9}{'/ no exch.':>11}{'MB sent':>10}{'comm wait':>11}")
     for name in args.dtypes:
         dtype = getattr(torch, name)
@@ -109,6 +149,9 @@ def main() -> None:
             model = OneBlock(ep_fsdp.MoE(cfg)).to(device=device, dtype=dtype)
             ep_fsdp.parallelize_moe(model, mesh, **options)
             models[key] = model
+        if args.balanced:
+            for m in (reference, *models.values()):
+                balance_routing(m)
         g = torch.Generator(device=device).manual_seed(rank)
         x = torch.randn(T, D, device=device, dtype=dtype, generator=g, requires_grad=True)
         grad = torch.randn(T, D, device=device, dtype=dtype, generator=g)
