@@ -80,26 +80,30 @@ def rows_weight_grad(grad: torch.Tensor, x: torch.Tensor, counts: list[int]) -> 
 
     NOTE: the foreign rows are zeroed in place and restored bit for bit before returning, through
     ``.data`` so that the saved tensors' version counters do not change (other autograd nodes
-    that saved ``x`` check them). A window that starts at its expert's first row only reaches
-    into later experts' rows, so those windows run from the last expert to the first: an expert's
-    own rows are never zeroed before its turn, and one copy taken up front restores them all (a
-    few ops per expert: ~3 us each here). A window that ends at the last row zeroes earlier
-    rows, and restores them right after its call.
+    that saved ``x`` check them). So a graph must not run this backward from two threads at once
+    (autograd allows it with ``retain_graph``). Operands that are not contiguous (an expanded
+    tensor's rows may share memory) take the exact rows instead, and are never written to.
+    A window that starts at its expert's first row only reaches into later experts' rows, so
+    those windows run from the last expert to the first: an expert's own rows are never zeroed
+    before its turn, and one copy taken up front restores them all (a few ops per expert: ~3 us
+    each here). A window that ends at the last row zeroes earlier rows, and restores them right
+    after its call.
     """
     N = grad.shape[0]
     out = grad.new_empty((len(counts), grad.shape[1], x.shape[1]))  # [G, M, K]
+    exact = not (grad.is_contiguous() and x.is_contiguous())  # every expert over its exact rows (see the NOTE)
     g_rows, x_rows = grad.data, x.data
     forward: list[tuple[int, int, int, int]] = []  # (expert, window start, first foreign row, window end)
     start = 0
     for g, m in enumerate(counts):
-        window = _window(start, m, N) if m else None
+        window = _window(start, m, N) if m and not exact else None
         if not m:
             out[g].zero_()
-        elif window is None:  # fewer rows than one window in all: the exact rows
+        elif window is None:  # fewer rows than one window in all, or operands not contiguous: the exact rows
             torch.mm(grad[start : start + m].t(), x[start : start + m], out=out[g])
-        elif window is not None and window[0] == start:
+        elif window[0] == start:
             forward.append((g, start, start + m, window[1]))
-        elif window is not None:  # ends at the last row: foreign rows on both sides
+        else:  # ends at the last row: foreign rows on both sides
             lo, hi = window
             kept = [(i, j, g_rows[i:j].clone(), x_rows[i:j].clone()) for i, j in ((lo, start), (start + m, hi)) if j > i]
             for i, j, _, _ in kept:

@@ -223,6 +223,7 @@ def parallelize_moe(
         # NOTE: the last block (in module order) and the units inside it keep their parameters
         # after the forward, as the root does (torchtitan's default): their backward runs right
         # after the forward, so a reshard would only be undone at once by another all-gather.
+        # A model that registers last a block it runs early only holds that block unsharded longer.
         name = module_names.get(id(module), "")
         last = last_block is not None and (name == last_block or name.startswith(last_block + "."))
         fully_shard(module, mesh=on, mp_policy=policy, reshard_after_forward=reshard_after_forward and not last, **kwargs)

@@ -45,7 +45,7 @@ class _Float32Linear(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
         ctx.save_for_backward(x, w)
-        blocks = row_blocks(x.shape[0], x.device, x.shape[1] * 4)
+        blocks = _widening_blocks(x)
         if len(blocks) == 1:
             return F.linear(x.float(), w.float())  # [T, E]
         w32 = w.float().t()  # [D, E]
@@ -59,7 +59,7 @@ class _Float32Linear(torch.autograd.Function):
         x, w = ctx.saved_tensors
         want_x, want_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         w32 = w.float()  # [E, D]
-        blocks = row_blocks(x.shape[0], x.device, x.shape[1] * 4)
+        blocks = _widening_blocks(x)
         if len(blocks) == 1:
             grad_x = (grad @ w32).to(x.dtype) if want_x else None  # [T, D]
             grad_w = (grad.t() @ x.float()).to(w.dtype) if want_w else None  # [E, D]
@@ -73,6 +73,13 @@ class _Float32Linear(torch.autograd.Function):
             if grad_w32 is not None:
                 grad_w32.addmm_(grad[s:e].t(), x[s:e].float())
         return grad_x, grad_w32.to(w.dtype) if grad_w32 is not None else None
+
+
+def _widening_blocks(x: torch.Tensor) -> list[tuple[int, int]]:
+    """Row blocks of ``x`` for :class:`_Float32Linear`: cache-sized when ``x`` needs widening, else one."""
+    if x.dtype == torch.float32:
+        return [(0, x.shape[0])]
+    return row_blocks(x.shape[0], x.device, x.shape[1] * 4)
 
 
 def float32_logits(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:

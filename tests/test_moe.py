@@ -477,6 +477,20 @@ def test_row_window_weight_gradient_equals_grouped_mm(dtype, counts):
     assert (grad._version, x._version) == versions
 
 
+def test_row_window_weight_gradient_leaves_non_contiguous_operands_alone():
+    """An operand whose rows may share memory (an expanded tensor) cannot be zeroed row by row:
+    every expert then contracts over its exact rows, and nothing is written to the operands."""
+    torch.manual_seed(15)
+    counts = [40, 0, 3, 70]
+    N = sum(counts)
+    grad = torch.randn(N, 24, dtype=torch.bfloat16)
+    x = torch.randn(1, 16, dtype=torch.bfloat16).expand(N, 16)  # every row the same memory
+    got = windows_mod.rows_weight_grad(grad, x, counts)
+    starts = [sum(counts[:g]) for g in range(len(counts))]
+    for g, (s, m) in enumerate(zip(starts, counts)):
+        torch.testing.assert_close(got[g], grad[s:s + m].t() @ x[s:s + m], rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("weight_dtype", [torch.float32, torch.bfloat16])
 def test_router_logits_in_row_blocks_equal_one_pass(monkeypatch, weight_dtype):
     """The float32 router matmul of a bf16 input over CPU row blocks (each block widened in cache,

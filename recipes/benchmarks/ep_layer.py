@@ -76,12 +76,16 @@ def balance_routing(model: nn.Module) -> None:
     router's own work (scores, top-k): with ``T`` a multiple of ``E``, every expert gets ``T * k / E``
     rows of each rank, and each rank's experts the rows of the reference. The gate weights are the
     router's probabilities of those experts, so the router still gets a gradient."""
+    made: dict[tuple[int, int, int, torch.device], torch.Tensor] = {}  # made once, outside the timed steps
     for _, layer in ep_fsdp.moe_layers(model):
         routed = layer.router.forward
 
         def forward(x: torch.Tensor, routed=routed, E: int = layer.config.num_experts, **kwargs) -> RouterOutput:
             out = routed(x, **kwargs)
-            ids = balanced_ids(*out.expert_ids.shape, E, x.device)  # [T, k]
+            key = (*out.expert_ids.shape, E, x.device)
+            if key not in made:
+                made[key] = balanced_ids(*key)
+            ids = made[key]  # [T, k]
             weights = out.probs.gather(-1, ids)  # [T, k]
             return dataclasses.replace(out, expert_ids=ids, weights=weights, slot_scores=weights.detach())
 
@@ -122,6 +126,9 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     rank, world = dist.get_rank(), dist.get_world_size()
     D, H, E, k, T = args.dim, args.hidden_dim, args.experts, args.top_k, args.tokens
+    if args.balanced and T % E:
+        raise SystemExit(f"ep_layer.py: --balanced needs tokens % experts == 0 (every expert the same rows); got "
+                         f"tokens={T}, experts={E}")
     if E % world or k > E // world:
         raise SystemExit(f"ep_layer.py: need experts % world == 0 and top_k <= experts / world; got E={E}, "
                          f"world={world}, k={k}")
