@@ -3,7 +3,8 @@
 The floor is one dense SwiGLU (gate and up projections fused, as in the layer) applied to all
 ``T*k`` routed rows: the expert matmuls of the MoE layer without routing, permutation or combine.
 Layer and floor run interleaved in the same process, in a new random order each round; the table
-shows medians and their ratio. The
+shows medians, their ratio, and the median minor page faults per step (memory the allocator got
+back from the kernel and touches again; glibc's heap trimming makes them). The
 layer runs twice: on one fixed input, and on a new input every step (new routing, as in training).
 
 With transformers installed (``--hf``, the default when it is), more rows on the same shapes:
@@ -44,10 +45,24 @@ from ep_fsdp import MoE, MoEConfig
 from ep_fsdp.dispatch.local import sort_slots
 
 
-def time_once(fn: Callable[[], None]) -> float:
+try:
+    import resource
+except ImportError:  # not on Windows: no fault counts there
+    resource = None  # type: ignore[assignment]
+
+
+def _minor_faults() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt if resource is not None else 0
+
+
+def time_once(fn: Callable[[], None]) -> tuple[float, int]:
+    """Seconds one call of ``fn`` took, and the minor page faults the process took meanwhile (the
+    first touch of memory the allocator got back from the kernel: glibc returns freed heap to it
+    past its trim threshold, and the next step faults those pages in again)."""
+    faults = _minor_faults()
     start = time.perf_counter()
     fn()
-    return time.perf_counter() - start
+    return time.perf_counter() - start, _minor_faults() - faults
 
 
 def moe_step(layer: MoE, x: torch.Tensor, grad: torch.Tensor) -> Callable[[], None]:
@@ -191,7 +206,7 @@ def main() -> None:
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     print(f"MoE layer forward+backward, D={D} H={H} E={E} k={k} T={T}, device={device}, "
           f"threads={torch.get_num_threads()}, torch {torch.__version__}")
-    print(f"{'dtype':<10}{'row':<34}{'ms':>9}{'/ floor':>9}")
+    print(f"{'dtype':<10}{'row':<34}{'ms':>9}{'/ floor':>9}{'faults':>8}")
     for name in args.dtypes:
         dtype = getattr(torch, name)
         torch.manual_seed(0)
@@ -224,18 +239,21 @@ def main() -> None:
             label = "torchtitan MoE" + (" (experts in bf16)" if dtype != torch.bfloat16 else "")
             candidates[label] = block_step(titan, x, grad)
         times: dict[str, list[float]] = {key: [] for key in candidates}
+        page_faults: dict[str, list[int]] = {key: [] for key in candidates}
         for i, order in shuffled_rounds(list(candidates), args.warmup + args.repeats):
             for key in order:  # interleaved, in a new order each round
                 fn = candidates[key]
                 sync()
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore")
-                    t = time_once(lambda: (fn(), sync()))
+                    t, faults = time_once(lambda: (fn(), sync()))
                 if i >= args.warmup:
                     times[key].append(t)
+                    page_faults[key].append(faults)
         ms = {key: statistics.median(v) * 1e3 for key, v in times.items()}
         for key, value in ms.items():
-            print(f"{name:<10}{key:<34}{value:>9.2f}{value / ms['dense floor']:>8.2f}x")
+            print(f"{name:<10}{key:<34}{value:>9.2f}{value / ms['dense floor']:>8.2f}x"
+                  f"{statistics.median(page_faults[key]):>8.0f}")
         share = (ms["ep_fsdp.MoE"] - ms["  its experts alone"]) / ms["dense floor"]
         print(f"{name:<10}{'dispatch (MoE - experts) / floor':<34}{'':>9}{share:>8.2f}x")
         if args.compile:
