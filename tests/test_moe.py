@@ -429,7 +429,7 @@ _WINDOW_COUNTS = [[40, 0, 3, 1, 0, 70, 5], [33, 64, 2, 0], [2, 29, 2], [0, 7, 5,
 
 
 @pytest.mark.parametrize("counts", _WINDOW_COUNTS)
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_row_windows_equal_grouped_mm(dtype, counts):
     """The CPU row-window matmuls (each expert over its rows rounded up to a window, spilling into
     the next experts' rows, which their own expert then overwrites; backwards into scratch at the
@@ -443,13 +443,13 @@ def test_row_windows_equal_grouped_mm(dtype, counts):
     want = torch._grouped_mm(a, b, offs=offs)
     assert windows_mod.ROW_WINDOW > 5
     eps = torch.finfo(dtype).eps
-    assert experts_mod.windows_apply(a) == (dtype == torch.bfloat16)  # float32 keeps grouped_mm (BLAS takes any shape)
+    assert experts_mod.windows_apply(a) == (dtype != torch.float32)  # float32 keeps grouped_mm (BLAS takes any shape)
     for got in (windows_mod.rows_mm(a, b, counts), experts_mod._rows_mm(a, b, offs, None)):  # counts read from offs
         torch.testing.assert_close(got, want, rtol=4 * eps, atol=4 * eps * float(want.abs().max()))
 
 
 @pytest.mark.parametrize("counts", _WINDOW_COUNTS)
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_row_window_weight_gradient_equals_grouped_mm(dtype, counts):
     """The weight gradient over row windows (the neighbours' rows zeroed in both operands for the
     call) equals grouped_mm's per-expert contraction, also when a neighbour's rows hold inf and
