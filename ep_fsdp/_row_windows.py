@@ -17,7 +17,7 @@ of ``W`` (a *window*), so a few shapes repeat from step to step and each kernel 
   contracts over the expert's own rows and some neighbours' rows, which are zeroed in both
   operands for the call and restored right after, so they add exact zeros.
 
-Every result is its own expert's product; a float32 kernel may sum in another order for another
+Every result is its own expert's product; a kernel may sum in another order for another
 row count (last-bit differences, as between any two matmul shapes).
 """
 
