@@ -19,6 +19,9 @@ do the reference's work under EP too and the ratio is the exchange's own cost. R
 medians, the slowest rank per step):
 
 * ``EP`` with ``dispatch_chunks`` 1, 2 and 4, and ``dispatch_dtype=bfloat16`` (float32 compute);
+  all with ``parallelize_moe``'s default exchange (a token sent at most once to each rank), and
+  ``EP, row per expert`` with ``dedup_tokens=False`` (one row per (token, expert): more bytes,
+  less index work and one message fewer);
 * the ratio to the reference, the bytes this rank sends per step (rows and records, both
   directions, from ``routing_stats``), and the share of the step spent waiting on the exchange
   (time inside collective waits and blocking collectives, from a profile of a few steps).
@@ -147,6 +150,8 @@ def main() -> None:
         reference = OneBlock(ep_fsdp.MoE(local_cfg)).to(device=device, dtype=dtype)
         variants: dict[str, dict] = {"EP, 1 chunk": {}, "EP, 2 chunks": {"dispatch_chunks": 2},
                                      "EP, 4 chunks": {"dispatch_chunks": 4}}
+        if k > 1:  # with top_k == 1 both exchanges are the same
+            variants["EP, row per expert"] = {"dedup_tokens": False}
         if dtype == torch.float32:
             variants["EP, bf16 wire"] = {"dispatch_dtype": torch.bfloat16}
             variants["EP, bf16 wire, 2 chunks"] = {"dispatch_dtype": torch.bfloat16, "dispatch_chunks": 2}
