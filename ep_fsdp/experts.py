@@ -64,7 +64,7 @@ def _grouped_mm_op(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor) -> torc
     still free of visible mutations.
     """
     if windows_apply(a):  # NOTE: the operator's own body runs eagerly, also in a compiled graph
-        counts = torch.diff(offs, prepend=offs.new_zeros(1)).tolist()
+        counts = _host_counts(offs, None)
         if b.dim() == 3:
             return rows_mm(a, b, counts)
         return rows_weight_grad(a.t(), b, counts)
