@@ -8,7 +8,7 @@ import torch
 
 from ep_fsdp.dispatch import AllToAllDispatcher, DedupAllToAllDispatcher, LocalDispatcher
 from ep_fsdp import _blocks as blocks_mod
-from ep_fsdp.dispatch._ops import Segments, gather_rows, weighted_segment_sum
+from ep_fsdp.dispatch._ops import Segments, gather_rows, ordered_segment_sum, weighted_segment_sum
 from ep_fsdp.dispatch.all_to_all import regroup_by_expert
 from ep_fsdp.dispatch.local import combine_sorted, gather_sorted, sort_slots
 from ep_fsdp.placement import ExpertPlacement
@@ -113,6 +113,30 @@ def test_segment_sums_in_cache_blocks_equal_one_pass(monkeypatch, dtype, uniform
     assert len(blocks_mod.row_blocks(N, y0.device, 8 * 4)) > 4  # (the gathers' blocks: several)
     for got, want in zip(blocked, run(1 << 30)):  # against one pass
         assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("blocks", [False, True], ids=["one-block", "blocks"])
+def test_pair_segment_sum_is_the_float32_sum_rounded_once(monkeypatch, dtype, blocks):
+    """Two rows per segment (k = 2) take one add in the rows' dtype: bitwise the float32 sum of
+    the pair rounded once to that dtype, also for magnitudes far apart and for cancelling pairs,
+    in one block or in blocks of 5 segments."""
+    if blocks:
+        monkeypatch.setattr(blocks_mod, "BLOCK_BYTES", 10 * 40 * 4)
+        monkeypatch.setattr(torch, "get_num_threads", lambda: 1)
+    torch.manual_seed(6)
+    R, D = 64, 40
+    x = torch.randn(2 * R, D) * torch.logspace(-4, 4, 2 * R).unsqueeze(1)  # pairs of very different size
+    x[:8] = 1.0 + 2.0**-7
+    x[8:16] = -(1.0 + 2.0**-7)  # exact cancellation within some pairs
+    x = x.to(dtype)
+    order = torch.randperm(2 * R)
+    got = ordered_segment_sum(x, order, Segments(R, uniform=2), out_dtype=dtype)
+    rows = x.float().index_select(0, order).view(R, 2, D)
+    want = (rows[:, 0] + rows[:, 1]).to(dtype)
+    assert got.dtype == dtype and torch.equal(got, want)
+    out = torch.empty(R, D, dtype=dtype)
+    assert ordered_segment_sum(x, order, Segments(R, uniform=2), out=out) is out and torch.equal(out, want)
 
 
 def test_regroup_by_expert_groups_by_local_slot():

@@ -95,6 +95,16 @@ def ordered_segment_sum(
     if seg.uniform == 1 and weights is None:  # one row per segment: a permutation, nothing is summed
         rows = x.index_select(0, order)  # [R, D]
         return rows.to(out_dtype) if out is None else out.copy_(rows)
+    if seg.uniform == 2 and weights is None and out_dtype == x.dtype:
+        # NOTE: two rows per segment (k = 2): one add in x's dtype, which computes a narrower dtype
+        # in float32 and rounds once, so the bits equal the float32 sum below (0 + a + b) rounded
+        # once, without the widening pass.
+        if out is None:
+            out = x.new_empty((seg.num, x.shape[1]))  # [R, D]
+        for r0, r1, p0, p1 in _segment_blocks(x.device, seg, order.shape[0], x.shape[1] * acc.itemsize):
+            pairs = x.index_select(0, order[p0:p1]).view(r1 - r0, 2, x.shape[1])  # [b, 2, D]
+            torch.add(pairs[:, 0], pairs[:, 1], out=out[r0:r1])
+        return out
     w = weights.to(acc) if weights is not None else None
     blocks = [] if x.dtype == acc else _segment_blocks(x.device, seg, order.shape[0], x.shape[1] * acc.itemsize)
     if len(blocks) <= 1:  # one pass: nothing to widen (the rows are read where they are), GPU, compile
