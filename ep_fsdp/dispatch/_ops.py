@@ -239,8 +239,9 @@ class _WeightedSegmentSum(torch.autograd.Function):
         grad_y = y.new_empty((N, D), dtype=ctx.y_dtype) if need_y else None  # [N, D]
         for s, e in row_blocks(N, y.device, D * acc.itemsize):
             row_grad = grad.index_select(0, row_segment[s:e]).to(acc)  # [b, D] each row's segment gradient
-            if per_row is not None:  # b dot products as one batched mat-vec, no [b, D] product
-                torch.bmm(row_grad.unsqueeze(1), y[s:e].to(acc).unsqueeze(2), out=per_row[s:e].view(-1, 1, 1))
+            if per_row is not None:  # b dot products: the products in acc (y widened on the fly), summed per row
+                # NOTE: one batched mat-vec (bmm of [b, 1, D] x [b, D, 1]) took ~30% longer here
+                torch.sum(torch.mul(row_grad, y[s:e]), 1, out=per_row[s:e])
             if grad_y is not None and row_weight is not None:
                 torch.mul(row_grad, row_weight[s:e].unsqueeze(1), out=grad_y[s:e])  # computed in acc, stored in y's dtype
             elif grad_y is not None:
