@@ -249,11 +249,15 @@ def parallelize_moe(
     units.append((model, all_mesh))  # type: ignore[arg-type]
 
     gloo = dist.get_backend(all_mesh.get_group()) == "gloo"
+    factor = float(world) if grad_reduction == "mean" else 1.0
     for module, on in units:
         # NOTE: under "mean" every unit divides by world: dense units reduce over all ranks, and the
         # expert units' gradients already sum the tokens of all ep peers before FSDP sums over
-        # dp_shard. FSDP applies the factor also on a size-1 mesh (no communication).
-        module.set_gradient_divide_factor(float(world) if grad_reduction == "mean" else 1.0)
+        # dp_shard. FSDP applies the factor also on a size-1 mesh (no communication). There a
+        # factor of 1 is left unset: FSDP's default on a size-1 mesh is a plain sum, while a set
+        # factor costs a division pass over the gradients (~0.3 ms a step at world size 1 here).
+        if not (on.size() == 1 and factor == 1.0):
+            module.set_gradient_divide_factor(factor)
         if gloo and on.size() > 1:
             # NOTE: gloo has no AVG or PREMUL_SUM: sum, then divide. Not on a size-1 mesh, where
             # torch 2.13 would apply the divide factor twice.
