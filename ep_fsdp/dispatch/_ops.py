@@ -5,7 +5,8 @@ Legend: N gathered rows, R output rows (segments), D feature dim.
 Every reduction in the dispatch path is a *segment sum over rows taken in a given order*, computed
 by one ``embedding_bag(mode="sum")`` call: it gathers, weights and sums each segment's rows in
 order in a single pass (one kernel instead of gather, cast, multiply and reduce), never a scatter
-with atomics. Results are therefore bitwise reproducible run to run,
+with atomics (one row per segment is a plain gather, and two unweighted rows one add, with the
+same bits: see :func:`ordered_segment_sum`). Results are therefore bitwise reproducible run to run,
 also on CUDA under ``torch.use_deterministic_algorithms(True)``. Weighted sums accumulate in
 float32 whatever the row dtype.
 
