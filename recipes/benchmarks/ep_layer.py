@@ -24,7 +24,11 @@ medians, the slowest rank per step):
   less index work and one message fewer);
 * the ratio to the reference, the bytes this rank sends per step (rows and records, both
   directions, from ``routing_stats``), and the share of the step spent waiting on the exchange
-  (time inside collective waits and blocking collectives, from a profile of a few steps).
+  (time inside collective waits and blocking collectives, from a profile of a few steps);
+* ``all-to-all alone, same bytes``: the transport by itself, four back-to-back
+  ``all_to_all_single`` calls (a forward's two exchanges and their gradients' two) that each send
+  half of the ``EP, 1 chunk`` row's bytes, split evenly over the peers, with no other work. Its
+  ratio is the part of the reference's time that the backend's transport alone adds.
 """
 
 from __future__ import annotations
@@ -38,6 +42,7 @@ from collections.abc import Callable
 
 import torch
 import torch.distributed as dist
+import torch.distributed._functional_collectives as funcol
 import torch.nn as nn
 from torch.profiler import ProfilerActivity, profile
 
@@ -93,6 +98,25 @@ def balance_routing(model: nn.Module) -> None:
             return dataclasses.replace(out, expert_ids=ids, weights=weights, slot_scores=weights.detach())
 
         layer.router.forward = forward
+
+
+def bare_exchanges(sent_bytes: float, device: torch.device, sync: Callable[[], None]) -> Callable[[], None]:
+    """Four ``all_to_all_single`` calls, each waited for at once, that each send ``sent_bytes / 2`` (half of one
+    forward's bytes to the peers) split evenly over the peers: an expert-parallel step's transport
+    (rows out and back, then their gradients) without its compute."""
+    world = dist.get_world_size()
+    per_peer = max(1, round(sent_bytes / 2 / max(world - 1, 1) / 4))  # float32 words to each peer
+    x = torch.zeros(per_peer * world, device=device)  # [world * per_peer]
+
+    splits = [per_peer] * world
+    group = dist.group.WORLD
+
+    def step() -> None:
+        for _ in range(4):  # torch's functional collective, as the exchange uses
+            funcol.wait_tensor(funcol.all_to_all_single(x, splits, splits, group))
+        sync()
+
+    return step
 
 
 def slowest(seconds: float, device: torch.device) -> float:
@@ -169,6 +193,16 @@ def main() -> None:
         grad = torch.randn(T, D, device=device, dtype=dtype, generator=g)
         candidates = {"no exchange (E/ep local)": step_fn(reference, x, grad, sync)}
         candidates |= {key: step_fn(m, x, grad, sync) for key, m in models.items()}
+        sent = {}
+        for key, m in models.items():  # two steps of each model, also a warm-up
+            for _ in range(2):
+                candidates[key]()
+            stats = ep_fsdp.routing_stats(m, reset=True)
+            layer = next(iter(stats.values()))
+            sent[key] = layer["a2a_bytes"] / max(layer["forwards"], 1) / world  # per rank per step
+        bare = "all-to-all alone, same bytes"
+        sent[bare] = sent["EP, 1 chunk"]
+        candidates[bare] = bare_exchanges(sent[bare], device, sync)
         times: dict[str, list[float]] = {key: [] for key in candidates}
         for i, order in shuffled_rounds(list(candidates), args.warmup + args.repeats):
             for key in order:  # interleaved, in a new order each round (the same on every rank)
@@ -179,19 +213,10 @@ def main() -> None:
                 took = slowest(time.perf_counter() - start, device)
                 if i >= args.warmup:
                     times[key].append(took)
-        for m in models.values():
-            ep_fsdp.routing_stats(m, reset=True)
         shares = {}
         for key, fn in candidates.items():
             dist.barrier()
             shares[key] = comm_share(fn, 3)
-        sent = {}
-        for key, m in models.items():
-            for _ in range(2):
-                candidates[key]()
-            stats = ep_fsdp.routing_stats(m, reset=True)
-            layer = next(iter(stats.values()))
-            sent[key] = layer["a2a_bytes"] / max(layer["forwards"], 1) / world  # per rank per step
         ms = {key: statistics.median(v) * 1e3 for key, v in times.items()}
         base = ms["no exchange (E/ep local)"]
         if rank == 0:
