@@ -224,7 +224,9 @@ def parallel_checks(device: torch.device) -> None:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    rendezvous = dict(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    saved = {key: os.environ.get(key) for key in rendezvous}
+    os.environ.update(rendezvous)
     device = ep_fsdp.init_distributed()
     try:
         parallel_step_check(device)
@@ -235,6 +237,13 @@ def parallel_checks(device: torch.device) -> None:
         exchange_determinism_check(device)
     finally:
         dist.destroy_process_group()
+        # NOTE: restored, so that the benchmark run afterwards (a subprocess) makes its own
+        # rendezvous instead of reusing this one's port (EADDRINUSE while it is in TIME_WAIT)
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
 
 
 EXCHANGE_DTYPES = ((torch.float32, 1e-5), (torch.bfloat16, 2e-2))  # (dtype, tolerance against the local layer)
@@ -443,9 +452,11 @@ def main() -> int:
     determinism_check(device)
     parallel_checks(device)
     bench = Path(__file__).with_name("moe_layer.py")
-    subprocess.run([sys.executable, str(bench), "--repeats", "20" if device.type == "cuda" else "3",
-                    "--dtypes", "float32", "bfloat16"] + ([] if device.type == "cuda" else ["--tokens", "1024"]),
-                   check=False)
+    run = subprocess.run([sys.executable, str(bench), "--repeats", "20" if device.type == "cuda" else "3",
+                          "--dtypes", "float32", "bfloat16"] + ([] if device.type == "cuda" else ["--tokens", "1024"]),
+                         check=False)
+    if run.returncode != 0:
+        FAILURES.append(f"layer benchmark (moe_layer.py exited with {run.returncode})")
     print(f"{len(FAILURES)} failed: {FAILURES}" if FAILURES else "all device checks passed", flush=True)
     return 1 if FAILURES else 0
 

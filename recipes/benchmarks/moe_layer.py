@@ -29,6 +29,7 @@ import argparse
 import copy
 import importlib.util
 import os
+import socket
 import statistics
 import time
 import warnings
@@ -165,7 +166,10 @@ def parallelized_world1(module: nn.Module) -> nn.Module:
     """``module`` as the one block of a model parallelized by ep_fsdp on a 1-rank mesh."""
     if not dist.is_initialized():
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", "29591")
+        if "MASTER_PORT" not in os.environ:  # a free port (a fixed one may be taken)
+            with socket.socket() as s:
+                s.bind(("127.0.0.1", 0))
+                os.environ["MASTER_PORT"] = str(s.getsockname()[1])
         dist.init_process_group("gloo", rank=0, world_size=1)
     holder = OneBlock(module)
     ep_fsdp.parallelize_moe(holder, ep_fsdp.build_mesh(ep=1, device_type="cpu"))
