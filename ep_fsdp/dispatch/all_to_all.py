@@ -48,6 +48,15 @@ class _AllToAllHandle(DispatchHandle):
 
 
 @dataclass
+class _Plan(SizePlan):
+    shape: tuple[int, ...]  # the tokens' shape, [..., D]
+    tokens: torch.Tensor  # [T, D]
+    weights: torch.Tensor  # [T, k]
+    sort: SlotSort
+    x_sorted: torch.Tensor  # [S, D] in the wire dtype, contiguous per destination
+
+
+@dataclass
 class _Issued:
     received: RowsInFlight  # [R, D] in the wire dtype
     recv: torch.Tensor  # [ep, G] rows from source s for my slot g
@@ -58,7 +67,7 @@ class AllToAllDispatcher(ExchangeDispatcher):
     """One row per (token, expert) to the expert's rank; results come back and are combined there."""
 
     def _plan(self, tokens: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor,
-              keep: torch.Tensor | None) -> SizePlan:
+              keep: torch.Tensor | None) -> _Plan:
         ep, G, E = self.placement.ep, self.num_local_experts, self.placement.num_experts
         shape = tuple(tokens.shape)
         tokens, expert_ids, weights = flat_tokens(tokens, expert_ids, weights)  # [T, D], [T, k], [T, k]
@@ -68,14 +77,14 @@ class AllToAllDispatcher(ExchangeDispatcher):
         sort = sort_slots(physical, E)
         x_sorted = gather_sorted(tokens.to(self.wire(tokens.dtype)), sort)  # [S, D], contiguous per destination
         send = sort.counts.view(ep, G)  # [ep, G] rows for peer r's slot g
-        return SizePlan(send, {"shape": shape, "tokens": tokens, "weights": weights, "sort": sort, "x_sorted": x_sorted})
+        return _Plan(send, shape, tokens, weights, sort, x_sorted)
 
     def _host_sizes(self, plan: SizePlan, recv: torch.Tensor) -> torch.Tensor:
         return torch.cat([plan.sizes.sum(1), recv.sum(1), recv.sum(0)])  # [ep + ep + G]
 
-    def _send(self, plan: SizePlan, recv: torch.Tensor, host: list[int]) -> _Issued:
+    def _send(self, plan: _Plan, recv: torch.Tensor, host: list[int]) -> _Issued:  # type: ignore[override]
         ep = self.placement.ep
-        shape, tokens, weights, sort, x_sorted = (plan.state[k] for k in ("shape", "tokens", "weights", "sort", "x_sorted"))
+        shape, tokens, weights, sort, x_sorted = plan.shape, plan.tokens, plan.weights, plan.sort, plan.x_sorted
         input_splits, output_splits, counts_host = host[:ep], host[ep:2 * ep], host[2 * ep:]
         kept = sum(input_splits)
         received = self._send_rows(x_sorted[:kept], output_splits, input_splits)

@@ -27,7 +27,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import torch
 import torch.distributed as dist
@@ -68,10 +68,10 @@ class DispatchResult(NamedTuple):
 @dataclass
 class SizePlan:
     """One call's local routing work, before the size exchange: ``sizes [ep, c]`` integers for
-    each peer (what the size exchange sends) and the implementation's own ``state``."""
+    each peer (what the size exchange sends). Implementations subclass it with the fields their
+    :meth:`ExchangeDispatcher._send` needs."""
 
     sizes: torch.Tensor
-    state: dict[str, Any]
 
 
 class RunStats(NamedTuple):

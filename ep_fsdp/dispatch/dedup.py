@@ -45,6 +45,20 @@ class _DedupHandle(DispatchHandle):
 
 
 @dataclass
+class _Plan(SizePlan):
+    shape: tuple[int, ...]  # the tokens' shape, [..., D]
+    tokens: torch.Tensor  # [T, D]
+    weights: torch.Tensor  # [T, k]
+    slot: torch.Tensor  # [S] local slot of each routed slot at its destination
+    order: torch.Tensor  # [S] slots sorted by (destination, token); dropped slots last
+    s_dest: torch.Tensor  # [S] destination of each sorted slot (ep: dropped)
+    s_token: torch.Tensor  # [S] token of each sorted slot
+    first: torch.Tensor  # [S] bool: the sorted slot starts a (destination, token) row
+    rows_send: torch.Tensor  # [ep] rows for each destination
+    slots_send: torch.Tensor  # [ep, G] slots for each destination's local slot
+
+
+@dataclass
 class _Issued:
     rows_in: RowsInFlight  # [R, D] in the wire dtype
     records_in: torch.Tensor  # [Sr, 2] (row in the source's chunk, local slot)
@@ -58,7 +72,7 @@ class DedupAllToAllDispatcher(ExchangeDispatcher):
     """One row per (token, destination rank); gate weights applied on the expert's rank."""
 
     def _plan(self, tokens: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor,
-              keep: torch.Tensor | None) -> SizePlan:
+              keep: torch.Tensor | None) -> _Plan:
         ep, G = self.placement.ep, self.num_local_experts
         shape = tuple(tokens.shape)
         tokens, expert_ids, weights = flat_tokens(tokens, expert_ids, weights)  # [T, D], [T, k], [T, k]
@@ -75,20 +89,17 @@ class DedupAllToAllDispatcher(ExchangeDispatcher):
         first[1:] = (s_dest[1:] != s_dest[:-1]) | (s_token[1:] != s_token[:-1])
         rows_send = torch.zeros(ep + 1, dtype=torch.long, device=device).scatter_add_(0, s_dest, first.long())[:ep]
         slots_send = expert_counts(dest * G + slot, (ep + 1) * G)[:ep * G].view(ep, G)  # [ep, G]
-        state = {"shape": shape, "tokens": tokens, "weights": weights, "slot": slot, "order": order, "s_dest": s_dest,
-                 "s_token": s_token, "first": first, "rows_send": rows_send, "slots_send": slots_send}
-        return SizePlan(torch.cat([rows_send.unsqueeze(1), slots_send], dim=1), state)  # [ep, 1 + G]
+        sizes = torch.cat([rows_send.unsqueeze(1), slots_send], dim=1)  # [ep, 1 + G]
+        return _Plan(sizes, shape, tokens, weights, slot, order, s_dest, s_token, first, rows_send, slots_send)
 
-    def _host_sizes(self, plan: SizePlan, recv: torch.Tensor) -> torch.Tensor:
-        rows_send, slots_send = plan.state["rows_send"], plan.state["slots_send"]
+    def _host_sizes(self, plan: _Plan, recv: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
         rows_recv, slots_recv = recv[:, 0], recv[:, 1:]  # [ep], [ep, G]
-        return torch.cat([rows_send, slots_send.sum(1), rows_recv, slots_recv.sum(1), slots_recv.sum(0)])
+        return torch.cat([plan.rows_send, plan.slots_send.sum(1), rows_recv, slots_recv.sum(1), slots_recv.sum(0)])
 
-    def _send(self, plan: SizePlan, recv: torch.Tensor, host: list[int]) -> _Issued:
+    def _send(self, plan: _Plan, recv: torch.Tensor, host: list[int]) -> _Issued:  # type: ignore[override]
         ep = self.placement.ep
-        st = plan.state
-        shape, tokens, weights, slot, order = st["shape"], st["tokens"], st["weights"], st["slot"], st["order"]
-        s_dest, s_token, first, rows_send = st["s_dest"], st["s_token"], st["first"], st["rows_send"]
+        shape, tokens, weights, slot, order = plan.shape, plan.tokens, plan.weights, plan.slot, plan.order
+        s_dest, s_token, first, rows_send = plan.s_dest, plan.s_token, plan.first, plan.rows_send
         T, k = weights.shape
         rows_recv_dev, slots_recv_dev = recv[:, 0], recv[:, 1:]  # [ep], [ep, G]
         rs, ss, rr, sr, counts_host = (host[:ep], host[ep:2 * ep], host[2 * ep:3 * ep], host[3 * ep:4 * ep], host[4 * ep:])
