@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import random
+import socket
 from collections.abc import Iterator
 
 import torch
@@ -47,3 +48,11 @@ def shuffled_rounds(keys: list[str], rounds: int, seed: int = 0) -> Iterator[tup
         order = list(keys)
         rng.shuffle(order)
         yield i, order
+
+
+def free_port() -> str:
+    """A TCP port on 127.0.0.1 that is free now, for a one-process rendezvous (a fixed port may be
+    taken by another job, or still held by this process's previous group)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return str(s.getsockname()[1])

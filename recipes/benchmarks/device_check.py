@@ -39,10 +39,10 @@ from __future__ import annotations
 import contextlib
 import copy
 import os
-import socket
 import subprocess
 import sys
 import warnings
+from unittest import mock
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -53,6 +53,7 @@ import torch.nn.functional as F
 from torch.distributed.tensor import DTensor
 
 import ep_fsdp
+from bench_util import free_port
 from ep_fsdp import experts as experts_mod
 from ep_fsdp.dispatch import (AllToAllDispatcher, DedupAllToAllDispatcher, LocalDispatcher, TokenDispatcher,
                               expert_counts)
@@ -221,29 +222,21 @@ class LinearMoE(nn.Module):
 
 def parallel_checks(device: torch.device) -> None:
     """The world-size-1 parallel cases, inside one process group."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    rendezvous = dict(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    saved = {key: os.environ.get(key) for key in rendezvous}
-    os.environ.update(rendezvous)
-    device = ep_fsdp.init_distributed()
-    try:
-        parallel_step_check(device)
-        idle_rank_check(device)
-        exchange_parity_check(device)
-        placement_matters_check(device)
-        host_sync_check(device)
-        exchange_determinism_check(device)
-    finally:
-        dist.destroy_process_group()
-        # NOTE: restored, so that the benchmark run afterwards (a subprocess) makes its own
-        # rendezvous instead of reusing this one's port (EADDRINUSE while it is in TIME_WAIT)
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
+    # NOTE: the rendezvous variables are set for these checks only, so that the benchmark run
+    # afterwards (a subprocess) makes its own rendezvous instead of reusing this one's port
+    # (EADDRINUSE while it is in TIME_WAIT)
+    rendezvous = dict(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=free_port())
+    with mock.patch.dict(os.environ, rendezvous):
+        device = ep_fsdp.init_distributed()
+        try:
+            parallel_step_check(device)
+            idle_rank_check(device)
+            exchange_parity_check(device)
+            placement_matters_check(device)
+            host_sync_check(device)
+            exchange_determinism_check(device)
+        finally:
+            dist.destroy_process_group()
 
 
 EXCHANGE_DTYPES = ((torch.float32, 1e-5), (torch.bfloat16, 2e-2))  # (dtype, tolerance against the local layer)

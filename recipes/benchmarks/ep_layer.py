@@ -101,13 +101,12 @@ def balance_routing(model: nn.Module) -> None:
 
 
 def bare_exchanges(sent_bytes: float, device: torch.device, sync: Callable[[], None]) -> Callable[[], None]:
-    """Four ``all_to_all_single`` calls, each waited for at once, that each send ``sent_bytes / 2`` (half of one
-    forward's bytes to the peers) split evenly over the peers: an expert-parallel step's transport
-    (rows out and back, then their gradients) without its compute."""
+    """Four ``all_to_all_single`` calls, each waited for at once, that each send ``sent_bytes / 2``
+    (half of one forward's bytes to the peers) split evenly over the peers: an expert-parallel
+    step's transport (rows out and back, then their gradients) without its compute."""
     world = dist.get_world_size()
     per_peer = max(1, round(sent_bytes / 2 / max(world - 1, 1) / 4))  # float32 words to each peer
     x = torch.zeros(per_peer * world, device=device)  # [world * per_peer]
-
     splits = [per_peer] * world
     group = dist.group.WORLD
 

@@ -29,7 +29,6 @@ import argparse
 import copy
 import importlib.util
 import os
-import socket
 import statistics
 import time
 import warnings
@@ -41,7 +40,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import ep_fsdp
-from bench_util import OneBlock, add_layer_args, shuffled_rounds
+from bench_util import OneBlock, add_layer_args, free_port, shuffled_rounds
 from ep_fsdp import MoE, MoEConfig
 from ep_fsdp.dispatch.local import sort_slots
 
@@ -166,10 +165,8 @@ def parallelized_world1(module: nn.Module) -> nn.Module:
     """``module`` as the one block of a model parallelized by ep_fsdp on a 1-rank mesh."""
     if not dist.is_initialized():
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        if "MASTER_PORT" not in os.environ:  # a free port (a fixed one may be taken)
-            with socket.socket() as s:
-                s.bind(("127.0.0.1", 0))
-                os.environ["MASTER_PORT"] = str(s.getsockname()[1])
+        if "MASTER_PORT" not in os.environ:
+            os.environ["MASTER_PORT"] = free_port()
         dist.init_process_group("gloo", rank=0, world_size=1)
     holder = OneBlock(module)
     ep_fsdp.parallelize_moe(holder, ep_fsdp.build_mesh(ep=1, device_type="cpu"))
