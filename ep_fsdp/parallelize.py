@@ -184,6 +184,9 @@ def parallelize_moe(
     world = all_mesh.size()
     ep_group = ep_mesh.get_group() if ep > 1 else None
     stats_group = all_mesh.get_group() if world > 1 else None
+    # what FSDP divides every gradient by (see grad_reduction), and what an injected global-loss
+    # gradient is multiplied by beforehand
+    factor = float(world) if grad_reduction == "mean" else 1.0
 
     for _, layer in layers:
         placement = ExpertPlacement.contiguous(layer.config.num_experts, ep)
@@ -193,7 +196,7 @@ def parallelize_moe(
         layer.stats_group = stats_group
         # NOTE: under "mean" FSDP divides every gradient by world; the balancing-loss gradient
         # each rank injects is the partial derivative of the global loss, so it is multiplied back.
-        layer.aux_grad_factor = float(world) if grad_reduction == "mean" else 1.0
+        layer.aux_grad_factor = factor
     for name, module in contract:
         E = contract_num_experts(name, module)
         _shard_experts(module, ep_mesh)
@@ -202,7 +205,7 @@ def parallelize_moe(
         make_expert_parallel(module, num_experts=E, dispatcher=dispatcher, stats_group=stats_group)
     if contract:
         record_router_logits(model, stats_group=stats_group,
-                             grad_factor=float(world) if grad_reduction == "mean" else 1.0)
+                             grad_factor=factor)
 
     named = dict(model.named_modules())
     blocks = [
@@ -210,13 +213,13 @@ def parallelize_moe(
         for name, module in named.items()
         if name and block_filter(name, module, named.get(name.rpartition(".")[0]))
     ]
+    outermost = _outermost(blocks)
     if activation_checkpointing:
-        for _, block in _outermost(blocks):
+        for _, block in outermost:
             checkpoint_module(block)
 
     units: list[tuple[FSDPModule, DeviceMesh]] = []
     module_names = {id(m): n for n, m in named.items()}
-    outermost = _outermost(blocks)
     last_block = outermost[-1][0] if outermost else None
 
     def shard(module: nn.Module, on: DeviceMesh, policy: MixedPrecisionPolicy = mp_policy, **kwargs: object) -> None:
@@ -249,7 +252,6 @@ def parallelize_moe(
     units.append((model, all_mesh))  # type: ignore[arg-type]
 
     gloo = dist.get_backend(all_mesh.get_group()) == "gloo"
-    factor = float(world) if grad_reduction == "mean" else 1.0
     for module, on in units:
         # NOTE: under "mean" every unit divides by world: dense units reduce over all ranks, and the
         # expert units' gradients already sum the tokens of all ep peers before FSDP sums over
@@ -262,7 +264,7 @@ def parallelize_moe(
             # NOTE: gloo has no AVG or PREMUL_SUM: sum, then divide. Not on a size-1 mesh, where
             # torch 2.13 would apply the divide factor twice.
             module.set_force_sum_reduction_for_comms(True)
-    _set_prefetch(model, [b for _, b in _outermost(blocks)])  # type: ignore[arg-type]
+    _set_prefetch(model, [b for _, b in outermost])  # type: ignore[arg-type]
     setattr(model, _LAYOUT_ATTR, ParallelLayout(world_size=world, dp_shard=dp_shard, ep=ep, mesh=mesh,
                                                 grad_reduction=grad_reduction))
     return model
