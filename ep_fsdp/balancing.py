@@ -26,6 +26,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from torch.autograd.function import once_differentiable
 
 from .dispatch._comm import all_reduce_sum_, wait
 from .router import RouterOutput, balancing_losses, balancing_stats
@@ -122,6 +123,7 @@ class _AuxLossGrad(torch.autograd.Function):
         return weights.view_as(weights)
 
     @staticmethod
+    @once_differentiable
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[Any, ...]:
         g: _AuxGrads = ctx.grads
         grad_probs = None if g.probs_row is None else g.probs_row.expand(ctx.shape)

@@ -12,6 +12,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
 from torch.distributed.tensor import DTensor
 
 from ._blocks import row_blocks
@@ -107,6 +108,7 @@ class _GroupedLinear(torch.autograd.Function):
         return _rows_mm(x, w.transpose(-2, -1), offs, counts_host)
 
     @staticmethod
+    @once_differentiable
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         x, w, offs, counts = ctx.saved_tensors
         if x.shape[0] == 0:
@@ -169,6 +171,7 @@ class _SwiGLU(torch.autograd.Function):
         return out
 
     @staticmethod
+    @once_differentiable
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         gate, up = ctx.saved_tensors
         blocks = row_blocks(gate.shape[0], gate.device, gate.shape[1] * gate.element_size())
@@ -306,4 +309,8 @@ class SharedExperts(nn.Module):
         self.down_proj = nn.Linear(width, dim, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: [T, D]
-        return self.down_proj(swiglu(self.gate_proj(x), self.up_proj(x)))  # [T, D]
+        if x.dtype == self.gate_proj.weight.dtype:
+            return self.down_proj(swiglu(self.gate_proj(x), self.up_proj(x)))  # [T, D]
+        # NOTE: another input dtype: the weights cast to it, as the routed experts do
+        gate, up, down = (p.weight.to(x.dtype) for p in (self.gate_proj, self.up_proj, self.down_proj))
+        return F.linear(swiglu(F.linear(x, gate), F.linear(x, up)), down)  # [T, D]

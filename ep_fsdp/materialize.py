@@ -43,6 +43,29 @@ def _param_seed(seed: int, name: str) -> int:
     return (seed * 1_000_003 + zlib.crc32(name.encode())) % (2**63)
 
 
+def _tied_groups(model: nn.Module) -> list[list[str]]:
+    """Names that share one parameter (tied weights), the name ``named_parameters()`` gives first."""
+    groups: dict[int, list[str]] = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        groups.setdefault(id(param), []).append(name)
+    return [names for names in groups.values() if len(names) > 1]
+
+
+def _retie(model: nn.Module, tied: list[list[str]]) -> None:
+    """Share each group's first parameter again where ``to_empty`` gave the others their own.
+
+    NOTE: ``to_empty`` replaces a meta parameter by a new one per module that holds it, which
+    unties tied weights of a plain model (FSDP2 keeps its own ties).
+    """
+    for first, *others in tied:
+        param = model.get_parameter(first)
+        for name in others:
+            owner, _, attr = name.rpartition(".")
+            module = model.get_submodule(owner)
+            if getattr(module, attr) is not param:
+                setattr(module, attr, param)
+
+
 @torch.no_grad()
 def materialize(model: nn.Module, device: torch.device | str, *, init_fn: InitFn | None = None, seed: int = 0) -> nn.Module:
     """Allocate ``model``'s parameters and buffers on ``device`` and initialize them shard by shard.
@@ -53,7 +76,8 @@ def materialize(model: nn.Module, device: torch.device | str, *, init_fn: InitFn
     defines ``init_parameter(relative_name, tensor, generator)`` initializes it: the model's own
     scheme first (the reference transformer has one), else a layer's default (:class:`ep_fsdp.MoE`
     has one). Afterwards every module that defines
-    ``reset_buffers()`` recomputes its buffers (``to_empty`` leaves them uninitialized). Load a
+    ``reset_buffers()`` recomputes its buffers (``to_empty`` leaves them uninitialized). Tied
+    parameters stay tied and are initialized once, under the name ``named_parameters()`` gives. Load a
     checkpoint afterwards instead of relying on the init, if you have one.
 
     Example::
@@ -79,7 +103,9 @@ def materialize(model: nn.Module, device: torch.device | str, *, init_fn: InitFn
                 "torch.nn.init.normal_(t, std=0.02, generator=g) (or your own), or define init_parameter."
             )
         inits[name] = found
+    tied = _tied_groups(model)
     model.to_empty(device=device)
+    _retie(model, tied)
     generator = torch.Generator()
     for name, param in model.named_parameters():
         fn, rel = inits[name]

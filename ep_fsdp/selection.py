@@ -10,6 +10,7 @@ they are the same on every layout and hand-checkable in unit tests.
 from __future__ import annotations
 
 import math
+from fractions import Fraction
 
 import torch
 
@@ -63,8 +64,12 @@ def expert_dropout_mask(token_index: torch.Tensor, num_experts: int, p: float, s
 
 
 def capacity(capacity_factor: float, tokens: int, top_k: int, num_experts: int) -> int:
-    """``ceil(capacity_factor * T * k / E)``: slots one expert takes from one forward call."""
-    return math.ceil(capacity_factor * tokens * top_k / num_experts)
+    """``ceil(capacity_factor * T * k / E)``: slots one expert takes from one forward call.
+
+    NOTE: computed exactly on the decimal value of ``capacity_factor`` (its shortest repr, what a
+    config says): in floating point ``1.1 * 100 * 2 / 4`` is 55.000000000000007, whose ceiling is 56.
+    """
+    return math.ceil(Fraction(repr(float(capacity_factor))) * tokens * top_k / num_experts)
 
 
 def capacity_keep(expert_ids: torch.Tensor, slot_scores: torch.Tensor, num_experts: int, limit: int) -> torch.Tensor:

@@ -18,7 +18,7 @@ import ep_fsdp.checkpoint as ckpt
 from ep_fsdp.checkpoint import UnsafeCheckpointError
 from ep_fsdp.checkpoint.__main__ import main as info_main
 from ep_fsdp.checkpoint._dcp import _app_state, _quiet_single_process
-from ep_fsdp.checkpoint._format import METADATA_FILE, file_crc32
+from ep_fsdp.checkpoint._format import METADATA_FILE, file_crc32, metadata_crc32
 from test_parity import build
 
 
@@ -33,11 +33,12 @@ class Evil:
 
 
 def reseal(path: Path) -> None:
-    """Make ep_fsdp.json's sizes and CRCs match the (tampered) files."""
+    """Make ep_fsdp.json's sizes and CRCs (and its own CRC) match the (tampered) files."""
     meta = json.loads((path / METADATA_FILE).read_text())
     for name in meta["files"]:
         f = path / name
         meta["files"][name] = {"bytes": f.stat().st_size, "crc32": file_crc32(f)}
+    meta["meta_crc32"] = metadata_crc32(meta)
     (path / METADATA_FILE).write_text(json.dumps(meta))
 
 

@@ -172,6 +172,35 @@ def test_local_dispatcher_with_no_tokens():
     assert out.shape == (0, 3) and tokens.grad.shape == (0, 3)
 
 
+def test_local_dispatcher_drops_slots_whose_expert_output_is_not_finite():
+    """A dropped slot is computed but must not reach its token: not even as 0 * inf = NaN."""
+    d = LocalDispatcher(ExpertPlacement.contiguous(4, 1))
+    tokens = torch.ones(3, 2, requires_grad=True)
+    ids = torch.tensor([[0, 1], [2, 3], [1, 2]])
+    weights = torch.tensor([[0.5, 0.5], [0.25, 0.75], [0.5, 0.5]], requires_grad=True)
+    keep = torch.tensor([[True, True], [True, False], [True, True]])  # token 1's expert 3 dropped
+    rows, counts, handle = d.dispatch(tokens, ids, weights, keep=keep)
+    overflow = torch.where(torch.arange(rows.shape[0]) >= counts[:3].sum(), torch.inf, 0.0)  # expert 3's rows
+    out = d.combine(rows + overflow.unsqueeze(1), handle)  # expert 3 overflows
+    out.sum().backward()
+    assert torch.equal(out[1], torch.full((2,), 0.25))  # only expert 2's share
+    assert torch.isfinite(weights.grad).all() and weights.grad[1, 1] == 0
+    assert torch.isfinite(tokens.grad).all()
+
+
+def test_create_graph_takes_first_order_gradients_and_refuses_a_second_clearly():
+    from ep_fsdp import MoE, MoEConfig
+
+    torch.manual_seed(0)
+    layer = MoE(MoEConfig(dim=8, hidden_dim=16, num_experts=4, top_k=2))
+    x = torch.randn(6, 8, requires_grad=True)
+    (gx,) = torch.autograd.grad(layer(x).square().sum(), x, create_graph=True)
+    (ref,) = torch.autograd.grad(layer(x).square().sum(), x)
+    assert torch.equal(gx, ref)
+    with pytest.raises(RuntimeError, match="trying to differentiate twice a function that was marked with @once_differentiable"):
+        gx.sum().backward()
+
+
 # ---------------------------------------------------------------- multi-process round trips
 
 def _case_ids(case: str, rank: int, ep: int, E: int, k: int, T: int, g: torch.Generator) -> torch.Tensor:

@@ -75,6 +75,52 @@ def test_from_pretrained_without_config_is_a_clear_error(tmp_path):
         ep_fsdp.hf.from_pretrained(tmp_path, mesh=None)  # type: ignore[arg-type]
 
 
+def _tiny(**overrides) -> torch.nn.Module:
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_config(hf_tiny_model.tiny_config("qwen3_moe", **overrides))
+
+
+@pytest.mark.parametrize(
+    "saved, loaded, edit, message",
+    [
+        # per-expert tensors of another width: their stack would be cut (or overrun) to fit the model's
+        (dict(moe_intermediate_size=32), {}, None,
+         r"experts.down_proj is \(8, 32, 16\) \(8 experts of \(32, 16\)\), the files' per-expert tensors do not make it"),
+        ({}, dict(moe_intermediate_size=32), None, r"the files' per-expert tensors do not make it"),
+        # only the per-expert tensors in bf16, which the stacked parameter would silently cast
+        ({}, {}, "bf16_experts", r"the per-expert tensors of model.layers.0.mlp.experts.\w+ are \['BF16'\]"),
+        # more layers in the files than the model has
+        (dict(layers=3), {}, None, r"tensors in the files map to no parameter of the model, e.g. \['model.layers.2."),
+    ],
+    ids=["wider-files", "narrower-files", "bf16-experts", "extra-layers"],
+)
+def test_load_safetensors_checks_stacked_experts_before_any_copy(tmp_path, saved, loaded, edit, message):
+    from safetensors.torch import load_file, save_file
+
+    _tiny(**saved).save_pretrained(tmp_path / "hub")
+    if edit == "bf16_experts":
+        for f in (tmp_path / "hub").glob("*.safetensors"):
+            tensors = {k: v.bfloat16() if ".experts." in k else v for k, v in load_file(f).items()}
+            save_file(tensors, f, metadata={"format": "pt"})
+    model = _tiny(**loaded)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match="nothing was loaded: .*" + message):
+        ep_fsdp.checkpoint.load_safetensors(model, tmp_path / "hub")
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # untouched
+
+
+def test_hub_tensors_the_model_does_not_use_are_a_warning_for_from_pretrained_loads(tmp_path):
+    _tiny(layers=3).save_pretrained(tmp_path / "hub")
+    source = _tiny(layers=3).state_dict()
+    model = _tiny(layers=2)
+    with pytest.warns(UserWarning, match=r"tensors of .* map to no parameter of Qwen3MoeForCausalLM and were not loaded"):
+        ep_fsdp.hf.load_hub_weights(model, tmp_path / "hub")
+    for key, value in model.state_dict().items():  # the shared layers are loaded
+        assert torch.equal(value, source[key]), key
+
+
 def _step(model: torch.nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor) -> float:
     model.train()
     out = model(x, labels=x)

@@ -520,3 +520,13 @@ def test_router_logits_in_row_blocks_equal_one_pass(monkeypatch, weight_dtype):
     torch.testing.assert_close(got_logits, want_logits, rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(got_x, want_x, rtol=2.0**-8, atol=0)
     torch.testing.assert_close(got_w.float(), want_w.float(), rtol=2.0**-7 if weight_dtype == torch.bfloat16 else 1e-5, atol=1e-5)
+
+
+def test_a_layer_with_shared_experts_takes_an_input_of_another_dtype_like_its_routed_experts():
+    torch.manual_seed(0)
+    layer = MoE(MoEConfig(dim=8, hidden_dim=16, num_experts=4, top_k=2, num_shared_experts=1))
+    x = torch.randn(5, 8)
+    out = layer(x.bfloat16())  # float32 weights, bf16 rows: both kinds of experts compute in bf16
+    assert out.dtype == torch.bfloat16
+    ref = layer(x)
+    assert torch.allclose(out.float(), ref, rtol=0.05, atol=0.05)

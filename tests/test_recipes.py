@@ -404,7 +404,7 @@ def test_a_stuck_rank_fails_the_others_fast_and_torchrun_restarts(tmp_path):
 def test_an_unsafe_newest_checkpoint_is_set_aside_and_the_run_falls_back(reference, tmp_path):
     import pickle
 
-    from ep_fsdp.checkpoint._format import METADATA_FILE, file_crc32
+    from ep_fsdp.checkpoint._format import METADATA_FILE, file_crc32, metadata_crc32
 
     class Evil:
         def __reduce__(self):
@@ -416,6 +416,7 @@ def test_an_unsafe_newest_checkpoint_is_set_aside_and_the_run_falls_back(referen
     (newest / ".metadata").write_bytes(pickle.dumps(Evil()))
     meta = json.loads((newest / METADATA_FILE).read_text())
     meta["files"][".metadata"] = {"bytes": (newest / ".metadata").stat().st_size, "crc32": file_crc32(newest / ".metadata")}
+    meta["meta_crc32"] = metadata_crc32(meta)  # re-sealed: the refusal must come from the unpickler
     (newest / METADATA_FILE).write_text(json.dumps(meta))
     out = train(run, 2, "--ep", "2")
     assert "could not resume from" in out and "at step 12" in out

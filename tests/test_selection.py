@@ -35,6 +35,8 @@ def test_router_picks_top_k_inside_the_limited_groups():
 def test_capacity_is_the_ceiling():
     assert capacity(1.25, 10, 2, 8) == 4  # ceil(3.125)
     assert capacity(1.0, 8, 2, 4) == 4
+    # exact on the factor as written: in floating point 1.1 * 100 * 2 / 4 is 55.000000000000007
+    assert capacity(1.1, 100, 2, 4) == 55 and capacity(1.1, 200, 2, 8) == 55 and capacity(1.1, 101, 2, 4) == 56
 
 
 def test_capacity_drops_the_lowest_scores_and_breaks_ties_by_token():

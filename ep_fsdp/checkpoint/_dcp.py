@@ -29,6 +29,7 @@ from ..parallelize import get_layout
 from ._format import (
     FORMAT_VERSION,
     METADATA_FILE,
+    metadata_crc32,
     extra_path,
     file_crc32,
     is_complete,
@@ -316,12 +317,18 @@ def save(
         }
         if hf is not None:
             meta["transformers"] = hf
+        meta["meta_crc32"] = metadata_crc32(meta)
         write_json_atomic(tmp / METADATA_FILE, meta)
         _fsync_dir(tmp)
         os.rename(tmp, path)
         _fsync_dir(path.parent)
         if keep_last is not None:
-            for old in list_checkpoints(path.parent)[:-keep_last]:
+            try:
+                older = list_checkpoints(path.parent)[:-keep_last]
+            except OSError as e:  # the new checkpoint is committed: cleanup is best effort
+                warnings.warn(f"save: keep_last could not list {path.parent}: {e}", stacklevel=2)
+                older = []
+            for old in older:
                 if old != path:
                     # NOTE: renamed first (atomic): a kill during the removal leaves a dot-directory
                     # that is never taken for a checkpoint, not a half-deleted one that looks complete
@@ -701,15 +708,19 @@ def _unwrapped(error: Exception) -> Exception | None:
 def list_checkpoints(root: str | os.PathLike[str]) -> list[Path]:
     """Complete checkpoints directly under ``root``, oldest first (by step, then name). A
     directory whose metadata is malformed, or whose files are missing or of the wrong size, is
-    skipped (CRCs are checked when one is loaded)."""
+    skipped (CRCs are checked when one is loaded), and so is one that cannot be read (e.g. a
+    ``lost+found`` this process may not enter)."""
     root = Path(root)
     if not root.is_dir():
         return []
     found = []
     for d in root.iterdir():
-        if d.is_dir() and not d.name.startswith(".") and is_complete(d) and structure_problem(d) is None:
-            step = read_metadata(d).get("step")
-            found.append((step if step is not None else -1, d.name, d))
+        try:
+            if d.is_dir() and not d.name.startswith(".") and is_complete(d) and structure_problem(d) is None:
+                step = read_metadata(d).get("step")
+                found.append((step if step is not None else -1, d.name, d))
+        except OSError:  # unreadable: not a checkpoint this process can use
+            continue
     return [d for _, _, d in sorted(found)]
 
 

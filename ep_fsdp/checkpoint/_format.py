@@ -36,6 +36,8 @@ __all__ = [
     "aside_path",
     "crc32",
     "file_crc32",
+    "metadata_crc32",
+    "experts_prefix",
     "write_json_atomic",
     "is_complete",
 ]
@@ -88,6 +90,11 @@ def read_metadata(path: str | os.PathLike[str], api: str = "load") -> dict[str, 
         meta = json.loads(meta_file.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ValueError(f"{api}: {meta_file} is corrupted ({e}); load an earlier checkpoint.") from None
+    if isinstance(meta, dict) and "meta_crc32" in meta and meta["meta_crc32"] != metadata_crc32(meta):
+        raise ValueError(
+            f"{api}: {meta_file} is corrupted (its content does not match its meta_crc32 "
+            f"{meta['meta_crc32']!r}); load an earlier checkpoint."
+        )
     problem = _malformed(meta)
     if problem:
         raise ValueError(f"{api}: {meta_file} is malformed ({problem}); load an earlier checkpoint.")
@@ -123,12 +130,40 @@ def _malformed(meta: Any) -> str | None:
     for name, rec in meta["params"].items():
         if not isinstance(rec, dict) or not isinstance(rec.get("shape"), list) or not isinstance(rec.get("dtype"), str):
             return f"params[{name!r}] is {rec!r}, expected {{shape, dtype}}"
+        if not all(_is_count(d) for d in rec["shape"]):
+            return f"params[{name!r}].shape is {rec['shape']!r}, expected a list of ints >= 0"
+        if not isinstance(getattr(torch, rec["dtype"], None), torch.dtype):
+            return f"params[{name!r}].dtype is {rec['dtype']!r}, expected a torch dtype name"
     for name, rec in meta["moe_layers"].items():
         if not isinstance(rec, dict) or not isinstance(rec.get("config"), dict):
             return f"moe_layers[{name!r}] is {rec!r}, expected a record with a config"
+        physical = (rec.get("placement") or {}).get("physical") if isinstance(rec.get("placement"), dict) else None
+        E = rec["config"].get("num_experts")
+        if physical is not None and (
+            not isinstance(physical, list) or not all(_is_count(p) for p in physical)
+            or sorted(physical) != list(range(len(physical))) or (_is_count(E) and len(physical) != E)
+        ):
+            return f"moe_layers[{name!r}].placement.physical is {physical!r}, expected a permutation of range({E})"
     if not isinstance(meta.get("created", ""), str):
         return f"'created' is {meta.get('created')!r}, expected a string"
     return None
+
+
+def experts_prefix(layer_name: str) -> str:
+    """The module path of an ``ep_fsdp.MoE`` layer's experts (``"experts"`` for a model that is
+    itself the layer, path ``""``)."""
+    return f"{layer_name}.experts" if layer_name else "experts"
+
+
+def _is_count(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 0
+
+
+def metadata_crc32(meta: dict[str, Any]) -> int:
+    """CRC32 of an ``ep_fsdp.json`` record without its ``meta_crc32`` key, over its canonical JSON
+    text (sorted keys, no spaces): what :func:`read_metadata` checks when the key is present."""
+    body = {k: v for k, v in meta.items() if k != "meta_crc32"}
+    return crc32(json.dumps(body, sort_keys=True, separators=(",", ":")).encode())
 
 
 def aside_path(path: Path, why: str) -> Path:
@@ -174,7 +209,7 @@ def moe_layer_records(model: torch.nn.Module, ep: int | None = None) -> dict[str
             {"num_experts": layer.ep_num_experts, "experts_class": layer._ep_base_class.__name__}
             if isinstance(layer, ExpertParallelExperts) else asdict(layer.config)
         )
-        holder, prefix = (layer, name) if isinstance(layer, ExpertParallelExperts) else (layer.experts, f"{name}.experts")
+        holder, prefix = (layer, name) if isinstance(layer, ExpertParallelExperts) else (layer.experts, experts_prefix(name))
         records[name] = {
             "config": config,
             "expert_params": [f"{prefix}.{p}" if prefix else p for p, _ in holder.named_parameters(recurse=False)],
@@ -193,7 +228,7 @@ def storage_permutations(meta: dict[str, Any]) -> dict[str, list[int]]:
         physical = (rec.get("placement") or {}).get("physical")
         if physical is None or physical == list(range(len(physical))):
             continue
-        keys = rec.get("expert_params") or [f"{name}.experts.{w}" for w in ("w1", "w3", "w2")]
+        keys = rec.get("expert_params") or [f"{experts_prefix(name)}.{w}" for w in ("w1", "w3", "w2")]
         out.update({key: physical for key in keys})
     return out
 

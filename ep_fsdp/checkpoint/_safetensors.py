@@ -23,7 +23,7 @@ from torch.distributed.tensor._utils import compute_local_shape_and_global_offse
 
 from ..moe import moe_layers
 from ._dcp import _gather
-from ._format import read_metadata, storage_permutations
+from ._format import experts_prefix, read_metadata, storage_permutations
 from ._reader import CheckpointReader
 
 __all__ = ["export_safetensors", "load_safetensors", "expert_key_map", "INDEX_FILE"]
@@ -33,6 +33,7 @@ _PROJ = {"w1": "gate_proj", "w3": "up_proj", "w2": "down_proj"}
 _DTYPES = {
     "float32": "F32", "bfloat16": "BF16", "float16": "F16", "float64": "F64", "int64": "I64",
     "int32": "I32", "int16": "I16", "int8": "I8", "uint8": "U8", "bool": "BOOL",
+    "float8_e4m3fn": "F8_E4M3", "float8_e5m2": "F8_E5M2", "uint16": "U16", "uint32": "U32", "uint64": "U64",
 }
 
 
@@ -40,8 +41,9 @@ def expert_key_map(layer_names: list[str], num_experts: dict[str, int]) -> dict[
     """``{"P.experts.w1": ["P.experts.0.gate_proj.weight", ...], ...}`` for every MoE layer ``P``."""
     out = {}
     for p in layer_names:
+        experts = experts_prefix(p)
         for w, proj in _PROJ.items():
-            out[f"{p}.experts.{w}"] = [f"{p}.experts.{j}.{proj}.weight" for j in range(num_experts[p])]
+            out[f"{experts}.{w}"] = [f"{experts}.{j}.{proj}.weight" for j in range(num_experts[p])]
     return out
 
 
@@ -119,17 +121,28 @@ def export_safetensors(
 def _export(reader: CheckpointReader, out_dir: Path, meta: dict[str, Any], max_shard_bytes: int) -> Path:
     """Write ``out_dir`` (via ``.NAME.partial``): the safetensors files of :func:`_plan` and the index."""
     plan = _plan(meta, max_shard_bytes)
+    unsupported = {key: rec["dtype"] for key, rec in meta["params"].items() if rec["dtype"] not in _DTYPES}
+    if unsupported:
+        raise ValueError(
+            f"export_safetensors: safetensors has no dtype for {len(unsupported)} tensors, e.g. "
+            f"{dict(list(unsupported.items())[:4])}; it stores {sorted(_DTYPES)}. Save those tensors in one "
+            "of these dtypes, or read the checkpoint with ep_fsdp.checkpoint.load."
+        )
     tmp = out_dir.with_name(f".{out_dir.name}.partial")
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
     weight_map: dict[str, str] = {}
     total = 0
-    for i, shard in enumerate(plan):
-        fname = f"model-{i + 1:05d}-of-{len(plan):05d}.safetensors"
-        total += _write_file(tmp / fname, shard, reader, meta)
-        for _, outs in shard:
-            weight_map.update({name: fname for name, _ in outs})
+    try:
+        for i, shard in enumerate(plan):
+            fname = f"model-{i + 1:05d}-of-{len(plan):05d}.safetensors"
+            total += _write_file(tmp / fname, shard, reader, meta)
+            for _, outs in shard:
+                weight_map.update({name: fname for name, _ in outs})
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)  # a failed export leaves nothing behind
+        raise
     index = {
         "metadata": {
             "total_size": total,
@@ -204,7 +217,7 @@ def load_safetensors(model: nn.Module, directory: str | os.PathLike[str], *, all
     if hasattr(model, "save_pretrained") and hasattr(getattr(model, "config", None), "to_json_string"):
         from ..hf import load_hub_weights  # a transformers model: hub keys through its conversion mapping
 
-        load_hub_weights(model, directory, api="load_safetensors", allow_cast=allow_cast)
+        load_hub_weights(model, directory, api="load_safetensors", allow_cast=allow_cast, strict=True)
         return
     index_file = directory / INDEX_FILE
     if index_file.is_file():
@@ -224,7 +237,7 @@ def load_safetensors(model: nn.Module, directory: str | os.PathLike[str], *, all
         if not m.placement.is_contiguous():
             logical_of = sorted(range(m.config.num_experts), key=m.placement.physical)
             for w in ("w1", "w3", "w2"):
-                key = f"{n}.experts.{w}"
+                key = f"{experts_prefix(n)}.{w}"
                 experts[key] = [experts[key][e] for e in logical_of]
     state = model.state_dict()
     expected = [name for key in state for name in experts.get(key, [key])]
@@ -293,7 +306,7 @@ def _load_one(key: str, value: torch.Tensor, expert_names: list[str] | None, sli
                 f"{global_shape}; export from a checkpoint of this model."
             )
         index = tuple(slice(o, o + s) for o, s in zip(offset, shape))
-        local.copy_(sl[index] if index else sl[:])
+        local.copy_(sl[index] if index else sl[...])  # a 0-dim tensor: no index (sl[:] refuses it)
         return
     rows = []
     for j in range(offset[0], offset[0] + shape[0]):  # only experts held here

@@ -13,6 +13,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 import torch.distributed._functional_collectives as funcol
+from torch.autograd.function import once_differentiable
 
 __all__ = ["all_to_all_rows", "send_rows", "RowsInFlight", "exchange_sizes", "exchange_records", "all_reduce_sum_", "token_offset", "wait"]
 
@@ -45,6 +46,7 @@ class _SendRows(torch.autograd.Function):
         return _c10d.all_to_all_single(x.contiguous(), output_splits, input_splits, group.group_name)
 
     @staticmethod
+    @once_differentiable
     def backward(ctx: Any, _grad_buffer: torch.Tensor) -> tuple[Any, ...]:
         return _c10d.wait_tensor(ctx.box.pop("grad")), None, None, None, None
 
@@ -68,6 +70,7 @@ class _ReceiveRows(torch.autograd.Function):
         return _c10d.wait_tensor(in_flight).view_as(in_flight)
 
     @staticmethod
+    @once_differentiable
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[Any, ...]:
         output_splits, input_splits = ctx.splits
         ctx.box["grad"] = _c10d.all_to_all_single(grad.contiguous(), input_splits, output_splits, ctx.group.group_name)
@@ -142,6 +145,7 @@ class _RecordExchange(torch.autograd.Function):
         return records_in, weights_in
 
     @staticmethod
+    @once_differentiable
     def backward(ctx: Any, _grad_records: torch.Tensor, grad_weights: torch.Tensor) -> tuple[Any, ...]:
         output_splits, input_splits = ctx.splits
         grad = funcol.all_to_all_single(grad_weights.contiguous(), input_splits, output_splits, ctx.group)

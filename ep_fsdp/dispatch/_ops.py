@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from torch.autograd.function import once_differentiable
 
 from .._blocks import row_blocks
 
@@ -179,6 +180,7 @@ class _GatherRows(torch.autograd.Function):
         return x.index_select(0, index)  # [N, D]
 
     @staticmethod
+    @once_differentiable
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None, None, None]:
         back_order, *seg_saved = ctx.saved_tensors
         back_seg = Segments.restore(ctx, tuple(seg_saved), back_order.shape[0])
@@ -220,6 +222,7 @@ class _WeightedSegmentSum(torch.autograd.Function):
         return out
 
     @staticmethod
+    @once_differentiable
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[Any, ...]:
         y, weights, order, inverse, *seg_saved = ctx.saved_tensors
         seg = Segments.restore(ctx, tuple(seg_saved), order.shape[0])

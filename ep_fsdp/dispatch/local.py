@@ -58,6 +58,7 @@ def combine_sorted(
 class _LocalHandle(DispatchHandle):
     sort: SlotSort | None = None
     weights: torch.Tensor | None = None  # [T, k] float32
+    dropped: torch.Tensor | None = None  # [S] bool, in expert order: rows whose slot was dropped
 
 
 class LocalDispatcher(TokenDispatcher):
@@ -69,17 +70,23 @@ class LocalDispatcher(TokenDispatcher):
     ) -> DispatchResult:
         shape = tuple(tokens.shape)
         tokens, expert_ids, weights = flat_tokens(tokens, expert_ids, weights)  # [T, D], [T, k], [T, k]
+        dropped = None
         if keep is not None:
-            # NOTE: dropped slots are still computed here, with a zero weight (exact, and no host
-            # sync to size the kept rows); only an exchange saves their bytes.
+            # NOTE: dropped slots are still computed here (no host sync to size the kept rows; only
+            # an exchange saves their bytes), with a zero weight, and their rows are zeroed before
+            # the combine: 0 * inf would be NaN where an expert's output overflowed.
             weights = weights * keep.reshape(weights.shape)
         sort = sort_slots(self.placement.to_physical(expert_ids), self.placement.num_experts)
+        if keep is not None:
+            dropped = ~keep.reshape(-1)[sort.sort_idx]  # [S] in expert order
         rows = gather_sorted(tokens, sort)  # [S, D]
-        handle = _LocalHandle(shape, tokens.dtype, None, 0, sort, weights)
+        handle = _LocalHandle(shape, tokens.dtype, None, 0, sort, weights, dropped)
         if in_flight is not None:
             in_flight()
         return DispatchResult(rows, sort.counts, handle)
 
     def combine(self, expert_out: torch.Tensor, handle: DispatchHandle) -> torch.Tensor:
         check_handle(handle, _LocalHandle, type(self).__name__)
+        if handle.dropped is not None:
+            expert_out = expert_out.masked_fill(handle.dropped.unsqueeze(1), 0)  # [S, D]
         return combine_sorted(expert_out, handle.weights, handle.sort, handle.out_dtype, handle.out_shape)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import copy
 import json
 import re
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -77,7 +78,7 @@ class _Files:
 
     def read(self, key: str, index: tuple[slice, ...] | None = None) -> torch.Tensor:
         sl = self.slice(key)
-        t = sl[index] if index else sl[:]
+        t = sl[index] if index else sl[...]  # index None: the whole tensor, also 0-dim (sl[:] refuses it)
         self.stats.bytes_read += t.numel() * t.element_size()
         return t
 
@@ -100,12 +101,20 @@ def _conversions(model: nn.Module) -> tuple[list[Any], list[Any]]:
 
 
 def load_hub_weights(model: nn.Module, directory: str | Path, *, api: str = "from_pretrained",
-                     allow_cast: bool = True) -> LoadStats:
+                     allow_cast: bool = True, strict: bool = False) -> LoadStats:
     """Copy the hub-format weights in ``directory`` into ``model`` (plain or parallelized, already
-    materialized), each rank reading only the slices it holds. Every parameter and persistent
-    buffer must be found (tied weights aside), and the shapes of directly mapped tensors (and
-    their dtypes unless ``allow_cast``, the default: hub files are often bf16) and the expert
-    counts of stacked ones are checked on every rank, with a shared verdict, before any copy."""
+    materialized), each rank reading only the slices it holds.
+
+    Checked on every rank from the file headers, with a shared verdict, before any copy: every
+    parameter and persistent buffer is found (tied weights aside); directly mapped tensors have
+    the model's shape; each stacked parameter (per-expert tensors stacked, and concatenated, by a
+    converter) has every expert, every per-expert tensor of one name has one shape, and for
+    stack-and-concatenate converters the stacked shape is the model's; dtypes equal the model's
+    unless ``allow_cast`` (the default: hub files are often bf16). A converter of another kind is
+    applied by transformers to the full tensors, and its result's shape is checked before it is
+    copied. Hub tensors that map to no parameter are an error with ``strict`` (what
+    :func:`ep_fsdp.checkpoint.load_safetensors` asks), else a warning (as transformers does:
+    hub files may carry tensors a model does not use)."""
     from transformers.core_model_loading import rename_source_key
 
     directory = Path(directory)
@@ -130,6 +139,7 @@ def load_hub_weights(model: nn.Module, directory: str | Path, *, api: str = "fro
         target, pattern = rename_source_key(key, renamings, converters, prefix, state)
         sources.setdefault(target, []).append((key, pattern))
     tied = set(getattr(model, "all_tied_weights_keys", {}) or {})
+    unused = sorted(key for target, found in sources.items() if target not in state for key, _ in found)
     missing = sorted(k for k in state if k not in sources and k not in tied)
     if missing:
         raise ValueError(
@@ -137,13 +147,21 @@ def load_hub_weights(model: nn.Module, directory: str | Path, *, api: str = "fro
             "the directory and its config.json do not describe the same model."
         )
     problems = _problems(files, sources, by_pattern, state, allow_cast)
+    if unused and strict:
+        problems.append(f"{len(unused)} tensors in the files map to no parameter of the model, e.g. {unused[:4]}")
     from ..checkpoint._dcp import _gather
 
     problems = sorted({p for rank_problems in _gather(problems) for p in rank_problems})
     if problems:
         raise ValueError(
             f"{api}: {directory} does not match {type(model).__name__}, nothing was loaded: "
-            + "; ".join(problems[:8]) + ". The directory and its config.json do not describe the same model."
+            + "; ".join(problems[:8]) + ". The directory and its config.json do not describe the same model"
+            + ("" if allow_cast else ", or pass allow_cast=True to convert dtypes") + "."
+        )
+    if unused:
+        warnings.warn(
+            f"{api}: {len(unused)} tensors of {directory} map to no parameter of {type(model).__name__} and were "
+            f"not loaded, e.g. {unused[:4]}.", stacklevel=2,
         )
     with torch.no_grad():
         for key, value in state.items():
@@ -160,6 +178,12 @@ def load_hub_weights(model: nn.Module, directory: str | Path, *, api: str = "fro
                 if not _copy_stacked(files, found, by_pattern, ops, local, tuple(value.shape), shape, offset):
                     stats.full_reads.append(key)
                     full = _convert_full(files, found, by_pattern, key, model)
+                    if tuple(full.shape) != tuple(value.shape):
+                        raise ValueError(
+                            f"{api}: transformers' converter made {key} of shape {tuple(full.shape)} from "
+                            f"{[k for k, _ in found][:4]}, the model's is {tuple(value.shape)}; the directory and its "
+                            "config.json do not describe the same model."
+                        )
                     index = tuple(slice(o, o + s) for o, s in zip(offset, shape))
                     local.copy_(full[index])
     files.handles.clear()
@@ -183,16 +207,55 @@ def _problems(files: _Files, sources: dict[str, list[tuple[str, str | None]]], b
             elif not allow_cast and files.slice(src).get_dtype() != _DTYPES.get(str(value.dtype).removeprefix("torch.")):
                 problems.append(f"{src} is {files.slice(src).get_dtype()}, the model's {key} is {value.dtype}")
         elif found[0][1] in by_pattern:
-            patterns = by_pattern[found[0][1]].source_patterns
+            converter = by_pattern[found[0][1]]
+            patterns = list(converter.source_patterns)
             have: dict[str, set[int]] = {p: set() for p in patterns}
+            shapes: dict[str, set[tuple[int, ...]]] = {p: set() for p in patterns}
+            dtypes: set[str] = set()
             for src, pattern in found:
                 if pattern in have:
                     have[pattern].add(_expert_index(pattern, src))
+                    shapes[pattern].add(files.shape(src))
+                    dtypes.add(files.slice(src).get_dtype())
+            want_dtype = _DTYPES.get(str(value.dtype).removeprefix("torch."))
+            if not allow_cast and dtypes - {want_dtype}:
+                problems.append(f"the per-expert tensors of {key} are {sorted(dtypes)}, the model's {key} is {value.dtype}")
             for pattern, experts in have.items():
                 if experts != set(range(value.shape[0])):
                     problems.append(f"{key} has {value.shape[0]} experts, the files hold {sorted(experts)[:8]} "
                                     f"for {pattern!r}")
+                if len(shapes[pattern]) > 1:
+                    problems.append(f"the tensors of {pattern!r} have several shapes {sorted(shapes[pattern])[:4]}")
+            problems += _stacked_problems(key, tuple(value.shape), converter.operations, patterns,
+                                          [next(iter(shapes[p]), None) for p in patterns])
     return problems
+
+
+def _stacked_problems(key: str, shape: tuple[int, ...], ops: list[Any], patterns: list[str],
+                      subs: list[tuple[int, ...] | None]) -> list[str]:
+    """Whether per-expert tensors of shapes ``subs`` (one per source pattern) make ``key``'s
+    ``shape`` under a stack (``MergeModulelist(dim=0)``), optionally followed by a concatenation
+    (``Concatenate(dim>=1)``); nothing is said of another converter (checked after converting)."""
+    from transformers.core_model_loading import Concatenate, MergeModulelist
+
+    kinds = [type(op) for op in ops]
+    if not ops or kinds[0] is not MergeModulelist or ops[0].dim != 0 or any(s is None for s in subs):
+        return []
+    if kinds == [MergeModulelist] and len(subs) == 1:
+        c = None
+    elif kinds == [MergeModulelist, Concatenate] and ops[1].dim >= 1:
+        c = ops[1].dim - 1  # the concatenated dim of a per-expert tensor
+    else:
+        return []
+    want = shape[1:]
+    bad = [f"{p!r} is {s}" for p, s in zip(patterns, subs)
+           if len(s) != len(want) or any(s[d] != want[d] for d in range(len(want)) if d != c)]
+    if c is not None and not bad and sum(s[c] for s in subs) != want[c]:  # type: ignore[index]
+        bad = [f"{p!r} is {s}" for p, s in zip(patterns, subs)]
+    if not bad:
+        return []
+    return [f"{key} is {shape} ({shape[0]} experts of {want}), the files' per-expert tensors do not make it: "
+            + ", ".join(bad)]
 
 
 def _copy_direct(files: _Files, src: str, key: str, local: torch.Tensor, global_shape: tuple[int, ...],

@@ -152,7 +152,7 @@ def main() -> None:
         print(f"{name:<22} finished={code == 0!s:<6} bitwise={loss == reference!s:<6} "
               f"newest complete={rows[-1][3]!s:<6} {rows[-1][4][:120]}", flush=True)
     ok = all(r[1] and r[2] and r[3] for r in rows)
-    print(f"\n| fault | finished | final loss bitwise | newest checkpoint complete |\n|---|---|---|---|")
+    print("\n| fault | finished | final loss bitwise | newest checkpoint complete |\n|---|---|---|---|")
     for name, finished, bitwise, complete, _ in rows:
         print(f"| {name} | {'yes' if finished else 'NO'} | {'yes' if bitwise else 'NO'} | {'yes' if complete else 'NO'} |")
     print(f"\nreference final loss {reference:.6f}; all faults recovered bitwise: {ok}")
