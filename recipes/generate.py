@@ -24,14 +24,16 @@ from train_config import from_dict  # noqa: E402
 @torch.no_grad()
 def sample(model: torch.nn.Module, prompt: bytes, max_new_tokens: int, temperature: float, top_k: int,
            seed: int) -> bytes:
-    """Byte-level sampling with temperature and top-k; the context is cut to max_seq_len."""
+    """Byte-level sampling (among the 256 byte values) with temperature and top-k; the context is cut
+    to max_seq_len."""
     g = torch.Generator().manual_seed(seed)
     tokens = list(prompt) or [10]
     limit = getattr(model.config, "max_seq_len", None) or model.config.max_position_embeddings
     for _ in range(max_new_tokens):
         x = torch.tensor([tokens[-limit:]])
         out = model(x)
-        logits = (out if isinstance(out, torch.Tensor) else out.logits)[0, -1]  # [V]
+        # [256]: the models are trained on bytes; a larger vocabulary's other ids are never targets
+        logits = (out if isinstance(out, torch.Tensor) else out.logits)[0, -1, :256]
         if temperature <= 0:
             nxt = int(logits.argmax())
         else:
@@ -42,6 +44,16 @@ def sample(model: torch.nn.Module, prompt: bytes, max_new_tokens: int, temperatu
             nxt = int(torch.multinomial(torch.softmax(logits, -1), 1, generator=g))
         tokens.append(nxt)
     return bytes(tokens)
+
+
+def transformers_model(config: dict) -> torch.nn.Module:
+    """The (plain, float32) transformers model of a checkpoint's recorded ``config.json`` content;
+    its weights come from the checkpoint."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    values = dict(config)
+    return AutoModelForCausalLM.from_config(AutoConfig.for_model(values.pop("model_type"), **values),
+                                            dtype=torch.float32)
 
 
 def main() -> None:
@@ -67,11 +79,15 @@ def main() -> None:
     path = args.checkpoint or ckpt.latest(args.output_dir / "checkpoints")
     if path is None:
         p.error(f"no complete checkpoint under {args.output_dir / 'checkpoints'}")
-    user = ckpt.read_metadata(path).get("user") or {}
-    if "train_config" not in user:
+    saved = ckpt.read_metadata(path)
+    user = saved.get("user") or {}
+    if saved.get("transformers"):  # a transformers model trained by train.py (model.hf_path)
+        model = transformers_model(saved["transformers"]["config"])
+    elif "train_config" in user:
+        cfg = from_dict(user["train_config"])
+        model = ep_fsdp.materialize(build_model(cfg), "cpu", seed=cfg.train.seed)  # weights come from the checkpoint
+    else:
         p.error(f"{path} does not record the training config; it was not written by recipes/train.py")
-    cfg = from_dict(user["train_config"])
-    model = ep_fsdp.materialize(build_model(cfg), "cpu", seed=cfg.train.seed)  # weights come from the checkpoint
     meta = ckpt.load(path, model)  # a plain model in one process: the checkpoint reshards to it
     model.eval()
     text = sample(model, args.prompt.encode(), args.max_new_tokens, args.temperature, args.top_k, args.seed)

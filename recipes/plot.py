@@ -29,7 +29,7 @@ def plot(metrics_path: Path, out_path: Path) -> Path:
     import matplotlib.pyplot as plt
     import numpy as np
 
-    records = read_metrics(metrics_path)
+    records = [r for r in read_metrics(metrics_path) if "loss" in r]  # not the skipped steps' records
     if not records:
         raise ValueError(f"plot: {metrics_path} has no records; run recipes/train.py first.")
     steps = [r["step"] for r in records]

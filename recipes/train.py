@@ -111,21 +111,41 @@ PROGRESS: dict[str, Any] = {"step": 0, "phase": "setup", "timeout_s": None}
 
 def load_newest(ckpt_dir: Path, resume_from: Path | None, model: torch.nn.Module,
                 optimizer: torch.optim.Optimizer, rank: int) -> tuple[Path | None, dict[str, Any] | None]:
-    """Load ``resume_from``, or the newest checkpoint under ``ckpt_dir`` that loads: one that fails
-    (damaged, from another model, unsafe) is moved aside as ``.NAME.unloadable-*`` (kept, never
-    deleted, no longer a candidate: its step can be saved again) and the next older one is tried.
-    Rank 0 lists the candidates, so every rank tries the same ones (directory listings may differ
-    across nodes on a network file system); loading is collective, so every rank fails alike."""
-    if resume_from is not None and int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0:
-        resume_from = None  # a restarted job resumes from the newest checkpoint, not the original choice
-    candidates = [[resume_from] if resume_from is not None else ckpt.list_checkpoints(ckpt_dir)[::-1]]
-    dist.broadcast_object_list(candidates, src=0)
-    for path in candidates[0]:
+    """Load ``resume_from``, or the newest checkpoint under ``ckpt_dir`` that loads.
+
+    * A checkpoint that fails to load (damaged, unsafe) is moved aside as ``.NAME.unloadable-*``
+      (kept, never deleted, no longer a candidate: its step can be saved again) and the next older
+      one is tried; with ``resume_from`` the error is raised instead.
+    * A checkpoint of another model (``CheckpointMismatchError``: this config does not describe
+      it) stops the job with that error and renames nothing.
+    * After a torchrun restart the newest checkpoint under ``ckpt_dir`` is used when there is one
+      (the run has saved since it started from ``resume_from``), else ``resume_from`` again.
+    * Resuming from ``resume_from`` moves the checkpoints under ``ckpt_dir`` with a later step
+      aside (``.NAME.superseded-*``): the run goes on from the chosen step, and its saves would
+      collide with them (or a restart would pick them up).
+
+    Rank 0 decides (directory listings may differ across nodes on a network file system) and
+    every rank tries the same checkpoints; loading is collective, so every rank fails alike."""
+    plan: list[Any] = [None]
+    if rank == 0:
+        newest_first = ckpt.list_checkpoints(ckpt_dir)[::-1]
+        restarted = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0
+        explicit = resume_from is not None and not (restarted and newest_first)
+        plan[0] = ([resume_from] if explicit else newest_first, explicit)
+    dist.broadcast_object_list(plan, src=0)
+    candidates, explicit = plan[0]
+    for path in candidates:
         try:
-            return path, ckpt.load(path, model, optimizer)
+            meta = ckpt.load(path, model, optimizer)
+        except ckpt.CheckpointMismatchError as e:
+            raise ValueError(
+                f"train: {e} This run's config does not describe the model of {path}: run with the config it "
+                "was saved with (its train_config: python -m ep_fsdp.checkpoint info PATH), or pass another "
+                "--output-dir to start a new run."
+            ) from None
         except (ValueError, OSError, pickle.UnpicklingError, ckpt.CheckpointLoadError) as e:
             # NOTE: the checkpoint's contents are at fault (a timeout, a dead peer are not caught here)
-            if resume_from is not None:
+            if explicit:
                 raise
             if rank == 0:
                 aside = aside_path(path, "unloadable")
@@ -133,10 +153,57 @@ def load_newest(ckpt_dir: Path, resume_from: Path | None, model: torch.nn.Module
                 print(f"could not resume from {path} ({str(e).splitlines()[0][:300]}); moved it to {aside.name} "
                       "and falling back to the next older checkpoint", flush=True)
             dist.barrier()
-    if candidates[0]:
+            continue
+        if explicit:
+            if rank == 0:
+                supersede_later(ckpt_dir, path, meta["step"])
+            dist.barrier()
+        return path, meta
+    if candidates:
         raise RuntimeError(f"train: none of the checkpoints under {ckpt_dir} could be loaded (see above); "
                            "pass --resume-from PATH, or move them away to start over.")
     return None, None
+
+
+def supersede_later(ckpt_dir: Path, resumed: Path, step: int | None) -> None:
+    """Move the checkpoints under ``ckpt_dir`` saved after ``step`` aside (kept, never deleted)."""
+    for path in ckpt.list_checkpoints(ckpt_dir):
+        later = ckpt.read_metadata(path).get("step")
+        if step is not None and later is not None and later > step and path.resolve() != resumed.resolve():
+            aside = aside_path(path, "superseded")
+            os.rename(path, aside)
+            print(f"resuming from step {step}: moved the later {path.name} (step {later}) aside to {aside.name}",
+                  flush=True)
+
+
+# Settings the data position of a resumed run depends on (the sampler's order and sample count).
+DATA_SETTINGS = ("train.seed", "train.seq_len", "train.global_batch_size", "data.max_bytes", "data.val_fraction")
+# Settings a resumed run takes from its config, whatever the checkpoint's optimizer state says.
+OPTIMIZER_SETTINGS = ("train.lr", "train.min_lr_ratio", "train.warmup_steps", "train.betas", "train.weight_decay",
+                      "train.steps", "train.grad_accum_steps")
+
+
+def _setting(config: dict[str, Any], dotted: str) -> Any:
+    table, key = dotted.split(".")
+    value = config.get(table, {}).get(key)
+    return list(value) if isinstance(value, (list, tuple)) else value
+
+
+def check_resume_settings(saved: dict[str, Any] | None, cfg: JobConfig, path: Path) -> list[str]:
+    """Raise if a data setting differs from the checkpoint's config (on any layout); the
+    optimizer and schedule settings that differ (they apply from the resumed step on)."""
+    if not saved:
+        return []
+    now = cfg.to_dict()
+    for name in DATA_SETTINGS:
+        if _setting(saved, name) != _setting(now, name):
+            raise ValueError(
+                f"train: {name}={_setting(now, name)!r}, but {path} was saved with {name}={_setting(saved, name)!r}; "
+                "the data position of a resumed run depends on it: resume with the saved value, or pass another "
+                "--output-dir to start a new run."
+            )
+    return [f"{name} {_setting(saved, name)!r} -> {_setting(now, name)!r}"
+            for name in OPTIMIZER_SETTINGS if _setting(saved, name) != _setting(now, name)]
 
 
 def release_free_heap() -> None:
@@ -376,21 +443,32 @@ def main(argv: list[str] | None = None) -> None:
     if resume is not None:
         start_step = meta["step"]
         extra = meta["extra"]
+        saved_cfg = (ckpt.read_metadata(resume).get("user") or {}).get("train_config")
+        changed = check_resume_settings(saved_cfg, cfg, resume)
         same_layout = meta["layout"]["world_size"] == world and meta["layout"]["ep"] == ep and extra is not None
-        if same_layout:
-            scheduler.load_state_dict(extra["scheduler"])
+        same_accum = saved_cfg is None or saved_cfg["train"]["grad_accum_steps"] == t.grad_accum_steps
+        if same_layout and same_accum:
             loader.load_state_dict(extra["loader"])
+        else:
+            # NOTE: the sampler's position is layout-independent (samples consumed, in micro-batches
+            # of this run's size: the global batch is checked above), so it is rebuilt from the step
+            loader.batch_sampler.load_state_dict({"consumed": start_step * t.grad_accum_steps})
+        if same_layout:  # a new layout has other ranks: per-rank state does not carry over
             rng_to_restore = extra
             for n, m in expert_layers(model):
                 m.routing.rebalance_load = (extra.get("rebalance_load") or {}).get(n)
-        else:
-            # NOTE: a new layout has other ranks, so per-rank state does not carry over. The
-            # sampler's state is layout-independent (global batches consumed) and the schedule is a
-            # function of the step, so both are rebuilt from the step.
-            loader.batch_sampler.load_state_dict({"consumed": start_step * t.grad_accum_steps})
-            scheduler.last_epoch = start_step
-            for group, base_lr in zip(optimizer.param_groups, scheduler.base_lrs):
-                group["lr"] = base_lr * lr_lambda(cfg)(start_step)
+        # NOTE: the schedule is a function of the step, and the optimizer's hyperparameters are the
+        # config's (the checkpoint's param groups hold the saved ones): an unchanged config gives
+        # the saved values bit for bit, a changed one applies from here on
+        scheduler.last_epoch = start_step
+        scheduler.base_lrs = [t.lr for _ in optimizer.param_groups]
+        for group in optimizer.param_groups:
+            group.update(initial_lr=t.lr, lr=t.lr * lr_lambda(cfg)(start_step), betas=t.betas,
+                         weight_decay=t.weight_decay)
+        scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]  # what get_last_lr() reports
+        if rank == 0 and changed:
+            print(f"resuming with changed settings (they apply from step {start_step + 1}): " + ", ".join(changed),
+                  flush=True)
         if rank == 0:
             old = meta["layout"]
             print(f"resumed from {resume} at step {start_step} (saved on world={old['world_size']} "

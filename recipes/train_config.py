@@ -71,6 +71,13 @@ class ModelFields:
     dense_hidden_dim: int = 256
     moe: MoEFields = field(default_factory=MoEFields)
 
+    def __post_init__(self) -> None:
+        if not self.hf_path and self.vocab_size < 256:
+            raise ValueError(
+                f"model.vocab_size must be >= 256 (the corpus is bytes: every byte value is a token), got "
+                f"{self.vocab_size!r}; use 256."
+            )
+
 
 @dataclass
 class TrainFields:
@@ -97,9 +104,20 @@ class TrainFields:
         for name in ("steps", "global_batch_size", "seq_len", "grad_accum_steps", "max_nonfinite"):
             if getattr(self, name) < 1:
                 raise ValueError(f"train.{name} must be >= 1, got {getattr(self, name)!r}.")
-        if self.warmup_steps < 0 or not 0 <= self.min_lr_ratio <= 1:
-            raise ValueError("train.warmup_steps must be >= 0 and train.min_lr_ratio in [0, 1].")
+        if self.warmup_steps < 0:
+            raise ValueError(f"train.warmup_steps must be >= 0, got {self.warmup_steps!r}.")
+        if not 0 <= self.min_lr_ratio <= 1:
+            raise ValueError(f"train.min_lr_ratio must be in [0, 1] (a fraction of train.lr), got {self.min_lr_ratio!r}.")
+        if not self.lr > 0:
+            raise ValueError(f"train.lr must be > 0, got {self.lr!r}; e.g. 3e-3.")
+        if not self.weight_decay >= 0:
+            raise ValueError(f"train.weight_decay must be >= 0, got {self.weight_decay!r}; 0 turns it off.")
+        if not self.max_grad_norm > 0:
+            raise ValueError(f"train.max_grad_norm must be > 0 (the gradient clipping norm), got {self.max_grad_norm!r}.")
         self.betas = tuple(self.betas)  # type: ignore[assignment]
+        if len(self.betas) != 2 or not all(isinstance(b, (int, float)) and 0 <= b < 1 for b in self.betas):
+            raise ValueError(f"train.betas must be two numbers in [0, 1) (AdamW's), got {list(self.betas)!r}; "
+                             "e.g. [0.9, 0.95].")
 
 
 # "" (the activations' dtype) or a dtype the exchange carries, by name
@@ -145,6 +163,13 @@ class DataFields:
 
     max_bytes: int = 4_000_000
     val_fraction: float = 0.05
+
+    def __post_init__(self) -> None:
+        if self.max_bytes < 0:
+            raise ValueError(f"data.max_bytes must be >= 0 (0: the whole corpus), got {self.max_bytes!r}.")
+        if not 0 < self.val_fraction < 1:
+            raise ValueError(f"data.val_fraction must be in (0, 1) (the validation share), got {self.val_fraction!r}; "
+                             "e.g. 0.05.")
 
 
 @dataclass

@@ -108,6 +108,43 @@ def test_resume_on_another_layout(reference, tmp_path):
         assert abs(got[s] - ref[s]) <= 1e-4 * abs(ref[s]), (s, got[s], ref[s])
 
 
+def _train_fails(out: Path, nproc: int, *extra: str) -> subprocess.CompletedProcess:
+    cmd = torchrun("--nproc-per-node", str(nproc), str(ROOT / "recipes" / "train.py"), "--output-dir", str(out),
+                   *FAST, *extra)
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=TIMEOUT, cwd=ROOT)
+    assert proc.returncode != 0, proc.stdout[-2000:]
+    return proc
+
+
+def test_resume_from_an_older_checkpoint_sets_the_later_ones_aside(reference, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(reference, run)
+    out = train(run, 2, "--ep", "2", "--resume-from", str(run / "checkpoints" / "step_00000008"))
+    assert "at step 8" in out and "moved the later step_00000016 (step 16) aside to .step_00000016.superseded-" in out
+    ref, got = losses(reference), losses(run)
+    assert [got[s] for s in range(9, STEPS + 1)] == [ref[s] for s in range(9, STEPS + 1)]  # bitwise again
+    assert sorted(p.name for p in (run / "checkpoints").iterdir() if not p.name.startswith(".")) == [
+        "step_00000008", "step_00000012", "step_00000016"]  # saved again, the old ones kept aside
+    assert len(list((run / "checkpoints").glob(".*.superseded-*"))) == 2
+
+
+def test_resume_checks_settings_and_takes_the_new_optimizer_ones(reference, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(reference, run)
+    # another model in this directory: an error naming the difference; nothing is renamed
+    proc = _train_fails(run, 2, "--ep", "2", "--set", "model.num_layers=2")
+    assert "was saved from a different model" in proc.stderr and "This run's config does not describe" in proc.stderr
+    assert not list((run / "checkpoints").glob(".*"))
+    # another data order on another layout: refused too
+    proc = _train_fails(run, 1, "--ep", "1", "--seed", "7", "--steps", "18")
+    assert "train.seed=7, but" in proc.stderr and "was saved with train.seed=0" in proc.stderr
+    # more micro-batches per step and a new learning rate: both apply from the resumed step
+    out = train(run, 2, "--ep", "2", "--steps", "17", "--set", "train.grad_accum_steps=2", "--set", "train.lr=1e-2")
+    assert "changed settings (they apply from step 17): train.lr 0.003 -> 0.01" in out
+    record = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()][-1]
+    assert record["step"] == 17 and record["lr"] == pytest.approx(1e-2 * 0.1)  # the new lr's schedule, at its end
+
+
 def _children(pid: int) -> list[int]:
     try:
         return [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
@@ -237,6 +274,9 @@ def test_transformers_model_fine_tunes_resumes_exports_and_samples(tmp_path):
     gen = subprocess.run([sys.executable, str(ROOT / "recipes" / "generate.py"), "--hf-dir", str(tmp_path / "hf"),
                           "--max-new-tokens", "20"], capture_output=True, text=True, timeout=TIMEOUT, cwd=ROOT)
     assert gen.returncode == 0 and "Qwen3MoeForCausalLM" in gen.stdout, gen.stderr[-2000:]
+    gen = subprocess.run([sys.executable, str(ROOT / "recipes" / "generate.py"), "--output-dir", str(full),
+                          "--max-new-tokens", "20"], capture_output=True, text=True, timeout=TIMEOUT, cwd=ROOT)
+    assert gen.returncode == 0 and f"(step {STEPS})" in gen.stdout, gen.stderr[-2000:]  # from the checkpoint itself
 
 
 def test_transformers_model_with_a_small_vocabulary_is_refused(tmp_path):
@@ -307,6 +347,9 @@ def test_a_nan_on_one_rank_skips_the_step_everywhere(reference, tmp_path):
         ckpt.export_safetensors(tmp_path / "checkpoints" / f"step_{s:08d}", tmp_path / f"x{s}")
         exported[s] = load_file(next((tmp_path / f"x{s}").glob("*.safetensors")))
     assert all(torch.equal(exported[3][k], exported[4][k]) for k in exported[3])
+    plotted = subprocess.run([sys.executable, str(ROOT / "recipes" / "plot.py"), str(tmp_path / "metrics.jsonl"),
+                              "--out", str(tmp_path / "m.png")], timeout=120, capture_output=True, text=True)
+    assert plotted.returncode == 0 and (tmp_path / "m.png").is_file(), plotted.stderr[-2000:]  # skipped records too
 
 
 def test_too_many_nonfinite_steps_stop_with_a_clear_error(tmp_path):

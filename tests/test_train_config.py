@@ -38,6 +38,14 @@ def test_overrides_are_typed():
         ("parallel.dispatch_chunks=0", r"parallel.dispatch_chunks must be >= 1, got 0"),
         ("parallel.dispatch_dtype=int8", r"parallel.dispatch_dtype must be one of \('', 'float32', 'bfloat16', "
                                           r"'float16'\), got 'int8'"),
+        ("train.betas=[0.9]", r"train.betas must be two numbers in \[0, 1\) \(AdamW's\), got \[0.9\]"),
+        ("train.lr=-1.0", r"train.lr must be > 0, got -1.0"),
+        ("train.weight_decay=-1.0", r"train.weight_decay must be >= 0, got -1.0"),
+        ("train.max_grad_norm=0", r"train.max_grad_norm must be > 0 \(the gradient clipping norm\), got 0.0"),
+        ("train.min_lr_ratio=2.0", r"train.min_lr_ratio must be in \[0, 1\] \(a fraction of train.lr\), got 2.0"),
+        ("data.max_bytes=-5", r"data.max_bytes must be >= 0 \(0: the whole corpus\), got -5"),
+        ("data.val_fraction=0", r"data.val_fraction must be in \(0, 1\) \(the validation share\), got 0.0"),
+        ("model.vocab_size=100", r"model.vocab_size must be >= 256 \(the corpus is bytes"),
     ],
 )
 def test_bad_config_errors(override, message):

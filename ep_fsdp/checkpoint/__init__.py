@@ -5,7 +5,7 @@ See ``docs/checkpoint.md`` for the on-disk format.
 
 from ._dcp import PendingSave, latest, list_checkpoints, load, save
 from ._format import read_metadata
-from ._safe import CheckpointCorruptError, CheckpointLoadError, UnsafeCheckpointError
+from ._safe import CheckpointCorruptError, CheckpointLoadError, CheckpointMismatchError, UnsafeCheckpointError
 from ._safetensors import export_safetensors, load_safetensors
 
 __all__ = [
@@ -20,4 +20,5 @@ __all__ = [
     "UnsafeCheckpointError",
     "CheckpointLoadError",
     "CheckpointCorruptError",
+    "CheckpointMismatchError",
 ]

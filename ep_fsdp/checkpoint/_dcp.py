@@ -46,6 +46,7 @@ from ._io import Crc32FileSystemWriter, MappedFileSystemReader, MappedFiles
 from ._safe import (
     CheckpointCorruptError,
     CheckpointLoadError,
+    CheckpointMismatchError,
     SafeLoadPlanner,
     UnsafeCheckpointError,
     load_extra,
@@ -539,7 +540,7 @@ def _check_model_matches(path: Path, meta: dict[str, Any], model_sd: dict[str, A
             parts.append(f"shape differs ({len(shapes)} tensors): " + "; ".join(shapes[:8]))
         if configs:
             parts.append("MoE config differs: " + "; ".join(configs[:8]))
-        raise ValueError(
+        raise CheckpointMismatchError(
             f"load: checkpoint {path} was saved from a different model: " + " | ".join(parts)
             + f". Build the model with the checkpoint's configuration (python -m ep_fsdp.checkpoint info {path})."
         )
@@ -583,7 +584,7 @@ def load(
     path = Path(path)
     meta = read_metadata(path, "load")
     if optimizer is not None and not meta["has_optimizer"]:
-        raise ValueError(
+        raise CheckpointMismatchError(
             f"load: checkpoint {path} holds no optimizer state; call load(path, model) without an "
             "optimizer, or resume from a checkpoint saved with one."
         )

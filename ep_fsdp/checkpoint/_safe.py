@@ -54,6 +54,12 @@ class CheckpointLoadError(RuntimeError):
     job, is at fault; a caller may fall back to another checkpoint."""
 
 
+class CheckpointMismatchError(ValueError):
+    """An intact checkpoint that does not fit what it is loaded into: saved from a different model
+    (tensor names, shapes or MoE structure), or without the optimizer state asked for. Nothing was
+    loaded; the checkpoint is not at fault (build the model with its configuration)."""
+
+
 class CheckpointCorruptError(CheckpointLoadError, ValueError):
     """A checkpoint file is missing, has the wrong size or fails its CRC32 check, on every rank.
     Sizes are checked before anything from the checkpoint reaches the model; CRC32s during the copy
