@@ -54,32 +54,57 @@ def _router_class(model: nn.Module) -> tuple[type, int] | None:
     return (target, int(getattr(recorder, "index", 0) or 0)) if isinstance(target, type) else None
 
 
+def _recording_models(model: nn.Module) -> list[nn.Module]:
+    """The outermost modules in ``model`` (itself included) that record ``router_logits``: the
+    transformers models, also when they sit inside the user's own module (a wrapper, a value head)."""
+    found: list[tuple[str, nn.Module]] = []
+    for name, module in model.named_modules():
+        if _router_class(module) is not None and not any(name.startswith(f"{n}.") or not n for n, _ in found):
+            found.append((name, module))
+    return [m for _, m in found]
+
+
 def router_modules(model: nn.Module) -> list[nn.Module]:
-    """The routers of a transformers model: the modules whose output it records as ``router_logits``."""
-    found = _router_class(model)
-    return [] if found is None else [m for m in model.modules() if isinstance(m, found[0])]
+    """The routers of the transformers models in ``model``: the modules whose output they record as
+    ``router_logits``."""
+    routers: list[nn.Module] = []
+    for lm in _recording_models(model):
+        cls = _router_class(lm)[0]  # type: ignore[index]
+        routers += [m for m in lm.modules() if isinstance(m, cls) and m not in routers]
+    return routers
 
 
 def record_router_logits(model: nn.Module, *, stats_group: dist.ProcessGroup | None, grad_factor: float) -> bool:
-    """Record every router's logits in training forwards when the model's config asks for a
-    balancing loss (``router_aux_loss_coef > 0``); returns whether it does."""
+    """Record every router's logits in training forwards of each transformers model in ``model``
+    (itself, or inside the user's module) whose config asks for a balancing loss
+    (``router_aux_loss_coef > 0``); returns whether any does. The state lives on ``model``, which
+    :func:`ep_fsdp.moe_aux_loss` is called with."""
+    states = [state for lm in _recording_models(model) if (state := _record(lm, stats_group, grad_factor))]
+    if states:
+        setattr(model, _ATTR, states)
+    return bool(states)
+
+
+def _record(model: nn.Module, stats_group: dist.ProcessGroup | None, grad_factor: float) -> _RouterLogits | None:
+    """Hook the routers of one transformers model; its recording state, or ``None`` when its config
+    asks for no balancing loss."""
     config = getattr(model, "config", None)
     coef = getattr(config, "router_aux_loss_coef", None)
     top_k = getattr(config, "num_experts_per_tok", None)
     found = _router_class(model)
     if not coef or not isinstance(top_k, int) or found is None:
-        return False
+        return None
     if getattr(config, "output_router_logits", False):
         warnings.warn(
             f"parallelize_moe: {type(model).__name__}.config.output_router_logits is True, so transformers adds "
             "its balancing loss of this rank's tokens to out.loss; set it to False and add "
             "ep_fsdp.moe_aux_loss(model) (the global-batch loss) instead, or the loss is counted twice.",
-            stacklevel=3,
+            stacklevel=4,
         )
     index = found[1]
-    routers = router_modules(model)
+    routers = [m for m in model.modules() if isinstance(m, found[0])]
     if not routers:
-        return False
+        return None
     state = _RouterLogits(float(coef), top_k, len(routers), stats_group, grad_factor)
 
     def hook(module: nn.Module, args: object, output: object) -> None:
@@ -97,26 +122,27 @@ def record_router_logits(model: nn.Module, *, stats_group: dist.ProcessGroup | N
 
     for router in routers:
         router.register_forward_hook(hook)
-    setattr(model, _ATTR, state)
-    return True
+    return state
 
 
 def has_router_logits(model: nn.Module) -> bool:
-    return getattr(model, _ATTR, None) is not None
+    return bool(getattr(model, _ATTR, None))
 
 
 def router_logits_loss(model: nn.Module) -> torch.Tensor | None:
     """``router_aux_loss_coef`` times the global-batch balancing loss, averaged over the forwards
-    recorded since the last call (which it clears); ``None`` when nothing was recorded."""
-    state: _RouterLogits | None = getattr(model, _ATTR, None)
-    if state is None or not state.logits:
-        return None
-    logits, state.logits = state.logits, []
-    per_forward = state.routers if len(logits) % state.routers == 0 else len(logits)
-    losses = [
-        _global_loss(logits[i:i + per_forward], state) for i in range(0, len(logits), per_forward)
-    ]
-    return torch.stack(losses).mean() * state.coef
+    recorded since the last call (which it clears), summed over the transformers models in
+    ``model``; ``None`` when nothing was recorded."""
+    total = None
+    for state in getattr(model, _ATTR, None) or []:
+        if not state.logits:
+            continue
+        logits, state.logits = state.logits, []
+        per_forward = state.routers if len(logits) % state.routers == 0 else len(logits)
+        losses = [_global_loss(logits[i:i + per_forward], state) for i in range(0, len(logits), per_forward)]
+        loss = torch.stack(losses).mean() * state.coef
+        total = loss if total is None else total + loss
+    return total
 
 
 def _global_loss(layer_logits: list[torch.Tensor], state: _RouterLogits) -> torch.Tensor:

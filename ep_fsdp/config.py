@@ -7,6 +7,8 @@ that wrote it, with a message that names the field, shows the value and says the
 
 from __future__ import annotations
 
+import math
+
 from dataclasses import dataclass
 
 __all__ = ["MoEConfig", "SCORE_FUNCS"]
@@ -80,6 +82,7 @@ class MoEConfig:
     expert_dropout: float = 0.0
 
     def __post_init__(self) -> None:
+        self._check_kinds()
         for name in ("dim", "hidden_dim", "num_experts"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
@@ -116,6 +119,27 @@ class MoEConfig:
                     f"MoEConfig.{name} must be >= 0, got {value!r}; use 0 to disable the loss."
                 )
         self._check_routing_extensions()
+
+    def _check_kinds(self) -> None:
+        """Every number is a real, finite number (an int where a count is meant, never a bool);
+        the flags are bools: so the range checks below compare numbers, and say which field."""
+        reals = ("route_scale", "temperature", "jitter_eps", "aux_loss_coef", "z_loss_coef", "bias_update_rate",
+                 "expert_dropout", "capacity_factor")
+        for name in reals:
+            value = getattr(self, name)
+            if value is None and name == "capacity_factor":
+                continue
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
+                fix = ("e.g. capacity_factor=1.25, or None (dropless, the default)" if name == "capacity_factor"
+                       else f"e.g. {name}={getattr(type(self), name)!r} (the default)")
+                raise ValueError(f"MoEConfig.{name} must be a finite number, got {value!r}; {fix}.")
+        for name in ("top_k", "num_shared_experts", "num_expert_groups", "num_limited_groups"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or (value is not None and not isinstance(value, int)):
+                raise ValueError(f"MoEConfig.{name} must be an int, got {value!r}.")
+        for name in ("renormalize", "expert_bias"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"MoEConfig.{name} must be True or False, got {getattr(self, name)!r}.")
 
     def _check_routing_extensions(self) -> None:
         if not isinstance(self.num_shared_experts, int) or self.num_shared_experts < 0:

@@ -23,9 +23,22 @@ def _local_and_replication(grad: torch.Tensor) -> tuple[torch.Tensor, int]:
     return grad.to_local(), copies
 
 
+def _model_group(grads: list[torch.Tensor]) -> dist.ProcessGroup | None:
+    """The process group over the ranks the gradients are spread on: that of the largest 1-D mesh
+    among them (the mesh FSDP shards dense gradients over, all ranks of the model's mesh), when
+    no gradient spans more ranks; else ``None`` (the default group)."""
+    meshes = [g.device_mesh for g in grads if isinstance(g, DTensor)]
+    if not meshes:
+        return None
+    widest = max(m.size() for m in meshes)
+    flat = [m for m in meshes if m.ndim == 1 and m.size() == widest]
+    return flat[0].get_group() if flat else None
+
+
 @torch.no_grad()
 def clip_grad_norm_(
-    parameters: Iterable[torch.nn.Parameter], max_norm: float, norm_type: float = 2.0
+    parameters: Iterable[torch.nn.Parameter], max_norm: float, norm_type: float = 2.0,
+    group: dist.ProcessGroup | None = None,
 ) -> torch.Tensor:
     """Clip the global gradient norm of ``parameters`` in place, like
     ``torch.nn.utils.clip_grad_norm_`` on the unparallelized model; returns the total norm.
@@ -33,9 +46,12 @@ def clip_grad_norm_(
     Dense gradients (sharded over all ranks) and expert gradients (sharded over ``ep`` and
     ``dp_shard``) live on different meshes, so their norms cannot be combined by DTensor alone.
     Each rank sums ``|g|^p`` over the values it holds (dividing values that are replicated by
-    their number of copies), one all-reduce over the default group adds the ranks up, and every
+    their number of copies), one all-reduce over the model's ranks adds them up, and every
     gradient is scaled by ``min(1, max_norm / (total + 1e-6))``. ``norm_type`` may be ``inf``.
-    Call it on every rank (collective when distributed).
+    Call it on every rank of the model (collective when distributed). ``group``: the ranks to sum
+    over; default the ranks the gradients are sharded on (the mesh given to
+    :func:`ep_fsdp.parallelize_moe`, also when it is part of a larger mesh, e.g. with replicas
+    that each hold the whole model), else the default group.
 
     Example::
 
@@ -44,8 +60,16 @@ def clip_grad_norm_(
         optimizer.step()
     """
     grads = [p.grad for p in parameters if p.grad is not None]
-    if max_norm <= 0:
-        raise ValueError(f"clip_grad_norm_: max_norm must be > 0, got {max_norm!r}.")
+    if not isinstance(max_norm, (int, float)) or isinstance(max_norm, bool) or not max_norm > 0:
+        raise ValueError(
+            f"clip_grad_norm_: max_norm must be a number > 0, got {max_norm!r}; e.g. 1.0, or float('inf') to "
+            "only compute the norm."
+        )
+    if not isinstance(norm_type, (int, float)) or isinstance(norm_type, bool) or not norm_type > 0:
+        raise ValueError(
+            f"clip_grad_norm_: norm_type must be a number > 0 or float('inf'), got {norm_type!r}; 2.0 is the "
+            "Euclidean norm."
+        )
     device = grads[0].device if grads else torch.device("cpu")
     p = float(norm_type)
     # [0]: sum over sharded values (to be all-reduced); [1]: over values identical on all ranks
@@ -64,14 +88,16 @@ def clip_grad_norm_(
             else:
                 acc[0] += value / copies
     distributed = dist.is_available() and dist.is_initialized()
+    if distributed and group is None:
+        group = _model_group(grads)
     if math.isinf(p):
         if distributed:
-            dist.all_reduce(acc, op=dist.ReduceOp.MAX)
+            dist.all_reduce(acc, op=dist.ReduceOp.MAX, group=group)
         total = acc.max()
     else:
         if distributed:
             sharded = acc[:1].clone()
-            dist.all_reduce(sharded)
+            dist.all_reduce(sharded, group=group)
             acc[0] = sharded[0]
         total = acc.sum().pow(1.0 / p)
     coef = (max_norm / (total + 1e-6)).clamp(max=1.0)

@@ -138,6 +138,8 @@ def parallelize_moe(
     """
     check_chunks(dispatch_chunks, "parallelize_moe")
     check_wire_dtype(dispatch_dtype, "parallelize_moe")
+    _check_options(mp_policy, block_filter, reshard_after_forward=reshard_after_forward,
+                   activation_checkpointing=activation_checkpointing, dedup_tokens=dedup_tokens)
     check_mesh(mesh)
     if get_layout(model) is not None or isinstance(model, FSDPModule) or any(
         isinstance(p, DTensor) for p in model.parameters()
@@ -247,9 +249,10 @@ def parallelize_moe(
     for _, block in reversed(blocks):
         if not isinstance(block, FSDPModule):
             shard(block, all_mesh)
-    # NOTE: the root keeps its parameters unsharded after forward; backward needs them at once.
-    fully_shard(model, mesh=all_mesh, mp_policy=mp_policy, reshard_after_forward=False)
-    units.append((model, all_mesh))  # type: ignore[arg-type]
+    if not isinstance(model, FSDPModule):  # (a model that is itself an experts module is its unit already)
+        # NOTE: the root keeps its parameters unsharded after forward; backward needs them at once.
+        fully_shard(model, mesh=all_mesh, mp_policy=mp_policy, reshard_after_forward=False)
+        units.append((model, all_mesh))  # type: ignore[arg-type]
 
     gloo = dist.get_backend(all_mesh.get_group()) == "gloo"
     for module, on in units:
@@ -268,6 +271,23 @@ def parallelize_moe(
     setattr(model, _LAYOUT_ATTR, ParallelLayout(world_size=world, dp_shard=dp_shard, ep=ep, mesh=mesh,
                                                 grad_reduction=grad_reduction))
     return model
+
+
+def _check_options(mp_policy: object, block_filter: object, **flags: object) -> None:
+    """Raise, before anything is changed, for an option of the wrong kind (named, with its value)."""
+    if mp_policy is not None and not isinstance(mp_policy, MixedPrecisionPolicy):
+        raise ValueError(
+            f"parallelize_moe: mp_policy must be None or a torch.distributed.fsdp.MixedPrecisionPolicy, got "
+            f"{mp_policy!r}; e.g. MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)."
+        )
+    if block_filter is not None and not callable(block_filter):
+        raise ValueError(
+            f"parallelize_moe: block_filter must be None or a callable (name, module, parent) -> bool, got "
+            f"{block_filter!r}; e.g. lambda name, module, parent: name.startswith('layers.') and name.count('.') == 1."
+        )
+    for name, value in flags.items():
+        if not isinstance(value, bool):
+            raise ValueError(f"parallelize_moe: {name} must be True or False, got {value!r}.")
 
 
 def expert_fsdp_placement(name: str, local_shape: tuple[int, ...], dp_shard: int) -> Shard:

@@ -188,3 +188,13 @@ def test_materialize_keeps_tied_weights_tied_and_initializes_them_once():
     assert model.head.weight is model.emb.weight and model.emb.weight.device.type == "cpu"
     assert "emb.weight" in names and "head.weight" not in names
     assert len(names) == len(set(names))
+
+
+def test_a_checkpoint_of_another_model_is_a_mismatch_not_damage(tmp_path):
+    path, _ = _saved(tmp_path)
+    other = ep_fsdp.MoE(ep_fsdp.MoEConfig(dim=8, hidden_dim=16, num_experts=8, top_k=2))
+    with pytest.raises(ckpt.CheckpointMismatchError, match="was saved from a different model"):
+        ckpt.load(path, other)
+    with pytest.raises(ckpt.CheckpointMismatchError, match="holds no optimizer state"):
+        ckpt.load(path, ep_fsdp.MoE(CFG), torch.optim.SGD(ep_fsdp.MoE(CFG).parameters(), lr=0.1))
+    assert issubclass(ckpt.CheckpointMismatchError, ValueError)  # what it was before it had a name

@@ -288,3 +288,71 @@ def test_transformers_experts_move_between_ranks(pools, family):
     for a, b in zip(still, moving):
         for got, want in zip(b["losses"], a["losses"]):
             assert abs(got - want) <= REL_TOL * abs(want), (b["losses"], a["losses"])
+
+
+class _UserModule(nn.Module):
+    """The user's own module around a transformers model (a value head, a PEFT-style wrapper)."""
+
+    def __init__(self, lm: nn.Module) -> None:
+        super().__init__()
+        self.lm = lm
+        self.head = nn.Linear(lm.config.hidden_size, 1)
+
+    def forward(self, x: torch.Tensor):
+        return self.lm(x, labels=x)
+
+
+def wrapped_parity_step(dp_shard: int, ep: int) -> dict:
+    """A transformers model inside the user's module: the global-batch balancing loss and its
+    gradients are those of the unparallelized model (transformers' own loss, output_router_logits)."""
+    rank, world = dist.get_rank(), dist.get_world_size()
+    lm = build_hf("qwen3_moe")
+    ref = copy.deepcopy(lm)
+    ref.config.output_router_logits = True
+    x = torch.randint(0, 256, (2 * world, SEQ), generator=torch.Generator().manual_seed(7))
+    ref.train()
+    loss_ref = ref(x, labels=x).loss
+    loss_ref.backward()
+    model = _UserModule(lm)
+    ep_fsdp.parallelize_moe(model, worker_mesh(dp_shard, ep))
+    model.train()
+    xs = x[2 * rank:2 * rank + 2]
+    out = model(xs)
+    aux = ep_fsdp.moe_aux_loss(model)
+    (out.loss + aux).backward()
+    ref_grads = {f"lm.{n}": p.grad for n, p in ref.named_parameters() if p.grad is not None}
+    grad_err = {n: rel_err(full(p.grad), ref_grads[n]) for n, p in model.named_parameters() if n in ref_grads}
+    return {"loss": mean_over_ranks(out.loss + aux), "loss_ref": float(loss_ref), "aux": float(aux),
+            "grad": worst(grad_err), "compared": len(grad_err)}
+
+
+def test_a_transformers_model_inside_the_users_module_keeps_its_global_balancing_loss(pools):
+    for r in pools(4).run(wrapped_parity_step, 2, 2):
+        assert r["aux"] > 0 and r["compared"] > 10, r
+        assert abs(r["loss"] - r["loss_ref"]) <= REL_TOL * abs(r["loss_ref"]), r
+        assert r["grad"][1] <= REL_TOL, r["grad"]
+
+
+def bare_experts_step(dp_shard: int, ep: int) -> dict:
+    """A transformers experts module as the whole model: one FSDP unit (its own), the exchange."""
+    rank, world = dist.get_rank(), dist.get_world_size()
+    experts = build_hf("qwen3_moe").model.layers[0].mlp.experts
+    ref = copy.deepcopy(experts)
+    T, g = 6, torch.Generator().manual_seed(3)
+    x = torch.randn(T * world, 32, generator=g)
+    ids = torch.stack([torch.randperm(8, generator=g)[:2] for _ in range(T * world)])  # [T, k]
+    w = torch.rand(T * world, 2, generator=g)
+    ref(x, ids, w).square().sum().backward()
+    ep_fsdp.parallelize_moe(experts, worker_mesh(dp_shard, ep), grad_reduction="sum")
+    part = slice(T * rank, T * rank + T)
+    y = experts(x[part], ids[part], w[part])
+    y.square().sum().backward()
+    grads = dict(ref.named_parameters())
+    return {"out": rel_err(y.detach(), ref(x, ids, w)[part].detach()),
+            "grad": worst({n: rel_err(full(p.grad), grads[n].grad) for n, p in experts.named_parameters()})}
+
+
+def test_a_transformers_experts_module_can_be_the_model(pools):
+    for layout in [(1, 2), (2, 1)]:
+        for r in pools(2).run(bare_experts_step, *layout):
+            assert r["out"] <= REL_TOL and r["grad"][1] <= REL_TOL, (layout, r)

@@ -306,6 +306,11 @@ def test_leading_dims_and_wrong_width():
         (dict(temperature=0.0), r"MoEConfig.temperature must be > 0, got 0.0"),
         (dict(aux_loss_coef=-1.0), r"MoEConfig.aux_loss_coef must be >= 0, got -1.0; use 0 to disable"),
         (dict(jitter_eps=1.5), r"MoEConfig.jitter_eps must be in \[0, 1\), got 1.5"),
+        (dict(top_k=True), r"MoEConfig.top_k must be an int, got True"),
+        (dict(temperature=None), r"MoEConfig.temperature must be a finite number, got None; e.g. temperature=1.0"),
+        (dict(capacity_factor=float("inf")), r"capacity_factor must be a finite number, got inf; e.g. capacity_factor=1.25, or None"),
+        (dict(aux_loss_coef="0.01"), r"MoEConfig.aux_loss_coef must be a finite number, got '0.01'"),
+        (dict(renormalize="yes"), r"MoEConfig.renormalize must be True or False, got 'yes'"),
     ],
 )
 def test_config_errors_name_field_value_and_fix(kwargs, message):

@@ -47,7 +47,19 @@ def error_cases() -> dict[str, tuple[str, str]]:
         ),
         "not_a_mesh": _error(lambda: ep_fsdp.parallelize_moe(_moe_model(4), "mesh")),
         "twice": _error(lambda: ep_fsdp.parallelize_moe(twice, mesh)),
+        **_bad_options(mesh),
     }
+
+
+def _bad_options(mesh) -> dict[str, tuple[str, str]]:
+    """Options of the wrong kind fail before the model is changed: a retry with good ones works."""
+    out = {}
+    for name, bad in [("mp_policy", torch.bfloat16), ("block_filter", "layers"), ("reshard_after_forward", "no")]:
+        model = _moe_model(4)
+        out[name] = _error(lambda: ep_fsdp.parallelize_moe(model, mesh, **{name: bad}))
+        out[f"{name}_untouched"] = (str(type(model[1].experts.w1.data).__name__), "")
+        out[f"{name}_retry"] = _error(lambda: ep_fsdp.parallelize_moe(model, mesh))
+    return out
 
 
 def test_errors_name_the_values_and_the_fix(pools):
@@ -73,6 +85,13 @@ def test_errors_name_the_values_and_the_fix(pools):
     assert errors["not_a_mesh"][0] == "TypeError" and "got str" in errors["not_a_mesh"][1]
     kind, msg = errors["twice"]
     assert kind == "ValueError" and "Sequential is already parallelized" in msg
+    assert errors["mp_policy"] == ("ValueError", "parallelize_moe: mp_policy must be None or a torch.distributed.fsdp."
+                                   "MixedPrecisionPolicy, got torch.bfloat16; e.g. MixedPrecisionPolicy(param_dtype="
+                                   "torch.bfloat16, reduce_dtype=torch.float32).")
+    assert "block_filter must be None or a callable (name, module, parent) -> bool, got 'layers'" in errors["block_filter"][1]
+    assert errors["reshard_after_forward"] == ("ValueError", "parallelize_moe: reshard_after_forward must be True or False, got 'no'.")
+    for name in ("mp_policy", "block_filter", "reshard_after_forward"):
+        assert errors[f"{name}_untouched"][0] == "Tensor" and errors[f"{name}_retry"][0] == "no error", name
 
 
 def layout_and_placements(dp_shard: int, ep: int) -> dict:
@@ -235,3 +254,26 @@ def test_a_bare_moe_layer_can_be_the_model(pools):
     for layout in [(1, 2), (2, 1)]:
         for r in pools(2).run(bare_layer_step, *layout):
             assert r["err"] < 1e-5, r
+
+
+def clip_on_a_sub_mesh() -> dict:
+    """Two replicas of one (dp_shard=1, ep=2) model inside a 3-D mesh: the norm sums over the
+    model's ranks only, as on the unparallelized model."""
+    torch.manual_seed(0)
+    cfg = ep_fsdp.MoEConfig(dim=8, hidden_dim=8, num_experts=4, top_k=2)
+    model = nn.Sequential(nn.Linear(8, 8), ep_fsdp.MoE(cfg))
+    reference = copy.deepcopy(model)
+    big = init_device_mesh("cpu", (2, 1, 2), mesh_dim_names=("replica", "dp_shard", "ep"))
+    ep_fsdp.parallelize_moe(model, big["dp_shard", "ep"])
+    x = torch.randn(2, 6, 8, generator=torch.Generator().manual_seed(1))  # the same batch in both replicas
+    rank = big["ep"].get_local_rank()
+    model(x[rank]).square().sum().backward()
+    reference(x.reshape(-1, 8)).square().sum().backward()
+    return {"ours": float(ep_fsdp.clip_grad_norm_(model.parameters(), 1e9)),
+            "torch": float(torch.nn.utils.clip_grad_norm_(reference.parameters(), 1e9))}
+
+
+def test_clip_grad_norm_sums_over_the_models_ranks_when_its_mesh_is_part_of_a_larger_one(pools):
+    for r in pools(4).run(clip_on_a_sub_mesh):
+        # "mean" divides the expert gradients by world=2 and averages the dense ones: half the sum's
+        assert abs(r["ours"] - r["torch"] / 2) <= 1e-5 * r["torch"], r

@@ -74,8 +74,13 @@ def test_clip_grad_norm_single_process_equals_torch():
     torch.testing.assert_close(n1, n2)
     for p, q in zip(a.parameters(), b.parameters()):
         torch.testing.assert_close(p.grad, q.grad)
-    with pytest.raises(ValueError, match="max_norm must be > 0, got 0"):
+    with pytest.raises(ValueError, match=r"max_norm must be a number > 0, got 0; e.g. 1.0"):
         ep_fsdp.clip_grad_norm_(a.parameters(), 0)
+    with pytest.raises(ValueError, match=r"norm_type must be a number > 0 or float\('inf'\), got 'fro'"):
+        ep_fsdp.clip_grad_norm_(a.parameters(), 1.0, norm_type="fro")
+    before = [p.grad.clone() for p in a.parameters()]
+    assert float(ep_fsdp.clip_grad_norm_(a.parameters(), float("inf"))) == pytest.approx(0.1, rel=1e-5)  # clipped above
+    assert all(torch.equal(p.grad, g) for p, g in zip(a.parameters(), before))  # inf: the norm only
 
 
 def test_corpus_is_real_and_split_deterministically():
