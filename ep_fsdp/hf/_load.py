@@ -139,7 +139,9 @@ def load_hub_weights(model: nn.Module, directory: str | Path, *, api: str = "fro
         target, pattern = rename_source_key(key, renamings, converters, prefix, state)
         sources.setdefault(target, []).append((key, pattern))
     tied = set(getattr(model, "all_tied_weights_keys", {}) or {})
-    unused = sorted(key for target, found in sources.items() if target not in state for key, _ in found)
+    ignored = [re.compile(p) for p in getattr(model, "_keys_to_ignore_on_load_unexpected", None) or []]
+    unused = sorted(key for target, found in sources.items() if target not in state for key, _ in found
+                    if not any(p.search(key) for p in ignored))  # (what transformers itself ignores)
     missing = sorted(k for k in state if k not in sources and k not in tied)
     if missing:
         raise ValueError(
