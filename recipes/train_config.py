@@ -30,6 +30,7 @@ class MoEFields:
     score_func: str = "softmax"
     renormalize: bool = True
     route_scale: float = 1.0
+    temperature: float = 1.0
     aux_loss_coef: float = 0.01
     z_loss_coef: float = 0.001
     jitter_eps: float = 0.0

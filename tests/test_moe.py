@@ -535,3 +535,20 @@ def test_a_layer_with_shared_experts_takes_an_input_of_another_dtype_like_its_ro
     assert out.dtype == torch.bfloat16
     ref = layer(x)
     assert torch.allclose(out.float(), ref, rtol=0.05, atol=0.05)
+
+
+@pytest.mark.parametrize(
+    "kwargs,message",
+    [
+        (dict(num_kv_heads=-2), r"TransformerConfig.num_kv_heads must be None \(as many as num_heads\) or a positive int, got -2"),
+        (dict(rope_theta=0.0), r"TransformerConfig.rope_theta must be a finite number > 0, got 0.0; e.g. rope_theta=10000.0"),
+        (dict(norm_eps=float("nan")), r"TransformerConfig.norm_eps must be a finite number > 0, got nan"),
+        (dict(num_dense_layers=1.5), r"TransformerConfig.num_dense_layers must be an int, got 1.5"),
+        (dict(vocab_size=True), r"TransformerConfig.vocab_size must be a positive int, got True"),
+    ],
+)
+def test_transformer_config_errors_name_field_and_value(kwargs, message):
+    from ep_fsdp.models import TransformerConfig
+
+    with pytest.raises(ValueError, match=message):
+        TransformerConfig(**kwargs)

@@ -25,6 +25,14 @@ def test_overrides_are_typed():
                                    "train.activation_checkpointing=true"])
     assert cfg.train.lr == 1e-4 and cfg.model.moe.top_k == 1
     assert cfg.train.mixed_precision == "bf16" and cfg.train.activation_checkpointing is True
+    # every MoEConfig routing option is a [model.moe] key
+    import dataclasses
+
+    import ep_fsdp
+
+    options = {f.name for f in dataclasses.fields(ep_fsdp.MoEConfig)} - {"dim"}
+    assert options <= set(dataclasses.asdict(cfg.model.moe)), options - set(dataclasses.asdict(cfg.model.moe))
+    assert load_config(CONFIGS[0], ["model.moe.temperature=2.0"]).model.moe.moe_config(64).temperature == 2.0
 
 
 @pytest.mark.parametrize(

@@ -42,8 +42,22 @@ class TransformerConfig:
     def __post_init__(self) -> None:
         for name in ("vocab_size", "dim", "num_layers", "num_heads", "max_seq_len", "dense_hidden_dim"):
             value = getattr(self, name)
-            if not isinstance(value, int) or value <= 0:
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 raise ValueError(f"TransformerConfig.{name} must be a positive int, got {value!r}.")
+        kv = self.num_kv_heads
+        if kv is not None and (not isinstance(kv, int) or isinstance(kv, bool) or kv <= 0):
+            raise ValueError(
+                f"TransformerConfig.num_kv_heads must be None (as many as num_heads) or a positive int, got {kv!r}."
+            )
+        if not isinstance(self.num_dense_layers, int) or isinstance(self.num_dense_layers, bool):
+            raise ValueError(f"TransformerConfig.num_dense_layers must be an int, got {self.num_dense_layers!r}.")
+        for name in ("rope_theta", "norm_eps"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0 < value < math.inf:
+                raise ValueError(
+                    f"TransformerConfig.{name} must be a finite number > 0, got {value!r}; e.g. "
+                    f"{name}={getattr(type(self), name)!r} (the default)."
+                )
         if self.dim % self.num_heads != 0:
             raise ValueError(
                 f"TransformerConfig.dim={self.dim} must be divisible by num_heads={self.num_heads}; "
