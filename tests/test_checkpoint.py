@@ -399,3 +399,16 @@ def test_uneven_expert_sharding_saves_and_reshards(pools, tmp_path):
     ckpt.load(tmp_path / "uneven", plain)
     torch.manual_seed(0)
     assert all(torch.equal(a, b) for a, b in zip(plain.state_dict().values(), build("net6-odd").state_dict().values()))
+
+
+def async_group_timeout() -> tuple[float, float]:
+    """The background saves' gloo group fails after the job's collective timeout, not gloo's 30 min."""
+    from ep_fsdp.checkpoint._dcp import _async_group, _group_timeout
+
+    default = dist.distributed_c10d._get_default_group()
+    return _group_timeout(_async_group()).total_seconds(), _group_timeout(default).total_seconds()
+
+
+def test_background_saves_use_the_jobs_collective_timeout(pools):
+    for saves, job in pools(2).run(async_group_timeout):
+        assert saves == job < 30 * 60

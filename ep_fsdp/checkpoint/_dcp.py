@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import datetime
 import os
 import re
 import shutil
@@ -55,7 +56,8 @@ from ._safe import (
 
 __all__ = ["save", "load", "latest", "list_checkpoints", "PendingSave", "read_metadata"]
 
-_ASYNC_GROUP: dist.ProcessGroup | None = None
+# (the default group it was made for, the gloo group of background saves)
+_ASYNC_GROUP: tuple[dist.ProcessGroup, dist.ProcessGroup] | None = None
 
 
 def _rank_world() -> tuple[int, int]:
@@ -390,13 +392,27 @@ def _quiet_single_process() -> Iterator[None]:
 
 def _async_group() -> dist.ProcessGroup | None:
     """A gloo group of its own for background saves, so they never interleave with training
-    collectives on the default group."""
+    collectives on the default group; with the default group's timeout (a rank stuck in its
+    background write fails the others' ``wait()`` after the job's timeout, not gloo's 30 minutes),
+    made again when the default group was re-created."""
     global _ASYNC_GROUP
     if not _distributed():
         return None
-    if _ASYNC_GROUP is None:
-        _ASYNC_GROUP = dist.new_group(backend="gloo")
-    return _ASYNC_GROUP
+    default = dist.distributed_c10d._get_default_group()
+    if _ASYNC_GROUP is None or _ASYNC_GROUP[0] is not default:
+        timeout = _group_timeout(default)
+        _ASYNC_GROUP = (default, dist.new_group(backend="gloo", **({"timeout": timeout} if timeout else {})))
+    return _ASYNC_GROUP[1]
+
+
+def _group_timeout(group: dist.ProcessGroup) -> datetime.timedelta | None:
+    """The collective timeout ``group`` was created with (None when its backend does not say)."""
+    for device in ("cpu", "cuda"):
+        try:
+            return group._get_backend(torch.device(device)).options._timeout
+        except (RuntimeError, AttributeError, ValueError):
+            continue
+    return None
 
 
 def _fsync_dir(path: Path) -> None:
@@ -628,10 +644,21 @@ def _restore_placements(model: nn.Module, optimizer: torch.optim.Optimizer | Non
 
     if get_layout(model) is not None:
         layers = dict(expert_layers(model))
+        moved = []
         for name, rec in meta["moe_layers"].items():
             if name in layers:  # checkpoints from before placements were recorded: the default
-                physical = (rec.get("placement") or {}).get("physical")
-                install_placement(layers[name], physical or list(range(layers[name].placement.num_experts)))
+                E = layers[name].placement.num_experts
+                physical = (rec.get("placement") or {}).get("physical") or list(range(E))
+                if [layers[name].placement.physical(e) for e in range(E)] != list(physical):
+                    moved.append(name)
+                install_placement(layers[name], physical)
+        if moved and optimizer is None:
+            warnings.warn(
+                f"load: the experts of {moved[:4]} now sit where the checkpoint had them, not where this model "
+                "had them; an optimizer that already holds state for this model still has its expert moments in "
+                "the old order. Pass the optimizer to load (its state is then loaded and placed alike), or build "
+                "the optimizer after loading.", stacklevel=3,
+            )
         return
     params = dict(model.named_parameters())
     for key, physical in storage_permutations(meta).items():
