@@ -104,7 +104,10 @@ def parallelize_moe(
         reshard_after_forward: free unsharded parameters after forward (ZeRO-3) or keep them
             until backward (ZeRO-2-like). The root module always keeps them, and so does the
             last block in module order with the units inside it (its backward comes first).
-        activation_checkpointing: recompute each block's activations in the backward pass.
+        activation_checkpointing: recompute each block's activations in the backward pass (turns
+            the KV cache of transformers models off, as their own gradient checkpointing does).
+            NOTE: in torch 2.13 it does not combine with ``model.compile()``: the compiled
+            backward fails (also for a dense FSDP2 model with the composable checkpoint).
         block_filter: ``(name, module, parent) -> bool`` choosing the FSDP blocks; default: every
             element of an ``nn.ModuleList`` (:func:`default_block_filter`).
         dedup_tokens: when ``top_k > 1``, send each token at most once to each ep rank, with the
@@ -219,6 +222,13 @@ def parallelize_moe(
     if activation_checkpointing:
         for _, block in outermost:
             checkpoint_module(block)
+        # NOTE: a recomputed forward would append its keys and values to a transformers KV cache a
+        # second time (wrong shapes in the backward); transformers' own gradient checkpointing
+        # turns the cache off likewise.
+        for module in model.modules():
+            config = getattr(module, "config", None)
+            if getattr(config, "use_cache", False) is True and hasattr(module, "_can_record_outputs"):
+                config.use_cache = False
 
     units: list[tuple[FSDPModule, DeviceMesh]] = []
     module_names = {id(m): n for n, m in named.items()}
@@ -246,10 +256,17 @@ def parallelize_moe(
         for router in [layer.router for _, layer in layers] + (router_modules(model) if contract else []):
             shard(router, all_mesh, router_policy)
     # Children before parents: reverse module order puts nested blocks first.
+    # NOTE: FSDP2 takes one parameter dtype per unit: a module that keeps another dtype than the
+    # rest of its block (transformers' _keep_in_fp32_modules, e.g. DeepSeek-V3's float32 router in
+    # a bf16 model) gets a unit of its own first.
     for _, block in reversed(blocks):
         if not isinstance(block, FSDPModule):
+            for odd in _odd_dtype_modules(block):
+                shard(odd, all_mesh)
             shard(block, all_mesh)
     if not isinstance(model, FSDPModule):  # (a model that is itself an experts module is its unit already)
+        for odd in _odd_dtype_modules(model):
+            shard(odd, all_mesh)
         # NOTE: the root keeps its parameters unsharded after forward; backward needs them at once.
         fully_shard(model, mesh=all_mesh, mp_policy=mp_policy, reshard_after_forward=False)
         units.append((model, all_mesh))  # type: ignore[arg-type]
@@ -271,6 +288,31 @@ def parallelize_moe(
     setattr(model, _LAYOUT_ATTR, ParallelLayout(world_size=world, dp_shard=dp_shard, ep=ep, mesh=mesh,
                                                 grad_reduction=grad_reduction))
     return model
+
+
+def _odd_dtype_modules(owner: nn.Module) -> list[nn.Module]:
+    """Modules inside ``owner`` (not inside another FSDP unit) whose own parameters have another
+    dtype than most of the parameters ``owner``'s unit would hold (counted by elements)."""
+    pairs: list[tuple[nn.Module, nn.Parameter]] = []
+
+    def walk(module: nn.Module) -> None:
+        pairs.extend((module, p) for p in module.parameters(recurse=False))
+        for child in module.children():
+            if not isinstance(child, FSDPModule):
+                walk(child)
+
+    walk(owner)
+    sizes: dict[torch.dtype, int] = {}
+    for _, p in pairs:
+        sizes[p.dtype] = sizes.get(p.dtype, 0) + p.numel()
+    if len(sizes) < 2:
+        return []
+    main = max(sizes, key=lambda d: sizes[d])
+    odd: list[nn.Module] = []
+    for module, p in pairs:
+        if p.dtype != main and module is not owner and not any(module is m for m in odd):
+            odd.append(module)
+    return odd
 
 
 def _check_options(mp_policy: object, block_filter: object, **flags: object) -> None:

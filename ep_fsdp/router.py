@@ -108,6 +108,15 @@ class Router(nn.Module):
         else:
             self.expert_bias: torch.Tensor | None = None
 
+    def _apply(self, fn, recurse: bool = True):  # type: ignore[no-untyped-def]
+        """``nn.Module._apply`` (``.to``, ``.half()``, ``to_empty``, ...), with ``expert_bias`` kept
+        in float32: a bf16 bias would lose the small steps of :func:`ep_fsdp.update_expert_bias`."""
+        super()._apply(fn, recurse)
+        bias = self.expert_bias
+        if bias is not None and bias.is_floating_point() and bias.dtype != torch.float32:
+            self.expert_bias = bias.float()
+        return self
+
     def reset_buffers(self) -> None:
         """Zero the selection bias (after ``to_empty``, see :func:`ep_fsdp.materialize`)."""
         if self.expert_bias is not None:

@@ -211,6 +211,12 @@ class JobConfig:
     checkpoint: CheckpointFields = field(default_factory=CheckpointFields)
 
     def __post_init__(self) -> None:
+        if self.parallel.compile and self.train.activation_checkpointing:
+            raise ValueError(
+                "parallel.compile=true with train.activation_checkpointing=true: in torch 2.13 the backward of "
+                "a compiled FSDP2 model with composable activation checkpointing fails (the recomputation's "
+                "tensors differ from the saved ones); turn one of them off."
+            )
         if self.train.seq_len > self.model.max_seq_len:
             raise ValueError(
                 f"train.seq_len={self.train.seq_len} exceeds model.max_seq_len={self.model.max_seq_len}; "

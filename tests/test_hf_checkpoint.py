@@ -181,3 +181,21 @@ def test_checkpoint_reshards_and_exports_to_transformers(pools, hub_dirs, family
         assert r["export"] <= REL_TOL, r
         assert {"config.json", "generation_config.json", "model.safetensors.index.json"} <= set(r["files"]), r
         assert "transformers " in r["info"] and "experts ep0: 0-3, ep1: 4-7" in r["info"], r["info"]
+
+
+def bf16_step(directory: str) -> dict:
+    """from_pretrained in bf16 of a family that keeps its router in float32 (DeepSeek-V3's
+    _keep_in_fp32_modules): the router gets an FSDP unit of its own, and a training step runs."""
+    model = ep_fsdp.hf.from_pretrained(directory, worker_mesh(1, 2), torch_dtype=torch.bfloat16)
+    model.train()
+    x = _batch(2)[2 * dist.get_rank():2 * dist.get_rank() + 2]
+    loss = model(x, labels=x).loss + ep_fsdp.moe_aux_loss(model)
+    loss.backward()
+    dtypes = {str(p.dtype) for n, p in model.named_parameters() if "mlp.gate." in n}
+    return {"loss": float(loss), "router_dtypes": dtypes,
+            "grads": all(p.grad is not None for p in model.parameters() if p.requires_grad)}
+
+
+def test_bf16_model_with_a_float32_router_trains(pools, hub_dirs):
+    for r in pools(2).run(bf16_step, hub_dirs["deepseek_v3"]):
+        assert r["router_dtypes"] == {"torch.float32"} and r["grads"] and r["loss"] == r["loss"], r

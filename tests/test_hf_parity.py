@@ -62,7 +62,7 @@ def starve_last_rank(model: nn.Module, ep: int) -> list[int]:
 
 
 def hf_parity_step(dp_shard: int, ep: int, family: str, starve: bool = False, mix: bool = False,
-                   **overrides) -> dict:
+                   checkpointing: bool = False, **overrides) -> dict:
     """One AdamW step of the parallel and the reference model; errors, computed on every rank."""
     mesh = worker_mesh(dp_shard, ep)
     rank, world = dist.get_rank(), dist.get_world_size()
@@ -87,7 +87,7 @@ def hf_parity_step(dp_shard: int, ep: int, family: str, starve: bool = False, mi
     opt = dict(lr=1e-3, weight_decay=0.1)
     torch.optim.AdamW(ref.parameters(), **opt).step()
 
-    ep_fsdp.parallelize_moe(model, mesh)
+    ep_fsdp.parallelize_moe(model, mesh, activation_checkpointing=checkpointing)
     model.train()
     xs = x[2 * rank:2 * rank + 2]
     out = model(xs, labels=xs)
@@ -151,6 +151,13 @@ def test_ep_rank_without_tokens(pools, layout, family):
     for rank, r in enumerate(results):
         if rank % ep == ep - 1:
             assert all(rows == 0 for rows in r["rows_received"]), r["rows_received"]
+
+
+@pytest.mark.parametrize("family", ["gpt_oss", "deepseek_v3"])
+def test_activation_checkpointing_of_transformers_models(pools, family):
+    """The recomputed forward must not append to the KV cache again (sliding-window and MLA
+    attention read its shapes): parallelize_moe turns the cache off, as transformers does."""
+    check(pools(4).run(hf_parity_step, 2, 2, family, checkpointing=True))
 
 
 def test_model_mixing_ep_fsdp_moe_and_transformers_blocks(pools):

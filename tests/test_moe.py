@@ -552,3 +552,14 @@ def test_transformer_config_errors_name_field_and_value(kwargs, message):
 
     with pytest.raises(ValueError, match=message):
         TransformerConfig(**kwargs)
+
+
+def test_expert_bias_stays_float32_in_a_bf16_layer():
+    layer = MoE(MoEConfig(dim=8, hidden_dim=16, num_experts=4, top_k=2, expert_bias=True, bias_update_rate=1e-3))
+    layer.to(torch.bfloat16)
+    assert layer.router.expert_bias.dtype == torch.float32 and layer.router.gate.weight.dtype == torch.bfloat16
+    with torch.no_grad():
+        layer.router.expert_bias.fill_(0.6)  # where a bf16 step is 2**-8: a 1e-3 update would be lost
+    layer.bias_load = torch.tensor([1.0, 1.0, 3.0, 3.0])
+    ep_fsdp.update_expert_bias(layer)
+    assert torch.allclose(layer.router.expert_bias, torch.tensor([0.601, 0.601, 0.599, 0.599]))

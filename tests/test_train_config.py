@@ -78,3 +78,8 @@ def test_values_are_type_checked(override, message):
 def test_python_style_booleans_are_understood():
     assert load_config(CONFIGS[0], ["checkpoint.async_save=False"]).checkpoint.async_save is False
     assert load_config(CONFIGS[0], ["checkpoint.async_save=True"]).checkpoint.async_save is True
+
+
+def test_compile_with_activation_checkpointing_is_refused_up_front():
+    with pytest.raises(ValueError, match="parallel.compile=true with train.activation_checkpointing=true: in torch 2.13"):
+        load_config(CONFIGS[0], ["parallel.compile=true", "train.activation_checkpointing=true"])
