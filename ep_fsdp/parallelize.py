@@ -104,8 +104,9 @@ def parallelize_moe(
         reshard_after_forward: free unsharded parameters after forward (ZeRO-3) or keep them
             until backward (ZeRO-2-like). The root module always keeps them, and so does the
             last block in module order with the units inside it (its backward comes first).
-        activation_checkpointing: recompute each block's activations in the backward pass (turns
-            the KV cache of transformers models off, as their own gradient checkpointing does).
+        activation_checkpointing: recompute each block's activations in the backward pass
+            (training forwards of transformers models then run with ``use_cache=False``, as their
+            own gradient checkpointing does).
             NOTE: in torch 2.13 it does not combine with ``model.compile()``: the compiled
             backward fails (also for a dense FSDP2 model with the composable checkpoint).
         block_filter: ``(name, module, parent) -> bool`` choosing the FSDP blocks; default: every
@@ -224,11 +225,11 @@ def parallelize_moe(
             checkpoint_module(block)
         # NOTE: a recomputed forward would append its keys and values to a transformers KV cache a
         # second time (wrong shapes in the backward); transformers' own gradient checkpointing
-        # turns the cache off likewise.
+        # turns the cache off likewise. Only for training forwards, and the config is left as it
+        # is (it is recorded in checkpoints and exports).
         for module in model.modules():
-            config = getattr(module, "config", None)
-            if getattr(config, "use_cache", False) is True and hasattr(module, "_can_record_outputs"):
-                config.use_cache = False
+            if hasattr(module, "_can_record_outputs") and hasattr(getattr(module, "config", None), "use_cache"):
+                module.register_forward_pre_hook(_no_cache_in_training, with_kwargs=True)
 
     units: list[tuple[FSDPModule, DeviceMesh]] = []
     module_names = {id(m): n for n, m in named.items()}
@@ -290,29 +291,49 @@ def parallelize_moe(
     return model
 
 
-def _odd_dtype_modules(owner: nn.Module) -> list[nn.Module]:
-    """Modules inside ``owner`` (not inside another FSDP unit) whose own parameters have another
-    dtype than most of the parameters ``owner``'s unit would hold (counted by elements)."""
-    pairs: list[tuple[nn.Module, nn.Parameter]] = []
+def _no_cache_in_training(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    """Forward pre-hook: ``use_cache=False`` in a training forward of a transformers model."""
+    if module.training:
+        kwargs["use_cache"] = False
+    return args, kwargs
 
-    def walk(module: nn.Module) -> None:
-        pairs.extend((module, p) for p in module.parameters(recurse=False))
+
+def _odd_dtype_modules(owner: nn.Module) -> list[nn.Module]:
+    """The outermost modules inside ``owner`` (not inside another FSDP unit) whose trainable
+    parameters all have another dtype than most of those ``owner``'s unit would hold (counted by
+    elements): e.g. a float32 router in a bf16 block. A module is taken whole, so that its unit is
+    gathered by its own forward (the router reads its gate's weight directly).
+
+    NOTE: a module that holds such a parameter itself beside children of the main dtype is not
+    split (FSDP2 then refuses the unit's mixed dtypes).
+    """
+    def trainable(module: nn.Module) -> list[nn.Parameter]:
+        out = [p for p in module.parameters(recurse=False) if p.requires_grad]
         for child in module.children():
             if not isinstance(child, FSDPModule):
-                walk(child)
+                out += trainable(child)
+        return out
 
-    walk(owner)
     sizes: dict[torch.dtype, int] = {}
-    for _, p in pairs:
+    for p in trainable(owner):
         sizes[p.dtype] = sizes.get(p.dtype, 0) + p.numel()
     if len(sizes) < 2:
         return []
     main = max(sizes, key=lambda d: sizes[d])
-    odd: list[nn.Module] = []
-    for module, p in pairs:
-        if p.dtype != main and module is not owner and not any(module is m for m in odd):
-            odd.append(module)
-    return odd
+    found: list[nn.Module] = []
+
+    def walk(module: nn.Module) -> None:
+        for child in module.children():
+            if isinstance(child, FSDPModule):
+                continue
+            params = trainable(child)
+            if params and all(p.dtype != main for p in params):
+                found.append(child)
+            else:
+                walk(child)
+
+    walk(owner)
+    return found
 
 
 def _check_options(mp_policy: object, block_filter: object, **flags: object) -> None:

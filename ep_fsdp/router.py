@@ -111,10 +111,13 @@ class Router(nn.Module):
     def _apply(self, fn, recurse: bool = True):  # type: ignore[no-untyped-def]
         """``nn.Module._apply`` (``.to``, ``.half()``, ``to_empty``, ...), with ``expert_bias`` kept
         in float32: a bf16 bias would lose the small steps of :func:`ep_fsdp.update_expert_bias`."""
+        before = self.expert_bias
+        kept = (before.detach().clone() if before is not None and before.dtype == torch.float32
+                and before.device.type != "meta" else None)  # the float32 values, before any cast
         super()._apply(fn, recurse)
         bias = self.expert_bias
         if bias is not None and bias.is_floating_point() and bias.dtype != torch.float32:
-            self.expert_bias = bias.float()
+            self.expert_bias = kept.to(bias.device) if kept is not None else bias.float()
         return self
 
     def reset_buffers(self) -> None:

@@ -10,7 +10,6 @@ they are the same on every layout and hand-checkable in unit tests.
 from __future__ import annotations
 
 import math
-from fractions import Fraction
 
 import torch
 
@@ -66,10 +65,12 @@ def expert_dropout_mask(token_index: torch.Tensor, num_experts: int, p: float, s
 def capacity(capacity_factor: float, tokens: int, top_k: int, num_experts: int) -> int:
     """``ceil(capacity_factor * T * k / E)``: slots one expert takes from one forward call.
 
-    NOTE: computed exactly on the decimal value of ``capacity_factor`` (its shortest repr, what a
-    config says): in floating point ``1.1 * 100 * 2 / 4`` is 55.000000000000007, whose ceiling is 56.
+    NOTE: a value within floating-point noise (1e-12 relative) above an integer counts as that
+    integer: ``1.1 * 100 * 2 / 4`` is 55.000000000000007 in floating point, whose plain ceiling is 56.
+    (Plain float arithmetic, so that ``torch.compile`` traces it without a graph break.)
     """
-    return math.ceil(Fraction(repr(float(capacity_factor))) * tokens * top_k / num_experts)
+    slots = capacity_factor * tokens * top_k / num_experts
+    return math.ceil(slots - abs(slots) * 1e-12)
 
 
 def capacity_keep(expert_ids: torch.Tensor, slot_scores: torch.Tensor, num_experts: int, limit: int) -> torch.Tensor:

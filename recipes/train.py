@@ -118,29 +118,39 @@ def load_newest(ckpt_dir: Path, resume_from: Path | None, model: torch.nn.Module
       one is tried; with ``resume_from`` the error is raised instead.
     * A checkpoint of another model (``CheckpointMismatchError``: this config does not describe
       it) stops the job with that error and renames nothing.
-    * After a torchrun restart the newest checkpoint under ``ckpt_dir`` is used when there is one
-      (the run has saved since it started from ``resume_from``), else ``resume_from`` again.
-    * Resuming from ``resume_from`` moves the checkpoints under ``ckpt_dir`` with a later step
-      aside (``.NAME.superseded-*``): the run goes on from the chosen step, and its saves would
-      collide with them (or a restart would pick them up).
+    * Resuming from ``resume_from`` first moves the checkpoints under ``ckpt_dir`` with a later
+      step aside (``.NAME.superseded-*``, kept): the run goes on from the chosen step, and its
+      saves would collide with them (or a restart would pick them up).
+    * So after a torchrun restart a checkpoint under ``ckpt_dir`` newer than ``resume_from`` was
+      saved by this run: the newest one is used then, else ``resume_from`` again.
 
     Rank 0 decides (directory listings may differ across nodes on a network file system) and
     every rank tries the same checkpoints; loading is collective, so every rank fails alike."""
     plan: list[Any] = [None]
     if rank == 0:
-        newest_first = ckpt.list_checkpoints(ckpt_dir)[::-1]
-        restarted = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0
-        explicit = resume_from is not None and not (restarted and newest_first)
-        plan[0] = ([resume_from] if explicit else newest_first, explicit)
+        explicit = resume_from is not None
+        if explicit:
+            step = _step_of_checkpoint(resume_from)
+            if int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) == 0:
+                supersede_later(ckpt_dir, resume_from, step)  # before loading: see above
+            else:  # restarted: this run's own newer checkpoint wins
+                newest = ckpt.latest(ckpt_dir)
+                explicit = newest is None or step is None or (_step_of_checkpoint(newest) or -1) <= step
+        plan[0] = ([resume_from] if explicit else ckpt.list_checkpoints(ckpt_dir)[::-1], explicit)
     dist.broadcast_object_list(plan, src=0)
     candidates, explicit = plan[0]
     for path in candidates:
         try:
             meta = ckpt.load(path, model, optimizer)
         except ckpt.CheckpointMismatchError as e:
+            if not ckpt.read_metadata(path)["has_optimizer"]:
+                raise ValueError(
+                    f"train: {path} holds the model's weights but no optimizer state, which a resumed run needs; "
+                    "resume from a checkpoint saved by train.py, or start a new --output-dir."
+                ) from None
             raise ValueError(
                 f"train: {e} This run's config does not describe the model of {path}: run with the config it "
-                "was saved with (its train_config: python -m ep_fsdp.checkpoint info PATH), or pass another "
+                f"was saved with (its train_config: python -m ep_fsdp.checkpoint info {path}), or pass another "
                 "--output-dir to start a new run."
             ) from None
         except (ValueError, OSError, pickle.UnpicklingError, ckpt.CheckpointLoadError) as e:
@@ -154,15 +164,19 @@ def load_newest(ckpt_dir: Path, resume_from: Path | None, model: torch.nn.Module
                       "and falling back to the next older checkpoint", flush=True)
             dist.barrier()
             continue
-        if explicit:
-            if rank == 0:
-                supersede_later(ckpt_dir, path, meta["step"])
-            dist.barrier()
         return path, meta
     if candidates:
         raise RuntimeError(f"train: none of the checkpoints under {ckpt_dir} could be loaded (see above); "
                            "pass --resume-from PATH, or move them away to start over.")
     return None, None
+
+
+def _step_of_checkpoint(path: Path) -> int | None:
+    """The step a checkpoint records (None when it records none or cannot be read: its load says why)."""
+    try:
+        return ckpt.read_metadata(path).get("step")
+    except (ValueError, OSError):
+        return None
 
 
 def supersede_later(ckpt_dir: Path, resumed: Path, step: int | None) -> None:

@@ -198,3 +198,11 @@ def test_a_checkpoint_of_another_model_is_a_mismatch_not_damage(tmp_path):
     with pytest.raises(ckpt.CheckpointMismatchError, match="holds no optimizer state"):
         ckpt.load(path, ep_fsdp.MoE(CFG), torch.optim.SGD(ep_fsdp.MoE(CFG).parameters(), lr=0.1))
     assert issubclass(ckpt.CheckpointMismatchError, ValueError)  # what it was before it had a name
+
+
+def test_metadata_with_non_string_keys_reads_back(tmp_path):
+    """JSON turns keys into strings, which may sort otherwise: the CRC is that of what is read."""
+    torch.manual_seed(0)
+    ckpt.save(tmp_path / "ck", ep_fsdp.MoE(CFG), metadata={"per_layer_lr": {i: 0.1 for i in range(12)}})
+    assert ckpt.read_metadata(tmp_path / "ck")["user"]["per_layer_lr"]["11"] == 0.1
+    assert ckpt.latest(tmp_path) == tmp_path / "ck"

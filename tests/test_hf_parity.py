@@ -87,7 +87,9 @@ def hf_parity_step(dp_shard: int, ep: int, family: str, starve: bool = False, mi
     opt = dict(lr=1e-3, weight_decay=0.1)
     torch.optim.AdamW(ref.parameters(), **opt).step()
 
+    use_cache = model.config.use_cache
     ep_fsdp.parallelize_moe(model, mesh, activation_checkpointing=checkpointing)
+    assert model.config.use_cache == use_cache  # (off in training forwards only: the config is exported)
     model.train()
     xs = x[2 * rank:2 * rank + 2]
     out = model(xs, labels=xs)

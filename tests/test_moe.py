@@ -556,7 +556,11 @@ def test_transformer_config_errors_name_field_and_value(kwargs, message):
 
 def test_expert_bias_stays_float32_in_a_bf16_layer():
     layer = MoE(MoEConfig(dim=8, hidden_dim=16, num_experts=4, top_k=2, expert_bias=True, bias_update_rate=1e-3))
+    trained = torch.tensor([1e-3, 1.001, -2e-4, 3.0001])
+    with torch.no_grad():
+        layer.router.expert_bias.copy_(trained)
     layer.to(torch.bfloat16)
+    assert torch.equal(layer.router.expert_bias, trained)  # the values too, not only the dtype
     assert layer.router.expert_bias.dtype == torch.float32 and layer.router.gate.weight.dtype == torch.bfloat16
     with torch.no_grad():
         layer.router.expert_bias.fill_(0.6)  # where a bf16 step is 2**-8: a 1e-3 update would be lost

@@ -162,7 +162,9 @@ def _is_count(v: Any) -> bool:
 def metadata_crc32(meta: dict[str, Any]) -> int:
     """CRC32 of an ``ep_fsdp.json`` record without its ``meta_crc32`` key, over its canonical JSON
     text (sorted keys, no spaces): what :func:`read_metadata` checks when the key is present."""
-    body = {k: v for k, v in meta.items() if k != "meta_crc32"}
+    # NOTE: over the JSON round trip (what a reader sees): non-string keys become strings there,
+    # and may then sort in another order
+    body = json.loads(json.dumps({k: v for k, v in meta.items() if k != "meta_crc32"}))
     return crc32(json.dumps(body, sort_keys=True, separators=(",", ":")).encode())
 
 
