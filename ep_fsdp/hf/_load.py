@@ -208,7 +208,7 @@ def _problems(files: _Files, sources: dict[str, list[tuple[str, str | None]]], b
                 problems.append(f"{src} has shape {files.shape(src)}, the model's {key} is {tuple(value.shape)}")
             elif not allow_cast and files.slice(src).get_dtype() != _DTYPES.get(str(value.dtype).removeprefix("torch.")):
                 problems.append(f"{src} is {files.slice(src).get_dtype()}, the model's {key} is {value.dtype}")
-        elif found[0][1] in by_pattern:
+        elif found[0][1] in by_pattern and _stacks_experts(by_pattern[found[0][1]].operations):
             converter = by_pattern[found[0][1]]
             patterns = list(converter.source_patterns)
             have: dict[str, set[int]] = {p: set() for p in patterns}
@@ -231,6 +231,14 @@ def _problems(files: _Files, sources: dict[str, list[tuple[str, str | None]]], b
             problems += _stacked_problems(key, tuple(value.shape), converter.operations, patterns,
                                           [next(iter(shapes[p]), None) for p in patterns])
     return problems
+
+
+def _stacks_experts(ops: list[Any]) -> bool:
+    """Whether a converter stacks per-expert tensors (its first operation ``MergeModulelist(dim=0)``,
+    its patterns with a ``*`` for the expert); another converter is checked after converting."""
+    from transformers.core_model_loading import MergeModulelist
+
+    return bool(ops) and type(ops[0]) is MergeModulelist and ops[0].dim == 0
 
 
 def _stacked_problems(key: str, shape: tuple[int, ...], ops: list[Any], patterns: list[str],
