@@ -8,7 +8,6 @@ that wrote it, with a message that names the field, shows the value and says the
 from __future__ import annotations
 
 import math
-
 from dataclasses import dataclass
 
 __all__ = ["MoEConfig", "SCORE_FUNCS"]

@@ -135,7 +135,8 @@ def load_newest(ckpt_dir: Path, resume_from: Path | None, model: torch.nn.Module
                 supersede_later(ckpt_dir, resume_from, step)  # before loading: see above
             else:  # restarted: this run's own newer checkpoint wins
                 newest = ckpt.latest(ckpt_dir)
-                explicit = newest is None or step is None or (_step_of_checkpoint(newest) or -1) <= step
+                newer = _step_of_checkpoint(newest) if newest is not None else None
+                explicit = step is None or newer is None or newer <= step
         plan[0] = ([resume_from] if explicit else ckpt.list_checkpoints(ckpt_dir)[::-1], explicit)
     dist.broadcast_object_list(plan, src=0)
     candidates, explicit = plan[0]
@@ -182,7 +183,7 @@ def _step_of_checkpoint(path: Path) -> int | None:
 def supersede_later(ckpt_dir: Path, resumed: Path, step: int | None) -> None:
     """Move the checkpoints under ``ckpt_dir`` saved after ``step`` aside (kept, never deleted)."""
     for path in ckpt.list_checkpoints(ckpt_dir):
-        later = ckpt.read_metadata(path).get("step")
+        later = _step_of_checkpoint(path)
         if step is not None and later is not None and later > step and path.resolve() != resumed.resolve():
             aside = aside_path(path, "superseded")
             os.rename(path, aside)
@@ -506,7 +507,6 @@ def main(argv: list[str] | None = None) -> None:
         while pending:  # the previous asynchronous save must be committed first
             pending.pop().wait()
         extra = {
-            "scheduler": scheduler.state_dict(),
             "loader": loader.state_dict(),
             "rng_cpu": torch.get_rng_state(),
             "rng_cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,

@@ -647,11 +647,11 @@ def _restore_placements(model: nn.Module, optimizer: torch.optim.Optimizer | Non
         moved = []
         for name, rec in meta["moe_layers"].items():
             if name in layers:  # checkpoints from before placements were recorded: the default
-                E = layers[name].placement.num_experts
-                physical = (rec.get("placement") or {}).get("physical") or list(range(E))
-                if [layers[name].placement.physical(e) for e in range(E)] != list(physical):
+                before = layers[name].placement
+                physical = (rec.get("placement") or {}).get("physical")
+                install_placement(layers[name], physical or list(range(before.num_experts)))
+                if layers[name].placement != before:
                     moved.append(name)
-                install_placement(layers[name], physical)
         if moved and optimizer is None:
             warnings.warn(
                 f"load: the experts of {moved[:4]} now sit where the checkpoint had them, not where this model "

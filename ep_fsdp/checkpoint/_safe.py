@@ -10,7 +10,7 @@ whatever callables the file names:
   default load planner uses ``torch.load(weights_only=False)``): read with ``weights_only=True``;
 * ``extra/rank_R.pt`` (what ``save(extra=...)`` stored): ``torch.load(weights_only=True)``, which
   admits tensors, numbers, strings, ``None`` and lists / tuples / dicts of them: what the recipes
-  store (RNG states, data-loader and scheduler state). Other types must be allowed explicitly with
+  store (RNG states, data-loader state, expert loads). Other types must be allowed explicitly with
   ``torch.serialization.add_safe_globals`` (a decision to trust them).
 
 Anything else is refused with :class:`UnsafeCheckpointError`, which names the file and the type.

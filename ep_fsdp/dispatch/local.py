@@ -70,14 +70,13 @@ class LocalDispatcher(TokenDispatcher):
     ) -> DispatchResult:
         shape = tuple(tokens.shape)
         tokens, expert_ids, weights = flat_tokens(tokens, expert_ids, weights)  # [T, D], [T, k], [T, k]
+        sort = sort_slots(self.placement.to_physical(expert_ids), self.placement.num_experts)
         dropped = None
         if keep is not None:
             # NOTE: dropped slots are still computed here (no host sync to size the kept rows; only
             # an exchange saves their bytes), with a zero weight, and their rows are zeroed before
             # the combine: 0 * inf would be NaN where an expert's output overflowed.
             weights = weights * keep.reshape(weights.shape)
-        sort = sort_slots(self.placement.to_physical(expert_ids), self.placement.num_experts)
-        if keep is not None:
             dropped = ~keep.reshape(-1)[sort.sort_idx]  # [S] in expert order
         rows = gather_sorted(tokens, sort)  # [S, D]
         handle = _LocalHandle(shape, tokens.dtype, None, 0, sort, weights, dropped)

@@ -241,22 +241,31 @@ def _stacks_experts(ops: list[Any]) -> bool:
     return bool(ops) and type(ops[0]) is MergeModulelist and ops[0].dim == 0
 
 
+def _stack_then_cat(ops: list[Any]) -> tuple[bool, int | None]:
+    """``(True, cat_dim)`` for a converter that stacks per-expert tensors (``MergeModulelist(dim=0)``)
+    and then concatenates its patterns along ``cat_dim`` of the stacked target
+    (``Concatenate(dim>=1)``; ``None``: no concatenation); ``(False, None)`` for another kind."""
+    from transformers.core_model_loading import Concatenate, MergeModulelist
+
+    kinds = [type(op) for op in ops]
+    if not _stacks_experts(ops):
+        return False, None
+    if kinds == [MergeModulelist]:
+        return True, None
+    if kinds == [MergeModulelist, Concatenate] and ops[1].dim >= 1:
+        return True, ops[1].dim
+    return False, None
+
+
 def _stacked_problems(key: str, shape: tuple[int, ...], ops: list[Any], patterns: list[str],
                       subs: list[tuple[int, ...] | None]) -> list[str]:
     """Whether per-expert tensors of shapes ``subs`` (one per source pattern) make ``key``'s
     ``shape`` under a stack (``MergeModulelist(dim=0)``), optionally followed by a concatenation
     (``Concatenate(dim>=1)``); nothing is said of another converter (checked after converting)."""
-    from transformers.core_model_loading import Concatenate, MergeModulelist
-
-    kinds = [type(op) for op in ops]
-    if not ops or kinds[0] is not MergeModulelist or ops[0].dim != 0 or any(s is None for s in subs):
+    known, cat_dim = _stack_then_cat(ops)
+    if not known or any(s is None for s in subs) or (cat_dim is None and len(subs) != 1):
         return []
-    if kinds == [MergeModulelist] and len(subs) == 1:
-        c = None
-    elif kinds == [MergeModulelist, Concatenate] and ops[1].dim >= 1:
-        c = ops[1].dim - 1  # the concatenated dim of a per-expert tensor
-    else:
-        return []
+    c = None if cat_dim is None else cat_dim - 1  # the concatenated dim of a per-expert tensor
     want = shape[1:]
     bad = [f"{p!r} is {s}" for p, s in zip(patterns, subs)
            if len(s) != len(want) or any(s[d] != want[d] for d in range(len(want)) if d != c)]
@@ -293,16 +302,8 @@ def _copy_stacked(files: _Files, found: list[tuple[str, str | None]], by_pattern
                   offset: tuple[int, ...]) -> bool:
     """``target = cat_p(stack_j(src[p][j]), dim=c)``: read only the slices that land in this rank's
     box. Returns False when the converter is another kind (the caller converts in full)."""
-    from transformers.core_model_loading import Concatenate, MergeModulelist
-
-    kinds = [type(op) for op in ops]
-    if not ops or kinds[0] is not MergeModulelist or ops[0].dim != 0:
-        return False
-    if kinds == [MergeModulelist]:
-        cat_dim = None
-    elif kinds == [MergeModulelist, Concatenate] and ops[1].dim >= 1:
-        cat_dim = ops[1].dim
-    else:
+    known, cat_dim = _stack_then_cat(ops)
+    if not known:
         return False
     patterns = list(by_pattern[found[0][1]].source_patterns)
     per: dict[str, dict[int, str]] = {p: {} for p in patterns}
