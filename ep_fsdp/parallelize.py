@@ -152,6 +152,7 @@ def parallelize_moe(
             f"parallelize_moe: {type(model).__name__} is already parallelized (it holds DTensor/FSDP "
             "parameters); call parallelize_moe once, on a freshly built unparallelized model."
         )
+    _check_own_dtypes(model)
     if grad_reduction not in GRAD_REDUCTIONS:
         raise ValueError(
             f"parallelize_moe: grad_reduction must be one of {GRAD_REDUCTIONS}, got {grad_reduction!r}; "
@@ -299,18 +300,27 @@ def _no_cache_in_training(module: nn.Module, args: tuple, kwargs: dict) -> tuple
 
 
 def _odd_dtype_modules(owner: nn.Module) -> list[nn.Module]:
-    """The outermost modules inside ``owner`` (not inside another FSDP unit) whose trainable
-    parameters all have another dtype than most of those ``owner``'s unit would hold (counted by
-    elements): e.g. a float32 router in a bf16 block. A module is taken whole, so that its unit is
-    gathered by its own forward (the router reads its gate's weight directly).
+    """The modules inside ``owner`` (not inside another FSDP unit) that get FSDP units of their own,
+    children before parents, so that every unit holds one trainable parameter dtype (FSDP2 takes
+    one per unit). The main dtype is the one most of ``owner``'s trainable elements have.
 
-    NOTE: a module that holds such a parameter itself beside children of the main dtype is not
-    split (FSDP2 then refuses the unit's mixed dtypes).
+    * A module whose trainable parameters all have one other dtype (e.g. a float32 router in a bf16
+      block) is taken whole, so that its unit is gathered by its own forward (the router reads its
+      gate's weight directly).
+    * A module of mixed dtypes is split: the parts of it that differ from its own parameters'
+      dtype (or, without parameters of its own, from the main dtype) get units. E.g. an attention
+      module holding float32 ``sinks`` beside bf16 projections: the projections get units, then the
+      module's unit holds ``sinks`` alone.
+
+    A module holding parameters of two dtypes itself is refused up front
+    (:func:`_check_own_dtypes`).
     """
+    taken: set[int] = set()
+
     def trainable(module: nn.Module) -> list[nn.Parameter]:
         out = [p for p in module.parameters(recurse=False) if p.requires_grad]
         for child in module.children():
-            if not isinstance(child, FSDPModule):
+            if not isinstance(child, FSDPModule) and id(child) not in taken:
                 out += trainable(child)
         return out
 
@@ -322,18 +332,40 @@ def _odd_dtype_modules(owner: nn.Module) -> list[nn.Module]:
     main = max(sizes, key=lambda d: sizes[d])
     found: list[nn.Module] = []
 
-    def walk(module: nn.Module) -> None:
+    def split(module: nn.Module) -> torch.dtype | None:
+        """Give units to the parts of ``module`` of another dtype; return the dtype of the rest."""
+        own = {p.dtype for p in module.parameters(recurse=False) if p.requires_grad}
+        rest: dict[nn.Module, torch.dtype | None] = {}
         for child in module.children():
             if isinstance(child, FSDPModule):
                 continue
-            params = trainable(child)
-            if params and all(p.dtype != main for p in params):
+            dtypes = {p.dtype for p in trainable(child)}
+            if dtypes:
+                rest[child] = dtypes.pop() if len(dtypes) == 1 else split(child)
+        kept = next(iter(own)) if own else main if main in rest.values() else next(iter(rest.values()), None)
+        for child, dtype in rest.items():
+            if dtype != kept:
                 found.append(child)
-            else:
-                walk(child)
+                taken.add(id(child))
+        return kept
 
-    walk(owner)
+    split(owner)
     return found
+
+
+def _check_own_dtypes(model: nn.Module) -> None:
+    """Raise for a module that holds trainable parameters of two dtypes itself: no FSDP2 unit can
+    take them (it takes one parameter dtype per unit), and a module is the finest unit."""
+    for name, module in model.named_modules():
+        own = {n: p.dtype for n, p in module.named_parameters(recurse=False) if p.requires_grad}
+        if len(set(own.values())) > 1:
+            listed = ", ".join(f"{n}: {str(d).removeprefix('torch.')}" for n, d in own.items())
+            raise ValueError(
+                f"parallelize_moe: module '{name or type(module).__name__}' holds trainable parameters of "
+                f"several dtypes itself ({listed}); FSDP2 takes one parameter dtype per unit. Load the "
+                "model in one dtype (e.g. torch_dtype=torch.float32) and compute in bf16 with "
+                "mp_policy=MixedPrecisionPolicy(param_dtype=torch.bfloat16), or freeze the odd parameters."
+            )
 
 
 def _check_options(mp_policy: object, block_filter: object, **flags: object) -> None:

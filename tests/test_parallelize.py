@@ -9,9 +9,11 @@ import torch.distributed as dist
 import torch.nn as nn
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy
+from torch.distributed.tensor import DTensor
 
 import ep_fsdp
 from dist_pool import worker_mesh
+from parity_utils import full, rel_err, worst
 from ep_fsdp.parallelize import get_layout
 
 
@@ -277,3 +279,97 @@ def test_clip_grad_norm_sums_over_the_models_ranks_when_its_mesh_is_part_of_a_la
     for r in pools(4).run(clip_on_a_sub_mesh):
         # "mean" divides the expert gradients by world=2 and averages the dense ones: half the sum's
         assert abs(r["ours"] - r["torch"] / 2) <= 1e-5 * r["torch"], r
+
+
+class _SinkAttention(nn.Module):
+    """A float32 parameter held by a module beside bf16 children (transformers' Flint keeps its
+    attention ``sinks`` in float32 so)."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.q_proj = nn.Linear(dim, dim, bias=False)
+        self.o_proj = nn.Linear(dim, dim, bias=False)
+        self.sinks = nn.Parameter(torch.linspace(-1.0, 1.0, dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.o_proj(self.q_proj(x) * torch.sigmoid(self.sinks).to(x.dtype))
+
+
+class _SinkBlock(nn.Module):
+    def __init__(self, cfg: ep_fsdp.MoEConfig) -> None:
+        super().__init__()
+        self.attn = _SinkAttention(cfg.dim)
+        self.moe = ep_fsdp.MoE(cfg)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(x)
+        return x + self.moe(x)
+
+
+class _SinksModel(nn.Module):
+    def __init__(self, cfg: ep_fsdp.MoEConfig) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList([_SinkBlock(cfg) for _ in range(2)])
+        self.norm = nn.LayerNorm(cfg.dim)
+        self.head = nn.Linear(cfg.dim, cfg.dim, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for block in self.layers:
+            x = block(x)
+        return self.head(self.norm(x.float()).to(torch.bfloat16)).float().square().mean()
+
+
+def _sinks_model() -> nn.Module:
+    """bf16 blocks whose attention keeps float32 sinks, and a float32 final norm at the root."""
+    torch.manual_seed(0)
+    model = _SinksModel(ep_fsdp.MoEConfig(dim=16, hidden_dim=32, num_experts=4, top_k=2))
+    model.to(torch.bfloat16)
+    for module in model.modules():
+        if isinstance(module, (_SinkAttention, nn.LayerNorm)):
+            for p in module.parameters(recurse=False):
+                p.data = p.data.float()
+    return model
+
+
+def odd_parameter_beside_children_step(dp_shard: int, ep: int) -> dict:
+    model = _sinks_model()
+    ref = copy.deepcopy(model)
+    world, rank = dist.get_world_size(), dist.get_rank()
+    x = torch.randn(world, 8, 16, generator=torch.Generator().manual_seed(1)).to(torch.bfloat16)
+    ref_losses = [ref(x[r:r + 1]) for r in range(world)]
+    (sum(ref_losses) / world).backward()
+    ep_fsdp.parallelize_moe(model, worker_mesh(dp_shard, ep))
+    loss = model(x[rank:rank + 1])
+    loss.backward()
+    units = [m for m in model.modules() if isinstance(m, FSDPModule)]
+    unit_dtypes = []
+    for unit in units:  # the parameters each unit manages (not those of the units inside it)
+        inner = {id(p) for m in unit.modules() if m is not unit and isinstance(m, FSDPModule) for p in m.parameters()}
+        unit_dtypes.append({str(p.dtype) for p in unit.parameters() if id(p) not in inner})
+    grads = {n: rel_err(full(p.grad), r.grad) for (n, p), r in zip(model.named_parameters(), ref.parameters())}
+    t = loss.detach().clone()
+    dist.all_reduce(t)
+    return {"unit_dtypes": unit_dtypes, "loss": float(t) / world, "ref": float(sum(ref_losses).detach()) / world,
+            "grads": grads, "sinks_dtype": str(model.layers[0].attn.sinks.dtype)}
+
+
+def mixed_own_dtypes() -> dict:
+    model = _sinks_model()
+    model.layers[1].attn.o_proj.bias = nn.Parameter(torch.zeros(16))  # float32 beside a bf16 weight
+    return {"error": _error(lambda: ep_fsdp.parallelize_moe(model, worker_mesh(1, 2))),
+            "untouched": not any(isinstance(p, DTensor) for p in model.parameters())}
+
+
+def test_a_module_holding_another_dtype_beside_its_children_is_split_into_units(pools):
+    for layout in [(1, 2), (2, 1)]:
+        for r in pools(2).run(odd_parameter_beside_children_step, *layout):
+            assert all(len(d) == 1 for d in r["unit_dtypes"]), r["unit_dtypes"]
+            assert r["sinks_dtype"] == "torch.float32", r
+            assert abs(r["loss"] - r["ref"]) <= 1e-2 * abs(r["ref"]), r
+            name, err = worst(r["grads"])
+            assert err <= 3e-2, (layout, name, err)
+    for r in pools(2).run(mixed_own_dtypes):
+        kind, message = r["error"]
+        assert kind == "ValueError" and "'layers.1.attn.o_proj'" in message, r
+        assert "weight: bfloat16, bias: float32" in message and "MixedPrecisionPolicy" in message, r
+        assert r["untouched"], r
