@@ -11,9 +11,12 @@ import torch.distributed as dist
 
 __all__ = ["init_distributed", "exit_process", "is_peer_failure"]
 
-# What gloo and NCCL say when a peer stopped participating: a timeout, or a connection it closed.
+# What gloo and NCCL say when a peer stopped participating: a timeout, or a connection it closed
+# (a write to a dead peer's socket, a reconnect to a port nobody listens on any more, NCCL's remote
+# error after a peer process exited).
 _PEER_FAILURE_MARKERS = ("timed out", "application timeout", "operation timeout", "pair closure",
-                         "connection reset", "connection closed")
+                         "connection reset", "connection closed", "broken pipe", "connection refused",
+                         "socket closed", "remote process exited", "ncclremoteerror")
 
 
 def init_distributed(timeout: datetime.timedelta = datetime.timedelta(minutes=5)) -> torch.device:

@@ -141,6 +141,9 @@ def test_peer_failures_are_recognised_in_every_form_gloo_and_dcp_give_them():
     assert is_peer_failure(gloo_timeout)
     assert is_peer_failure(RuntimeError("[pair.cc:598] Timed out waiting 8000ms for recv operation to complete"))
     assert is_peer_failure(RuntimeError("Connection reset by peer"))
+    assert is_peer_failure(RuntimeError("[pair.cc:553] Write error [127.0.0.1]:4312: Broken pipe"))
+    assert is_peer_failure(RuntimeError("[tcp/pair.cc:171] connect [127.0.0.1]:47901: Connection refused"))
+    assert is_peer_failure(RuntimeError("NCCL error: remote process exited or there was a network error"))
     wrapped = RuntimeError("step failed")
     wrapped.__cause__ = gloo_timeout
     assert is_peer_failure(wrapped)
