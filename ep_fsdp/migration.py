@@ -17,13 +17,16 @@ copied in place. Every rank computes the same plan from the same all-reduced loa
 
 from __future__ import annotations
 
+import math
 import time
+import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
 import torch.distributed as dist
 import torch.nn as nn
+from torch.distributed.fsdp import FSDPModule
 from torch.distributed.tensor import DTensor, Replicate, Shard
 
 from .expert_modules import ExpertParallelExperts, expert_layers, layer_num_experts
@@ -147,7 +150,18 @@ def _permute_rows(t: DTensor, old: ExpertPlacement, new: ExpertPlacement, group:
     return (sum(in_splits) - in_splits[me]) * row_bytes
 
 
+def _plain_load(load: Any) -> Any:
+    """``load`` as plain Python (lists of floats, dicts of them) for a broadcast; tensors to lists."""
+    if isinstance(load, Mapping):
+        return {name: _plain_load(value) for name, value in load.items()}
+    if isinstance(load, torch.Tensor):
+        return load.detach().cpu().tolist()
+    return list(load)
+
+
 def _parse_load(load: Any, names: list[str], sizes: dict[str, int]) -> dict[str, list[float]] | None:
+    """``{layer: [E] floats}`` from ``load`` (one ``[E]`` vector for every layer, or a mapping),
+    checked: known layer names, one finite number >= 0 per logical expert."""
     if load is None:
         return None
     if not isinstance(load, Mapping):
@@ -156,14 +170,66 @@ def _parse_load(load: Any, names: list[str], sizes: dict[str, int]) -> dict[str,
     for name, value in load.items():
         if name not in sizes:
             raise ValueError(f"rebalance_experts: load names layer {name!r}, the model's layers are {names}.")
-        values = [float(v) for v in (value.tolist() if isinstance(value, torch.Tensor) else value)]
+        try:
+            values = [float(v) for v in value]
+        except (TypeError, ValueError):
+            raise ValueError(
+                f"rebalance_experts: load for layer {name!r} must be a flat sequence of numbers, one per "
+                f"logical expert, got {str(value)[:120]}."
+            ) from None
         if len(values) != sizes[name]:
             raise ValueError(
                 f"rebalance_experts: load for layer {name!r} has {len(values)} entries, the layer has "
                 f"num_experts={sizes[name]}; pass one load per logical expert."
             )
+        bad = [v for v in values if not (math.isfinite(v) and v >= 0)]
+        if bad:
+            raise ValueError(
+                f"rebalance_experts: load for layer {name!r} holds {bad[:4]}; every entry must be a finite "
+                "number >= 0 (e.g. the rows each expert received)."
+            )
         out[name] = values
     return out
+
+
+def _shared_load(load: Any, group: dist.ProcessGroup | None) -> Any:
+    """Rank 0's ``load`` on every rank, as plain Python (:func:`_plain_load`): every rank must plan
+    the same moves, since they are collectives. Rank 0 sends ``None`` for no load, and an error
+    text if its load cannot be read, so that every rank raises together instead of leaving the
+    others waiting in a collective."""
+    try:
+        plain = None if load is None else ("load", _plain_load(load))
+    except Exception as e:  # noqa: BLE001 (any unreadable object: raised below, on every rank)
+        plain = ("error", f"{type(e).__name__}: {e}")
+    if group is not None:
+        shared: list[Any] = [plain if dist.get_rank(group) == 0 else None]
+        dist.broadcast_object_list(shared, src=dist.get_global_rank(group, 0), group=group)
+        plain = shared[0]
+    if plain is None:
+        return None
+    kind, value = plain
+    if kind == "error":
+        raise ValueError(
+            f"rebalance_experts: the load could not be read ({value}); pass one [E] sequence of numbers for "
+            "every layer, or {layer name: [E]}."
+        )
+    return value
+
+
+def _pending_unsynced_grads(model: nn.Module) -> bool:
+    """Whether an FSDP unit holds gradients accumulated without a reduce-scatter yet
+    (``set_requires_gradient_sync(False)``): unsharded, so a move could not take them along."""
+    for module in model.modules():
+        if not isinstance(module, FSDPModule):
+            continue
+        for group in getattr(module._get_fsdp_state(), "_fsdp_param_groups", []):
+            for fsdp_param in getattr(group, "fsdp_params", []):
+                if getattr(fsdp_param, "unsharded_accumulated_grad", None) is not None:
+                    return True
+                unsharded = getattr(fsdp_param, "_unsharded_param", None)
+                if unsharded is not None and unsharded.grad is not None:
+                    return True
+    return False
 
 
 @torch.no_grad()
@@ -174,14 +240,18 @@ def rebalance_experts(
 
     The load of each layer is, by default, the slots its router selected per logical expert in the
     training-mode forwards since the previous call, summed over all ranks (one all-reduce for all
-    layers); or pass ``load``: one ``[E]`` sequence for every layer, or ``{layer name: [E]}`` (rank
-    0's is used on every rank, so all plan the same moves). Each
+    layers); or pass ``load``: one ``[E]`` sequence for every layer, or ``{layer name: [E]}``, of
+    finite numbers >= 0 (rank 0's is used on every rank, so all plan the same moves; the other
+    ranks' may be anything, ``None`` included). Each
     layer gets the placement :func:`plan_placement` finds (``G`` experts per rank, busiest rank as
     close to the mean as whole experts allow, fewest moves); its expert weights and the
     ``optimizer``'s state of them (AdamW moments; the per-parameter step is shared) move with
     collectives over ``ep``, respecting the FSDP sharding over ``dp_shard``. The function the model
-    computes does not change. Collective: every rank calls it, between optimizer steps, after the
-    gradients are consumed (they are not moved: zero them, as after ``optimizer.step()``).
+    computes does not change. Collective: every rank calls it, best between optimizer steps.
+    Gradients already accumulated (a move between micro-batches) move with their experts; those
+    held back by ``set_requires_gradient_sync(False)`` are unreduced and refused (call it after the
+    syncing backward). Units left unsharded (the last block after a no-grad forward) are resharded
+    first. Without ``optimizer`` a move warns: an optimizer holding state would keep the old order.
 
     Returns the new placement: per layer, the ep rank of each logical expert
     (:func:`expert_placement`). :func:`last_rebalance` reports the imbalance before and after,
@@ -204,14 +274,20 @@ def rebalance_experts(
         )
     names = [n for n, _ in layers]
     sizes = {n: layer_num_experts(m) for n, m in layers}
-    given = _parse_load(load, names, sizes)
     start = time.perf_counter()
     stats_group = layers[0][1].stats_group
-    if given is not None and stats_group is not None:
-        # NOTE: every rank must plan the same moves (they are collectives): rank 0's load is used
-        shared = [given]
-        dist.broadcast_object_list(shared, src=dist.get_global_rank(stats_group, 0), group=stats_group)
-        given = shared[0]
+    given = _parse_load(_shared_load(load, stats_group), names, sizes)
+    if _pending_unsynced_grads(model):
+        raise ValueError(
+            "rebalance_experts: gradients accumulated with set_requires_gradient_sync(False) are still "
+            "unreduced; call it after the backward that syncs them (or after optimizer.step()), so that the "
+            "gradients move with their experts."
+        )
+    # NOTE: a unit left unsharded (e.g. the last block after a no-grad forward) holds its full
+    # parameters in place of the shards: the moves below work on the shards
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            module.reshard()
     if given is None:
         device = next(p.device for p in model.parameters())
         packed = torch.cat([
@@ -229,6 +305,7 @@ def rebalance_experts(
     plans = {n: plan_placement(given[n], m.placement) if n in given else m.placement for n, m in layers}
     ep_group = layout.mesh["ep"].get_group() if layout.ep > 1 else None
     report: dict[str, dict[str, float]] = {}
+    moved_layers: list[str] = []
     for n, m in layers:
         old, new = m.placement, plans[n]
         moved_bytes = 0
@@ -238,9 +315,12 @@ def rebalance_experts(
                 v for p in tensors for v in (optimizer.state.get(p, {}).values() if optimizer is not None else [])
                 if isinstance(v, DTensor) and v.shape == p.shape
             ]
-            for t in [*tensors, *states]:
+            # NOTE: gradients of micro-batches before the move (accumulation) move with their experts
+            grads = [p.grad for p in tensors if isinstance(p.grad, DTensor) and p.grad.shape == p.shape]
+            for t in [*tensors, *states, *grads]:
                 moved_bytes += _permute_rows(t, old, new, ep_group)
             m.dispatcher.placement = new
+            moved_layers.append(n)
         if n in given:
             m.routing.rebalance_load = None
         load_n = given.get(n)
@@ -250,6 +330,12 @@ def rebalance_experts(
             "experts_moved": sum(old.rank_of(e) != new.rank_of(e) for e in range(old.num_experts)),
             "bytes_sent": moved_bytes,
         }
+    if moved_layers and optimizer is None:
+        warnings.warn(
+            f"rebalance_experts: the experts of {moved_layers[:4]} moved without an optimizer; an optimizer that "
+            "already holds state for this model keeps its expert moments in the old order. Pass it: "
+            "rebalance_experts(model, optimizer).", stacklevel=3,
+        )
     seconds = time.perf_counter() - start
     for r in report.values():
         r["seconds"] = seconds

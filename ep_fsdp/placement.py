@@ -13,11 +13,23 @@ depend on the placement.
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Sequence
 
 import torch
 
 __all__ = ["ExpertPlacement"]
+
+
+def _row(value: object) -> int:
+    """A storage row given in ``physical``: an int (Python, numpy or a 0-dim integer tensor), not a
+    bool or a float (which ``int()`` would truncate)."""
+    if isinstance(value, bool):
+        raise ValueError(f"ExpertPlacement: physical holds {value!r}; give storage rows as ints.")
+    try:
+        return operator.index(value)  # type: ignore[arg-type]
+    except TypeError:
+        raise ValueError(f"ExpertPlacement: physical holds {value!r}; give storage rows as ints.") from None
 
 
 class ExpertPlacement:
@@ -39,6 +51,10 @@ class ExpertPlacement:
     def __init__(self, num_experts: int, ep: int, physical: Sequence[int] | None = None) -> None:
         if isinstance(ep, bool) or not isinstance(ep, int) or ep < 1:
             raise ValueError(f"ExpertPlacement: ep must be a positive int, got {ep!r}; pass e.g. ep=2.")
+        if isinstance(num_experts, bool) or not isinstance(num_experts, int) or num_experts < 1:
+            raise ValueError(
+                f"ExpertPlacement: num_experts must be a positive int, got {num_experts!r}; pass e.g. num_experts=8."
+            )
         if num_experts % ep != 0:
             raise ValueError(
                 f"ExpertPlacement: num_experts={num_experts} must be divisible by ep={ep}; "
@@ -47,7 +63,7 @@ class ExpertPlacement:
         self.num_experts = num_experts
         self.ep = ep
         self.experts_per_rank = num_experts // ep
-        ids = list(range(num_experts)) if physical is None else [int(p) for p in physical]
+        ids = list(range(num_experts)) if physical is None else [_row(p) for p in physical]
         if sorted(ids) != list(range(num_experts)):
             raise ValueError(
                 f"ExpertPlacement: physical must be a permutation of 0..{num_experts - 1}, got {ids}; "
@@ -64,15 +80,17 @@ class ExpertPlacement:
 
     def physical(self, expert: int) -> int:
         """Storage row (``rank * G + slot``) of logical ``expert``."""
+        if not 0 <= expert < self.num_experts:
+            raise IndexError(f"ExpertPlacement: expert {expert!r} is not in 0..{self.num_experts - 1}.")
         return self._physical[expert]
 
     def rank_of(self, expert: int) -> int:
         """ep rank that holds logical ``expert``."""
-        return self._physical[expert] // self.experts_per_rank
+        return self.physical(expert) // self.experts_per_rank
 
     def slot_of(self, expert: int) -> int:
         """Local slot of logical ``expert`` on its ep rank."""
-        return self._physical[expert] % self.experts_per_rank
+        return self.physical(expert) % self.experts_per_rank
 
     def ranks(self) -> list[int]:
         """ep rank of every logical expert ``0..E-1``."""
@@ -80,6 +98,8 @@ class ExpertPlacement:
 
     def experts_on(self, rank: int) -> list[int]:
         """Logical experts held by ep ``rank``, in slot order."""
+        if not 0 <= rank < self.ep:
+            raise IndexError(f"ExpertPlacement: rank {rank!r} is not in 0..{self.ep - 1} (ep={self.ep}).")
         G = self.experts_per_rank
         by_row = {p: e for e, p in enumerate(self._physical)}
         return [by_row[rank * G + g] for g in range(G)]
@@ -118,6 +138,9 @@ class ExpertPlacement:
             and other.ep == self.ep
             and other._physical == self._physical
         )
+
+    def __hash__(self) -> int:
+        return hash((self.ep, tuple(self._physical)))
 
     def __repr__(self) -> str:
         return f"ExpertPlacement(num_experts={self.num_experts}, ep={self.ep}, ranks={self.ranks()})"

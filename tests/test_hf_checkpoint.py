@@ -199,3 +199,38 @@ def bf16_step(directory: str) -> dict:
 def test_bf16_model_with_a_float32_router_trains(pools, hub_dirs):
     for r in pools(2).run(bf16_step, hub_dirs["deepseek_v3"]):
         assert r["router_dtypes"] == {"torch.float32"} and r["grads"] and r["loss"] == r["loss"], r
+
+
+def load_plain_checkpoint(directory: str, root: str) -> dict:
+    """A checkpoint of the plain transformers model (no expert-parallel layers recorded, experts in
+    logical order) into the model parallelized, whose experts were moved first: the placement goes
+    back to the default and every weight equals the plain model's."""
+    from transformers import AutoModelForCausalLM
+
+    rank, world = dist.get_rank(), dist.get_world_size()
+    model = ep_fsdp.hf.from_pretrained(directory, worker_mesh(1, world))
+    ep_fsdp.rebalance_experts(model, load=[8, 7, 6, 5, 4, 3, 2, 1])
+    moved = ep_fsdp.expert_placement(model)
+    meta = ep_fsdp.checkpoint.load(f"{root}/plain", model)
+    plain = AutoModelForCausalLM.from_pretrained(f"{root}/hf_plain").eval()
+    x = _batch(world)[2 * rank:2 * rank + 2]
+    model.eval()
+    with torch.no_grad():
+        logits = rel_err(model(x).logits, plain(x).logits)
+    ref = dict(plain.named_parameters())
+    return {"moved": moved, "placement": ep_fsdp.expert_placement(model), "logits": logits,
+            "params": max(rel_err(full(p), ref[n]) for n, p in model.named_parameters()),
+            "saved_layers": meta["moe_layers"]}
+
+
+def test_a_plain_transformers_checkpoint_loads_into_the_model_parallelized(pools, hub_dirs, tmp_path):
+    import ep_fsdp.checkpoint as ckpt
+
+    plain = _tiny()  # another init than the hub directory's
+    plain.save_pretrained(tmp_path / "hf_plain")
+    ckpt.save(tmp_path / "plain", plain, step=0)
+    for r in pools(2).run(load_plain_checkpoint, hub_dirs["qwen3_moe"], str(tmp_path)):
+        assert r["saved_layers"] == {}, r
+        assert any(ranks != sorted(ranks) for ranks in r["moved"].values()), r  # moved before the load
+        assert all(ranks == sorted(ranks) for ranks in r["placement"].values()), r  # logical order again
+        assert r["params"] == 0.0 and r["logits"] <= REL_TOL, r

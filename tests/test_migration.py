@@ -227,3 +227,126 @@ def test_checkpoint_keeps_the_placement(pools, tmp_path):
     from pathlib import Path
 
     assert "off their default rank" in info(Path(f"{root}/moved"))
+
+
+def _two_moe_layers() -> torch.nn.Module:
+    """3 blocks, the last two MoE: a move that fails half way would leave one layer moved."""
+    from ep_fsdp.models import MoETransformer, TransformerConfig
+
+    torch.manual_seed(0)
+    moe = ep_fsdp.MoEConfig(dim=32, hidden_dim=48, num_experts=8, top_k=2, aux_loss_coef=0.01, expert_bias=True)
+    return MoETransformer(TransformerConfig(vocab_size=64, dim=32, num_layers=3, num_heads=4, num_kv_heads=2,
+                                            max_seq_len=16, num_dense_layers=1, moe=moe))
+
+
+def awkward_moves(dp_shard: int, ep: int, move: bool) -> dict:
+    """Moves where users make them: between two accumulated micro-batches (their gradients move
+    too), and right after a no-grad validation forward (the last block is left unsharded)."""
+    rank, world = dist.get_rank(), dist.get_world_size()
+    model = _two_moe_layers()
+    set_regime(model, "idle_ep_rank", ep)
+    ep_fsdp.parallelize_moe(model, worker_mesh(dp_shard, ep))
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.1)
+    losses, changed = [], []
+    for step in range(1, 5):
+        for micro in range(2):
+            x, y = batch("transformer", ROWS * world, seed=10 * step + micro)
+            logits = model(x[rank * ROWS:(rank + 1) * ROWS])
+            loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y[rank * ROWS:(rank + 1) * ROWS].reshape(-1))
+            ((loss + ep_fsdp.moe_aux_loss(model)) / 2).backward()
+            losses.append(mean_over_ranks(loss))
+            if move and step == 2 and micro == 0:
+                before = ep_fsdp.expert_placement(model)
+                changed.append(ep_fsdp.rebalance_experts(model, opt) != before)
+        opt.step()
+        opt.zero_grad()
+        if step == 3:
+            model.eval()
+            with torch.no_grad():
+                model(x[rank * ROWS:(rank + 1) * ROWS])
+            model.train()
+            if move:
+                before = ep_fsdp.expert_placement(model)
+                changed.append(ep_fsdp.rebalance_experts(model, opt, load=[8, 7, 6, 5, 4, 3, 2, 1]) != before)
+    return {"losses": losses, "state": expert_state(model, opt), "changed": changed}
+
+
+@pytest.mark.parametrize("layout", [(2, 2), (1, 2)], ids=lambda l: f"dp{l[0]}xep{l[1]}")
+def test_moves_between_micro_batches_and_after_a_validation_forward(pools, layout):
+    pool = pools(layout[0] * layout[1])
+    still = pool.run(awkward_moves, *layout, False)
+    moving = pool.run(awkward_moves, *layout, True)
+    for a, b in zip(still, moving):
+        assert b["changed"] == [True, True], b["changed"]
+        for got, want in zip(b["losses"], a["losses"]):
+            assert abs(got - want) <= REL_TOL * abs(want), (b["losses"], a["losses"])
+        worst = max(rel_err(b["state"][k], a["state"][k]) for k in a["state"])
+        assert worst <= REL_TOL, worst
+
+
+def load_arguments() -> dict:
+    """``load=`` is rank 0's on every rank (the others may pass None); unreadable or invalid loads
+    raise on every rank; a move without the optimizer warns."""
+    import warnings
+
+    rank = dist.get_rank()
+    model = build("transformer")
+    ep_fsdp.parallelize_moe(model, worker_mesh(1, 2))
+    out = {}
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        out["placement"] = ep_fsdp.rebalance_experts(model, load=[9, 9, 0, 0, 0, 0, 0, 0] if rank == 0 else None)
+    out["warned"] = any("moved without an optimizer" in str(w.message) for w in caught)
+    for name, bad in [("nan", [1, 1, 1, float("nan"), 1, 1, 1, 1]), ("negative", [-1.0] * 8),
+                      ("nested", [[1.0] * 8] * 2), ("not_a_sequence", 5),
+                      ("rank0_only_bad", [1.0, 2.0] if rank == 0 else [1.0] * 8)]:
+        try:
+            ep_fsdp.rebalance_experts(model, load=bad)
+            out[name] = "no error"
+        except ValueError as e:
+            out[name] = str(e)
+    model.set_requires_gradient_sync(False)  # accumulation without sync: unreduced gradients cannot move
+    x, _ = batch("transformer", ROWS, seed=rank)
+    model(x).float().square().mean().backward()
+    try:
+        ep_fsdp.rebalance_experts(model, load=[1, 2, 3, 4, 5, 6, 7, 8])
+        out["unsynced"] = "no error"
+    except ValueError as e:
+        out["unsynced"] = str(e)
+    return out
+
+
+def test_load_argument_is_rank_zeros_and_checked_on_every_rank(pools):
+    results = pools(2).run(load_arguments)
+    assert results[0]["placement"] == results[1]["placement"]
+    assert any(r != sorted(r) for r in results[0]["placement"].values())  # it moved
+    for r in results:
+        assert r["warned"], r
+        assert "every entry must be a finite number >= 0" in r["nan"] and "nan" in r["nan"], r
+        assert "every entry must be a finite number >= 0" in r["negative"], r
+        assert "flat sequence of numbers" in r["nested"], r
+        assert "could not be read" in r["not_a_sequence"], r
+        assert "has 2 entries" in r["rank0_only_bad"], r
+        assert "set_requires_gradient_sync(False)" in r["unsynced"], r
+
+
+@pytest.mark.parametrize("args, message", [
+    ((8, 2, [0, 1.9, 2, 3, 4, 5, 6, 7]), "physical holds 1.9"),
+    ((8, 2, [True, 1, 2, 3, 4, 5, 6, 7]), "physical holds True"),
+    ((-4, 2), "num_experts must be a positive int, got -4"),
+    ((0, 2), "num_experts must be a positive int, got 0"),
+    ((True, 1), "num_experts must be a positive int, got True"),
+])
+def test_placement_arguments_are_checked(args, message):
+    with pytest.raises(ValueError, match=message):
+        ExpertPlacement(*args)
+
+
+def test_placement_lookups_are_range_checked_and_placements_hash():
+    p = ExpertPlacement.contiguous(8, 2)
+    with pytest.raises(IndexError, match="expert -1 is not in 0..7"):
+        p.rank_of(-1)
+    with pytest.raises(IndexError, match="rank 5 is not in 0..1"):
+        p.experts_on(5)
+    assert len({p, ExpertPlacement(8, 2, list(range(8)))}) == 1
+    assert ExpertPlacement(8, 2, torch.arange(8)) == p  # integer tensors and numpy ints are rows too

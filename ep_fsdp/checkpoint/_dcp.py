@@ -544,7 +544,9 @@ def _check_model_matches(path: Path, meta: dict[str, Any], model_sd: dict[str, A
         for field in moe_now[name]
         if moe_now[name][field] != moe_saved[name].get(field)
     ]
-    if set(moe_now) != set(moe_saved) and moe_now:  # NOTE: a plain transformers model has none
+    # NOTE: a plain transformers model has no expert-parallel layers: its checkpoint (experts in
+    # logical order) loads into the model parallelized, and the other way round
+    if set(moe_now) != set(moe_saved) and moe_now and moe_saved:
         configs.append(f"MoE layers: model {sorted(moe_now)} vs checkpoint {sorted(moe_saved)}")
     if missing or unexpected or shapes or configs:
         parts = []
@@ -643,15 +645,16 @@ def _restore_placements(model: nn.Module, optimizer: torch.optim.Optimizer | Non
     from ..migration import install_placement
 
     if get_layout(model) is not None:
-        layers = dict(expert_layers(model))
         moved = []
-        for name, rec in meta["moe_layers"].items():
-            if name in layers:  # checkpoints from before placements were recorded: the default
-                before = layers[name].placement
-                physical = (rec.get("placement") or {}).get("physical")
-                install_placement(layers[name], physical or list(range(before.num_experts)))
-                if layers[name].placement != before:
-                    moved.append(name)
+        for name, layer in expert_layers(model):
+            # NOTE: no record (a plain transformers model's checkpoint) or no placement in it (from
+            # before placements were recorded): the rows are in logical order, the default
+            rec = meta["moe_layers"].get(name) or {}
+            before = layer.placement
+            physical = (rec.get("placement") or {}).get("physical")
+            install_placement(layer, physical or list(range(before.num_experts)))
+            if layer.placement != before:
+                moved.append(name)
         if moved and optimizer is None:
             warnings.warn(
                 f"load: the experts of {moved[:4]} now sit where the checkpoint had them, not where this model "
