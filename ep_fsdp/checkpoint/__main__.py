@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from ._format import read_metadata, structure_problem
+from ._format import crc32, read_metadata, structure_problem
 from ._safe import safe_metadata_load
 
 
@@ -42,15 +42,19 @@ def info(path: Path) -> str:
         raise ValueError(f"info: {path} is not a usable checkpoint: {problem}")
     dcp_meta = path / ".metadata"
     if dcp_meta.is_file():  # checked with the restricted unpickler: a crafted file is reported, never run
-        safe_metadata_load(dcp_meta.read_bytes(), str(dcp_meta))
+        data = dcp_meta.read_bytes()
+        expected = meta["files"].get(".metadata", {}).get("crc32")
+        if expected is not None and crc32(data) != expected:  # NOTE: damaged bytes are never unpickled
+            raise ValueError(f"info: {dcp_meta} is corrupted (CRC32 {crc32(data):#010x}, expected {expected:#010x})")
+        safe_metadata_load(data, str(dcp_meta), meta["files"])
     lay = meta["layout"]
     lines = [
         f"checkpoint   {path}",
         f"step         {meta['step']}",
-        f"created      {meta['created']}",
+        f"created      {meta.get('created', 'unknown')}",
         f"saved on     world_size={lay['world_size']} dp_shard={lay['dp_shard']} ep={lay['ep']}"
         + ("" if lay.get("parallelized", True) else " (unparallelized model)"),
-        f"versions     ep_fsdp {meta['versions']['ep_fsdp']}, torch {meta['versions']['torch']}",
+        f"versions     ep_fsdp {meta['versions'].get('ep_fsdp', '?')}, torch {meta['versions'].get('torch', '?')}",
         f"optimizer    {'yes' if meta['has_optimizer'] else 'no'}",
         f"extra        ranks {meta['extra_ranks'] or 'none'}",
     ]
@@ -73,12 +77,13 @@ def info(path: Path) -> str:
     for name, rec in meta["moe_layers"].items():
         c = rec["config"]
         if "placement" in rec:  # experts listed one by one
-            owners = ", ".join(f"ep{o['ep_rank']}: {_ranges(o['experts'])}" for o in rec["expert_owner"])
+            owners = ", ".join(f"ep{o['ep_rank']}: {_ranges(o['experts'])}" for o in rec.get("expert_owner", []))
         else:  # checkpoints written before placements: [start, end) blocks
-            owners = ", ".join(f"ep{o['ep_rank']}: {o['experts'][0]}-{o['experts'][1] - 1}" for o in rec["expert_owner"])
+            owners = ", ".join(f"ep{o['ep_rank']}: {o['experts'][0]}-{o['experts'][1] - 1}"
+                               for o in rec.get("expert_owner", []) if len(o["experts"]) == 2)
         what = (
-            f"E={c['num_experts']} {c['experts_class']}" if "experts_class" in c  # a transformers experts module
-            else f"E={c['num_experts']} k={c['top_k']} D={c['dim']} H={c['hidden_dim']} {c['score_func']}"
+            f"E={c.get('num_experts')} {c['experts_class']}" if "experts_class" in c  # a transformers experts module
+            else f"E={c.get('num_experts')} k={c.get('top_k')} D={c.get('dim')} H={c.get('hidden_dim')} {c.get('score_func')}"
         )
         ranks = (rec.get("placement") or {}).get("ranks")
         if ranks is not None:
@@ -105,6 +110,10 @@ def main(argv: list[str] | None = None) -> int:
         print(info(args.path))
     except (OSError, ValueError, pickle.UnpicklingError) as e:
         print(f"error: {e}", file=sys.stderr)
+        return 2
+    except Exception as e:  # noqa: BLE001 - a record this reader cannot describe: said, not a traceback
+        print(f"error: {args.path} cannot be described ({type(e).__name__}: {e}); it is not a checkpoint this "
+              "ep_fsdp wrote, or it is damaged.", file=sys.stderr)
         return 2
     return 0
 

@@ -9,7 +9,7 @@ import re
 import shutil
 import time
 import warnings
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
@@ -505,7 +505,8 @@ def _checked_extra(path: Path, meta: dict[str, Any], files: MappedFiles,
     problems = _file_problems(path, meta, files, deferred=deferred)
     extra, refusal = None, None
     extra_file = extra_path(path, rank)
-    if not problems and extra_file.is_file():
+    # NOTE: only an extra the manifest lists (its size and CRC32 were checked); another file put there is not read
+    if not problems and extra_file.relative_to(path).as_posix() in meta["files"]:
         try:
             extra = load_extra(extra_file)
         except Exception as e:  # noqa: BLE001 - refused, unreadable or undecodable: shared below
@@ -618,7 +619,7 @@ def load(
     try:
         extra = _checked_extra(path, meta, files, deferred=frozenset(check))
         state = {"model": model_sd} if optimizer is None else _app_state(model, optimizer)
-        dcp_load(state, path, no_dist=not _distributed(), files=files, check=check)
+        dcp_load(state, path, no_dist=not _distributed(), files=files, check=check, manifest=meta["files"])
     finally:
         files.close()
     if optimizer is None:
@@ -675,7 +676,7 @@ def _restore_placements(model: nn.Module, optimizer: torch.optim.Optimizer | Non
 
 
 def dcp_load(state: dict[str, Any], path: Path, *, no_dist: bool, files: MappedFiles | None = None,
-             check: dict[str, int] | None = None) -> None:
+             check: dict[str, int] | None = None, manifest: Collection[str] | None = None) -> None:
     """``dcp.load`` through the safe reader and planner: nothing in the checkpoint is unpickled
     beyond DCP metadata types and ``weights_only`` values (see ``_safe.py``). Reads through
     ``files`` (mappings the caller may have checked already), each tensor copied once into
@@ -694,7 +695,7 @@ def dcp_load(state: dict[str, Any], path: Path, *, no_dist: bool, files: MappedF
     error: Exception | None = None
     reader: MappedFileSystemReader | None = None
     try:
-        metadata = safe_metadata_load(bytes(files.view(".metadata")), str(path / ".metadata"))
+        metadata = safe_metadata_load(bytes(files.view(".metadata")), str(path / ".metadata"), manifest)
         reader = MappedFileSystemReader(path, files, metadata, check)
         # NOTE: DCP's distributed load only gathers the ranks' read plans and scatters them back
         # unchanged (DefaultLoadPlanner has no global step): each rank plans and reads alone, and

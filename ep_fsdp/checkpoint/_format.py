@@ -23,6 +23,8 @@ from typing import Any
 
 import torch
 
+from ._safe import relative_name_problem
+
 __all__ = [
     "METADATA_FILE",
     "FORMAT_VERSION",
@@ -40,10 +42,13 @@ __all__ = [
     "experts_prefix",
     "write_json_atomic",
     "is_complete",
+    "INDEX_FILE",
+    "read_weight_map",
 ]
 
 METADATA_FILE = "ep_fsdp.json"
 FORMAT_VERSION = 1
+INDEX_FILE = "model.safetensors.index.json"  # a hub-format directory's map of tensor names to files
 
 
 def partial_path(path: Path) -> Path:
@@ -88,7 +93,7 @@ def read_metadata(path: str | os.PathLike[str], api: str = "load") -> dict[str, 
         )
     try:
         meta = json.loads(meta_file.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:  # (RecursionError: nested too deep)
         raise ValueError(f"{api}: {meta_file} is corrupted ({e}); load an earlier checkpoint.") from None
     if isinstance(meta, dict) and "meta_crc32" in meta and meta["meta_crc32"] != metadata_crc32(meta):
         raise ValueError(
@@ -124,6 +129,8 @@ def _malformed(meta: Any) -> str | None:
     for name, rec in meta["files"].items():
         if not isinstance(rec, dict) or not isinstance(rec.get("bytes"), int) or not isinstance(rec.get("crc32"), int):
             return f"files[{name!r}] is {rec!r}, expected {{bytes, crc32}}"
+        if (problem := relative_name_problem(name)) is not None:
+            return f"files names {problem}"
     for key in ("world_size", "dp_shard", "ep"):
         if not isinstance(meta["layout"].get(key), int):
             return f"layout[{key!r}] is {meta['layout'].get(key)!r}, expected an int"
@@ -144,9 +151,60 @@ def _malformed(meta: Any) -> str | None:
             or sorted(physical) != list(range(len(physical))) or (_is_count(E) and len(physical) != E)
         ):
             return f"moe_layers[{name!r}].placement.physical is {physical!r}, expected a permutation of range({E})"
+        if (problem := _layer_problem(rec, meta["params"])) is not None:
+            return f"moe_layers[{name!r}].{problem}"
     if not isinstance(meta.get("created", ""), str):
         return f"'created' is {meta.get('created')!r}, expected a string"
     return None
+
+
+def _layer_problem(rec: dict[str, Any], params: dict[str, Any]) -> str | None:
+    """What is wrong with the fields of one ``moe_layers`` record that loads and tools read."""
+    placement = rec.get("placement")
+    if placement is not None:
+        if not isinstance(placement, dict) or not isinstance(placement.get("physical", []), list):
+            return f"placement is {placement!r}, expected {{ep, ranks, physical}}"
+        ep, ranks = placement.get("ep"), placement.get("ranks")
+        if not (_is_count(ep) and ep >= 1) or not (isinstance(ranks, list) and all(_is_count(r) and r < ep for r in ranks)):
+            return f"placement is {placement!r}, expected an ep >= 1 and the ep rank of each expert"
+        if len(ranks) % ep or len(ranks) < ep or len(ranks) != len(placement.get("physical") or ranks):
+            return f"placement is {placement!r}, expected ranks and physical for each of E experts, E a multiple of ep"
+    keys = rec.get("expert_params")
+    if keys is not None and not (isinstance(keys, list) and all(isinstance(k, str) and k in params for k in keys)):
+        return f"expert_params is {keys!r}, expected names of saved tensors"
+    physical = placement.get("physical") if isinstance(placement, dict) else None
+    if keys and physical and any(params[k]["shape"][:1] != [len(physical)] for k in keys):
+        return f"expert_params is {keys!r}, expected tensors with one row per expert ({len(physical)})"
+    owners = rec.get("expert_owner")
+    if owners is not None and not (isinstance(owners, list) and all(
+        isinstance(o, dict) and _is_count(o.get("ep_rank")) and isinstance(o.get("experts"), list)
+        and all(_is_count(e) for e in o["experts"]) for o in owners
+    )):
+        return f"expert_owner is {owners!r}, expected [{{ep_rank, experts}}]"
+    if not (rec["config"].get("num_experts") is None or _is_count(rec["config"]["num_experts"])):
+        return f"config.num_experts is {rec['config']['num_experts']!r}, expected an int"
+    return None
+
+
+def read_weight_map(index_file: Path, api: str) -> dict[str, str]:
+    """``{tensor name: file name}`` from a hub-format ``model.safetensors.index.json``, checked: a
+    JSON object with a ``weight_map`` of names to files inside the directory (a name with ``..``
+    or an absolute path could load another directory's weights). Raises ``ValueError`` naming the
+    index file."""
+    try:
+        index = json.loads(index_file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
+        raise ValueError(f"{api}: {index_file} is not valid JSON ({e}); rewrite it, or remove it to read "
+                         "model.safetensors alone.") from None
+    weight_map = index.get("weight_map") if isinstance(index, dict) else None
+    if not isinstance(weight_map, dict):
+        raise ValueError(f"{api}: {index_file} has no 'weight_map' object (tensor name -> file name); "
+                         "pass a directory written by save_pretrained or export_safetensors.")
+    for key, fname in weight_map.items():
+        if (problem := relative_name_problem(fname)) is not None:
+            raise ValueError(f"{api}: {index_file} maps {key!r} to {problem}; every file must lie in "
+                             f"{index_file.parent}.")
+    return weight_map
 
 
 def experts_prefix(layer_name: str) -> str:

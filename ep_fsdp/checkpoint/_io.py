@@ -18,8 +18,10 @@ export).
 from __future__ import annotations
 
 import io
+import math
 import mmap
 import os
+import stat
 import struct
 import sys
 import zipfile
@@ -49,10 +51,14 @@ _ENDS = 64 << 10  # the head and tail of a stored archive, read ahead first (see
 
 def _map(path: Path) -> mmap.mmap | None:
     """``path``'s bytes, mapped copy-on-write (writable views, the file itself is never written);
-    ``None`` for an empty file (which ``mmap`` refuses)."""
-    with open(path, "rb") as f:
-        size = os.fstat(f.fileno()).st_size
-        return mmap.mmap(f.fileno(), size, access=mmap.ACCESS_COPY) if size else None
+    ``None`` for an empty file (which ``mmap`` refuses). Only a regular file: opened without
+    blocking, so a FIFO or device put in a checkpoint's place is refused instead of waited on."""
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0))
+    with open(fd, "rb") as f:
+        info = os.fstat(f.fileno())
+        if not stat.S_ISREG(info.st_mode):
+            raise CheckpointLoadError(f"{path} is not a regular file; refusing to read it.")
+        return mmap.mmap(f.fileno(), info.st_size, access=mmap.ACCESS_COPY) if info.st_size else None
 
 
 def crc_mismatch(name: str, crc: int, expected: int) -> str | None:
@@ -184,7 +190,9 @@ def archive_tensor(archive: memoryview, source: str, in_place: bool = True) -> t
 def _decode(archive: memoryview, source: str, in_place: bool = True) -> tuple[torch.Tensor, _Layout | None]:
     """:func:`archive_tensor`, and the layout it found (``None`` when it made a copy)."""
     try:
-        if not in_place:
+        # NOTE: every archive's own byte order: torch byte-swaps a storage of another order as it
+        # loads it, which on the meta device kills the process (torch 2.13)
+        if not in_place or not native_byte_order(archive):
             return _only_tensor(torch.load(_Window(archive), map_location="cpu", weights_only=True), source), None
         meta = _only_tensor(torch.load(_Window(archive), map_location="meta", weights_only=True), source)
         storage = meta.untyped_storage()
@@ -215,7 +223,17 @@ class _Layout:
 
 
 def _view(archive: memoryview, layout: _Layout) -> torch.Tensor:
-    """The tensor ``layout`` describes, viewing ``archive``'s bytes (``as_strided`` checks bounds)."""
+    """The tensor ``layout`` describes, viewing ``archive``'s bytes (``as_strided`` checks bounds).
+
+    NOTE: a tensor whose elements overlap (a stride of 0) could stand for far more bytes than its
+    record holds, and a copy of it would allocate them all: a stored tensor may not hold more
+    elements than its record has room for (DCP stores dense chunks)."""
+    numel = math.prod(layout.shape)
+    if numel * layout.dtype.itemsize > layout.nbytes:
+        raise CheckpointLoadError(
+            f"a stored tensor declares {tuple(layout.shape)} {layout.dtype} over a record of {layout.nbytes} bytes "
+            "(overlapping strides); the file is not what DCP writes. Use another checkpoint."
+        )
     raw = (torch.frombuffer(archive, dtype=torch.uint8, offset=layout.start, count=layout.nbytes) if layout.nbytes
            else torch.empty(0, dtype=torch.uint8))
     return raw.view(layout.dtype).as_strided(layout.shape, layout.stride, layout.offset)

@@ -34,9 +34,11 @@ class CheckpointReader:
 
     def __init__(self, path: str | Path, meta: dict[str, Any], api: str = "export_safetensors") -> None:
         self.path = Path(path)
+        self.params: dict[str, Any] = meta["params"]
         self.files = MappedFiles(self.path)
         _verify_files(self.path, meta, api, collective=False, files=self.files)
-        self.metadata = safe_metadata_load(bytes(self.files.view(".metadata")), str(self.path / ".metadata"))
+        self.metadata = safe_metadata_load(bytes(self.files.view(".metadata")), str(self.path / ".metadata"),
+                                           meta["files"])
         self._in_place: dict[str, bool] = {}
         self._decode = ArchiveDecoder()
 
@@ -57,6 +59,13 @@ class CheckpointReader:
             raise CheckpointLoadError(
                 f"{self.path}: DCP's metadata has no tensor {fqn!r} although ep_fsdp.json lists it; the checkpoint "
                 "is inconsistent. Use another checkpoint."
+            )
+        rec = self.params.get(key)
+        # NOTE: what export writes in a file's header comes from ep_fsdp.json, its bytes from DCP's files
+        if rec is not None and (list(md.size) != rec["shape"] or str(md.properties.dtype) != f"torch.{rec['dtype']}"):
+            raise CheckpointLoadError(
+                f"{self.path}: ep_fsdp.json records {key!r} as {rec['shape']} {rec['dtype']}, DCP's metadata as "
+                f"{list(md.size)} {md.properties.dtype}; the checkpoint is inconsistent. Use another checkpoint."
             )
         return fqn, md
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 import io
 import pickle
 from pathlib import Path, PosixPath, PurePosixPath, PureWindowsPath, WindowsPath
+from collections.abc import Collection
 from typing import Any
 
 import torch
@@ -28,7 +29,7 @@ from torch.distributed.checkpoint import DefaultLoadPlanner, FileSystemReader
 from torch.distributed.checkpoint.metadata import Metadata
 
 __all__ = ["UnsafeCheckpointError", "CheckpointLoadError", "CheckpointCorruptError", "SafeFileSystemReader",
-           "SafeLoadPlanner", "load_extra", "safe_metadata_load", "METADATA_TYPES"]
+           "SafeLoadPlanner", "load_extra", "safe_metadata_load", "relative_name_problem", "METADATA_TYPES"]
 
 METADATA_TYPES: dict[str, frozenset[str]] = {
     "torch.distributed.checkpoint.metadata": frozenset({
@@ -77,10 +78,15 @@ class _MetadataUnpickler(pickle._Unpickler):  # type: ignore[name-defined]
         self.source = source
 
     def _load_build(self) -> None:
-        # NOTE: BUILD on an allowed *class* would set attributes on it for the whole process
-        if isinstance(self.stack[-2], type):
+        # NOTE: BUILD sets the state of the object below it. On an object this file did not just
+        # make (a class, an enum member, a function such as torch.serialization._get_layout, a
+        # dtype) it would change that object for the whole process, even if the file is refused
+        # afterwards: only the dataclasses DCP metadata is made of take a state.
+        target = self.stack[-2]
+        if isinstance(target, type) or type(target) not in _buildable_types():
             raise UnsafeCheckpointError(
-                f"{self.source} tries to modify the class {self.stack[-2].__name__}; refusing to load it."
+                f"{self.source} tries to set the state of {type(target).__name__} {target!r:.80}, which a DCP "
+                "metadata file never does; refusing to load it (a crafted checkpoint could change this process)."
             )
         pickle._Unpickler.load_build(self)  # type: ignore[attr-defined]
 
@@ -98,11 +104,51 @@ class _MetadataUnpickler(pickle._Unpickler):  # type: ignore[name-defined]
         )
 
 
-def safe_metadata_load(data: bytes, source: str) -> Metadata:
-    """Unpickle DCP metadata bytes, admitting only :data:`METADATA_TYPES` (and torch dtypes)."""
+def _buildable_types() -> frozenset[type]:
+    """The allowed types whose instances a metadata pickle gives a state (BUILD): DCP's dataclasses."""
+    import dataclasses
+    import importlib
+
+    out = set()
+    for module, names in METADATA_TYPES.items():
+        for name in names:
+            obj = getattr(importlib.import_module(module), name, None)
+            if isinstance(obj, type) and dataclasses.is_dataclass(obj):
+                out.add(obj)
+    return frozenset(out)
+
+
+def relative_name_problem(name: object) -> str | None:
+    """Why ``name`` is not a file name inside a checkpoint or hub directory (a relative path down
+    from it: no ``..``, not absolute, no backslash or NUL), or ``None``."""
+    if not isinstance(name, str) or not name:
+        return f"{name!r} is not a file name"
+    if "\\" in name or "\x00" in name or name.startswith("/") or any(
+        part in ("", ".", "..") for part in name.split("/")
+    ):
+        return f"{name!r} is not a plain relative file name (it could point outside the directory)"
+    return None
+
+
+def safe_metadata_load(data: bytes, source: str, files: Collection[str] | None = None) -> Metadata:
+    """Unpickle DCP metadata bytes, admitting only :data:`METADATA_TYPES` (and torch dtypes).
+
+    Every storage file it names must be a relative name inside the checkpoint and, when ``files``
+    (the manifest of ``ep_fsdp.json``, whose CRC32s are checked) is given, one of them: bytes read
+    from anywhere else would be unchecked.
+    """
     metadata = _MetadataUnpickler(io.BytesIO(data), source).load()
     if not isinstance(metadata, Metadata):
         raise UnsafeCheckpointError(f"{source} does not hold DCP metadata (got {type(metadata).__name__}).")
+    for info in (metadata.storage_data or {}).values():
+        name = getattr(info, "relative_path", None)
+        problem = relative_name_problem(name)
+        if problem is None and files is not None and name not in files:
+            problem = f"{name!r} is not among the checkpoint's files (ep_fsdp.json), so its CRC32 is not known"
+        if problem is not None:
+            raise UnsafeCheckpointError(
+                f"{source} names a storage file outside the checkpoint: {problem}; refusing to read it."
+            )
     return metadata
 
 

@@ -23,12 +23,11 @@ from torch.distributed.tensor._utils import compute_local_shape_and_global_offse
 
 from ..moe import moe_layers
 from ._dcp import _gather
-from ._format import experts_prefix, read_metadata, storage_permutations
+from ._format import INDEX_FILE, experts_prefix, read_metadata, read_weight_map, storage_permutations
 from ._reader import CheckpointReader
 
 __all__ = ["export_safetensors", "load_safetensors", "expert_key_map", "INDEX_FILE"]
 
-INDEX_FILE = "model.safetensors.index.json"
 _PROJ = {"w1": "gate_proj", "w3": "up_proj", "w2": "down_proj"}
 _DTYPES = {
     "float32": "F32", "bfloat16": "BF16", "float16": "F16", "float64": "F64", "int64": "I64",
@@ -221,7 +220,7 @@ def load_safetensors(model: nn.Module, directory: str | os.PathLike[str], *, all
         return
     index_file = directory / INDEX_FILE
     if index_file.is_file():
-        weight_map: dict[str, str] = json.loads(index_file.read_text())["weight_map"]
+        weight_map = read_weight_map(index_file, "load_safetensors")
     elif (directory / "model.safetensors").is_file():
         with safe_open(directory / "model.safetensors", framework="pt") as f:
             weight_map = {k: "model.safetensors" for k in f.keys()}

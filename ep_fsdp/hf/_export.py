@@ -20,12 +20,12 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
+from ..checkpoint._format import INDEX_FILE
 from ..checkpoint._reader import CheckpointReader
 from ._model import build_on_meta
 
 __all__ = ["export_hub"]
 
-INDEX_FILE = "model.safetensors.index.json"
 _LAYER = re.compile(r"^(.*?\.(?:layers|h|blocks)\.\d+)\.")
 
 

@@ -13,7 +13,6 @@ itself on the full source tensors of that one parameter, then sliced (correct, n
 from __future__ import annotations
 
 import copy
-import json
 import re
 import warnings
 from dataclasses import dataclass, field
@@ -26,9 +25,10 @@ from safetensors import safe_open
 from torch.distributed.tensor import DTensor
 from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
+from ..checkpoint._format import INDEX_FILE, read_weight_map
+
 __all__ = ["load_hub_weights", "LoadStats", "hub_weight_map"]
 
-INDEX_FILE = "model.safetensors.index.json"
 
 
 @dataclass
@@ -46,7 +46,7 @@ def hub_weight_map(directory: Path, api: str = "from_pretrained") -> dict[str, s
     """``{tensor name: file name}`` of a hub-format directory (sharded with an index, or one file)."""
     index_file = directory / INDEX_FILE
     if index_file.is_file():
-        return json.loads(index_file.read_text())["weight_map"]
+        return read_weight_map(index_file, api)
     files = sorted(directory.glob("*.safetensors"))
     if not files:
         raise FileNotFoundError(
