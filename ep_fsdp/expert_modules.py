@@ -51,10 +51,12 @@ def _positional_inputs(module: nn.Module) -> int | None:
 
 
 def _is_candidate(module: nn.Module) -> bool:
-    """A module that looks like an experts module: a direct ``[E, a, b]`` parameter (a stack of
-    matrices) and a three-input forward."""
-    stacked = any(p.dim() >= 3 for p in module.parameters(recurse=False))
-    return stacked and _positional_inputs(module) == 3
+    """A module that looks like an experts module: at least two direct ``[E, a, b]`` parameters
+    (stacks of matrices, e.g. ``gate_up_proj`` and ``down_proj``) with one ``E``, and a three-input
+    forward. (One stacked parameter is not enough: e.g. a per-loop ``query [loops, 4, D]`` of a
+    module whose forward also takes three inputs.)"""
+    stacked = [p.shape[0] for p in module.parameters(recurse=False) if p.dim() >= 3]
+    return len(stacked) >= 2 and len(set(stacked)) == 1 and _positional_inputs(module) == 3
 
 
 def contract_num_experts(name: str, module: nn.Module) -> int:
@@ -83,7 +85,8 @@ def contract_num_experts(name: str, module: nn.Module) -> int:
     if flat or len(sizes) != 1:
         raise ValueError(
             f"parallelize_moe: {where} does not fit the experts contract: every own parameter must be "
-            f"[E, ...] with one E, got {leading}. Keep non-expert parameters in a child module."
+            f"[E, ...] with one E, got {leading}. Keep non-expert parameters in a child module (its "
+            "parameters are then shared by all experts, like a dense layer's)."
         )
     E = sizes.pop()
     declared = getattr(module, "num_experts", None)

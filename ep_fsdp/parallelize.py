@@ -249,6 +249,13 @@ def parallelize_moe(
     low_precision = mp_policy.param_dtype not in (None, torch.float32)
     router_policy = MixedPrecisionPolicy(param_dtype=torch.float32, reduce_dtype=mp_policy.reduce_dtype)
     for name, _, holder, _ in sharded:
+        # NOTE: a child of an experts module (e.g. a norm every expert's output goes through,
+        # transformers MuseSpark's post_expert_norm) holds one copy for all experts: each rank's
+        # gradient of it covers only its own experts' rows, so it is sharded and reduced over all
+        # ranks like a dense layer, not with the experts over dp_shard alone
+        for child in holder.children():
+            if not isinstance(child, FSDPModule) and any(True for _ in child.parameters()):
+                shard(child, all_mesh)
         by_param = {id(p): expert_placements[(name, pname)] for pname, p in holder.named_parameters(recurse=False)}
         shard(holder, dp_mesh, shard_placement_fn=lambda p, by_param=by_param: by_param.get(id(p)))
     if low_precision:

@@ -373,3 +373,94 @@ def test_a_module_holding_another_dtype_beside_its_children_is_split_into_units(
         assert kind == "ValueError" and "'layers.1.attn.o_proj'" in message, r
         assert "weight: bfloat16, bias: float32" in message and "MixedPrecisionPolicy" in message, r
         assert r["untouched"], r
+
+
+class _NormedExperts(nn.Module):
+    """An experts module of the transformers contract with a child every expert's output goes
+    through: one copy shared by all experts (transformers MuseSpark's ``post_expert_norm``)."""
+
+    def __init__(self, E: int = 4, D: int = 8, H: int = 12) -> None:
+        super().__init__()
+        self.gate_up_proj = nn.Parameter(torch.randn(E, 2 * H, D) / D**0.5)
+        self.down_proj = nn.Parameter(torch.randn(E, D, H) / H**0.5)
+        self.post_norm = nn.LayerNorm(D)
+        with torch.no_grad():
+            self.post_norm.weight.uniform_(0.5, 1.5)
+            self.post_norm.bias.uniform_(-0.5, 0.5)
+
+    def forward(self, hidden_states, top_k_index, top_k_weights):  # [T, D], [T, k], [T, k]
+        out = torch.zeros_like(hidden_states)
+        for e in range(self.gate_up_proj.shape[0]):
+            rows, slot = torch.nonzero(top_k_index == e, as_tuple=True)
+            gate, up = (hidden_states[rows] @ self.gate_up_proj[e].t()).chunk(2, dim=-1)
+            y = self.post_norm((torch.nn.functional.silu(gate) * up) @ self.down_proj[e].t())
+            out.index_add_(0, rows, y * top_k_weights[rows, slot, None])
+        return out
+
+
+class _ContractBlock(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.router = nn.Linear(8, 4, bias=False)
+        self.experts = _NormedExperts()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weights, index = torch.softmax(self.router(x), dim=-1).topk(2, dim=-1)
+        return x + self.experts(x, index, weights)
+
+
+class _ContractModel(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList([_ContractBlock(), _ContractBlock()])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for block in self.layers:
+            x = block(x)
+        return x
+
+
+def experts_child_step(dp_shard: int, ep: int) -> dict:
+    torch.manual_seed(0)
+    model = _ContractModel()
+    ref = copy.deepcopy(model)
+    world, rank = dist.get_world_size(), dist.get_rank()
+    x = torch.randn(world * 6, 8, generator=torch.Generator().manual_seed(1))
+    sum(ref(x[6 * r:6 * r + 6]).square().mean() for r in range(world)).div(world).backward()
+    ep_fsdp.parallelize_moe(model, worker_mesh(dp_shard, ep))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    model(x[6 * rank:6 * rank + 6]).square().mean().backward()
+    grads = {n: rel_err(full(p.grad), r.grad) for (n, p), r in zip(model.named_parameters(), ref.parameters())}
+    opt.step()
+    copies = [full(p) for n, p in model.named_parameters() if "post_norm" in n]
+    same = []
+    for t in copies:  # the shared child is one tensor on every rank after a step
+        other = t.clone()
+        dist.broadcast(other, src=0)
+        same.append(torch.equal(other, t))
+    return {"grads": grads, "same": same}
+
+
+def test_a_child_of_an_experts_module_is_shared_by_all_experts(pools):
+    for layout in [(1, 2), (2, 2)]:
+        for r in pools(layout[0] * layout[1]).run(experts_child_step, *layout):
+            name, err = worst(r["grads"])
+            assert err <= 1e-5, (layout, name, err, r["grads"])
+            assert r["same"] and all(r["same"]), r
+
+
+def test_one_stacked_parameter_does_not_make_an_experts_module():
+    from ep_fsdp.expert_modules import find_expert_modules
+
+    class _LoopResidual(nn.Module):  # transformers Inkling2Loop's message residual: query [loops, 4, D]
+        def __init__(self) -> None:
+            super().__init__()
+            self.query = nn.Parameter(torch.zeros(3, 4, 8))
+
+        def forward(self, block_states, partial, loop_layer_idx):
+            return partial
+
+    model = nn.Module()
+    model.message = _LoopResidual()
+    model.block = _ContractBlock()
+    assert [n for n, _ in find_expert_modules(model)] == ["block.experts"]
