@@ -131,7 +131,10 @@ def _grouped_weight_grad(
     experts without rows (see ``_GroupedLinear``)."""
     if windows_apply(x):
         return rows_weight_grad(grad, x, _host_counts(offs, counts_host))
-    if counts_host is not None:
+    # NOTE: not while compiling: a branch on the host counts is a guard on every expert's count
+    # being zero or not, so each new set of idle experts recompiled the graph (until dynamo's
+    # recompile limit, then it ran eagerly); there the empty groups are zeroed below instead
+    if counts_host is not None and not torch.compiler.is_compiling():
         busy = [g for g, c in enumerate(counts_host) if c > 0]
         if len(busy) == len(counts_host):
             return _grouped_mm(grad.t(), x, offs)

@@ -60,6 +60,7 @@ class _Float32Linear(torch.autograd.Function):
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         x, w = ctx.saved_tensors
         want_x, want_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        grad = grad.float()  # NOTE: float32 unless a caller cast the logits down
         w32 = w.float()  # [E, D]
         blocks = _widening_blocks(x)
         if len(blocks) == 1:
@@ -85,10 +86,12 @@ def _widening_blocks(x: torch.Tensor) -> list[tuple[int, int]]:
 
 
 def float32_logits(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """Router logits ``[T, E]`` in float32 from ``x [T, D]`` of any dtype."""
-    if x.dtype == torch.float32 and weight.dtype == torch.float32:
-        return F.linear(x, weight)
-    return _Float32Linear.apply(x, weight)
+    """Router logits ``[T, E]`` in float32 from ``x [T, D]`` of any dtype, also inside
+    ``torch.autocast`` (which would run the matmul in its low-precision dtype)."""
+    with torch.autocast(x.device.type, enabled=False):
+        if x.dtype == torch.float32 and weight.dtype == torch.float32:
+            return F.linear(x, weight)
+        return _Float32Linear.apply(x, weight)
 
 
 class Router(nn.Module):

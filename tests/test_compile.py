@@ -100,3 +100,48 @@ def test_compiled_bf16_grouped_linear_with_empty_experts_equals_eager():
     for got, want in zip(compiled, eager):
         torch.testing.assert_close(got, want, rtol=2 * 2.0**-8, atol=1e-6)
     assert torch.count_nonzero(compiled[2][[1, 4]]) == 0
+
+
+def experts_recompiles(steps: int) -> int:
+    """Recompilations of the experts' forward in a compiled ep=2 model over ``steps`` steps whose
+    routing leaves a different set of local experts idle each time (16 experts, 8 tokens per rank)."""
+    import logging
+
+    import torch.distributed as dist
+    import torch.nn as nn
+
+    from dist_pool import worker_mesh
+
+    seen: list[str] = []
+
+    class _Recompiles(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            first = record.getMessage().split("\n")[0]
+            if "Recompiling function" in first and "experts.py" in first:
+                seen.append(first)
+
+    handler = _Recompiles()
+    torch._logging.set_logs(recompiles=True)
+    logging.getLogger("torch._dynamo").addHandler(handler)
+    try:
+        torch.manual_seed(0)
+        cfg = ep_fsdp.MoEConfig(dim=32, hidden_dim=48, num_experts=16, top_k=2)
+        model = nn.Sequential(nn.Linear(32, 32), ep_fsdp.MoE(cfg), nn.Linear(32, 5))
+        ep_fsdp.parallelize_moe(model, worker_mesh(1, 2))
+        model.compile()
+        for step in range(steps):
+            x = torch.randn(8, 32, generator=torch.Generator().manual_seed(100 * step + dist.get_rank()))
+            model(x).square().mean().backward()
+            model.zero_grad()
+    finally:
+        logging.getLogger("torch._dynamo").removeHandler(handler)
+        torch._logging.set_logs()
+        torch._dynamo.reset()
+    return len(seen)
+
+
+def test_idle_experts_do_not_recompile_the_compiled_experts(pools):
+    """A branch on the host row counts in the compiled backward was a guard on which experts got
+    no rows: each new set recompiled, until dynamo's limit (8), after which the experts ran eagerly."""
+    for count in pools(2).run(experts_recompiles, 10):
+        assert count <= 1, count  # one recompile for dynamic shapes, then a stable graph

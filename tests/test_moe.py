@@ -567,3 +567,25 @@ def test_expert_bias_stays_float32_in_a_bf16_layer():
     layer.bias_load = torch.tensor([1.0, 1.0, 3.0, 3.0])
     ep_fsdp.update_expert_bias(layer)
     assert torch.allclose(layer.router.expert_bias, torch.tensor([0.601, 0.601, 0.599, 0.599]))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_autocast_leaves_the_router_in_float32(dtype):
+    """Inside torch.autocast the router's matmul stays float32 (autocast would run it in bf16 and
+    route on rounded logits; the backward then failed on the mixed dtypes), and the layer computes
+    what it computes outside autocast."""
+    torch.manual_seed(0)
+    layer = MoE(MoEConfig(dim=16, hidden_dim=32, num_experts=4, top_k=2, aux_loss_coef=0.01)).to(dtype)
+    ref = copy.deepcopy(layer)
+    x = torch.randn(64, 16).to(dtype)
+    expected = ref(x)
+    expected.float().square().mean().backward()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = layer(x)
+        logits = layer.router(x).logits
+        loss = out.float().square().mean()
+    loss.backward()
+    assert logits.dtype == torch.float32
+    assert torch.equal(out, expected)
+    for p, q in zip(layer.parameters(), ref.parameters()):
+        assert torch.equal(p.grad, q.grad)
