@@ -236,14 +236,16 @@ def parallelize_moe(
     module_names = {id(m): n for n, m in named.items()}
     last_block = outermost[-1][0] if outermost else None
 
-    def shard(module: nn.Module, on: DeviceMesh, policy: MixedPrecisionPolicy = mp_policy, **kwargs: object) -> None:
+    def shard(module: nn.Module, on: DeviceMesh, policy: MixedPrecisionPolicy = mp_policy, keep: bool = False,
+              **kwargs: object) -> None:
         # NOTE: the last block (in module order) and the units inside it keep their parameters
         # after the forward, as the root does (torchtitan's default): their backward runs right
         # after the forward, so a reshard would only be undone at once by another all-gather.
         # A model that registers last a block it runs early only holds that block unsharded longer.
         name = module_names.get(id(module), "")
         last = last_block is not None and (name == last_block or name.startswith(last_block + "."))
-        fully_shard(module, mesh=on, mp_policy=policy, reshard_after_forward=reshard_after_forward and not last, **kwargs)
+        fully_shard(module, mesh=on, mp_policy=policy, reshard_after_forward=reshard_after_forward and not last and not keep,
+                    **kwargs)
         units.append((module, on))  # type: ignore[arg-type]
 
     low_precision = mp_policy.param_dtype not in (None, torch.float32)
@@ -268,14 +270,22 @@ def parallelize_moe(
     # NOTE: FSDP2 takes one parameter dtype per unit: a module that keeps another dtype than the
     # rest of its block (transformers' _keep_in_fp32_modules, e.g. DeepSeek-V3's float32 router in
     # a bf16 model) gets a unit of its own first.
+    def shard_split(owner: nn.Module) -> None:
+        # NOTE: a unit of the other dtype is gathered before its parent's forward and kept until the
+        # backward: a parent may read its weights directly instead of calling its forward
+        # (transformers BailingHybrid passes its float32 conv1d's weight to a kernel), which would
+        # otherwise see the shards
+        for unit, parent, other in _odd_dtype_modules(owner):
+            shard(unit, all_mesh, keep=other)
+            if other:
+                parent.register_forward_pre_hook(_GatherBefore(unit))
+
     for _, block in reversed(blocks):
         if not isinstance(block, FSDPModule):
-            for odd in _odd_dtype_modules(block):
-                shard(odd, all_mesh)
+            shard_split(block)
             shard(block, all_mesh)
     if not isinstance(model, FSDPModule):  # (a model that is itself an experts module is its unit already)
-        for odd in _odd_dtype_modules(model):
-            shard(odd, all_mesh)
+        shard_split(model)
         # NOTE: the root keeps its parameters unsharded after forward; backward needs them at once.
         fully_shard(model, mesh=all_mesh, mp_policy=mp_policy, reshard_after_forward=False)
         units.append((model, all_mesh))  # type: ignore[arg-type]
@@ -306,10 +316,22 @@ def _no_cache_in_training(module: nn.Module, args: tuple, kwargs: dict) -> tuple
     return args, kwargs
 
 
-def _odd_dtype_modules(owner: nn.Module) -> list[nn.Module]:
-    """The modules inside ``owner`` (not inside another FSDP unit) that get FSDP units of their own,
-    children before parents, so that every unit holds one trainable parameter dtype (FSDP2 takes
-    one per unit). The main dtype is the one most of ``owner``'s trainable elements have.
+class _GatherBefore:
+    """Forward pre-hook of a parent: all-gather ``unit`` (an FSDP unit inside it) first."""
+
+    def __init__(self, unit: nn.Module) -> None:
+        self.unit = unit
+
+    @torch.compiler.disable
+    def __call__(self, module: nn.Module, args: tuple) -> None:
+        self.unit.unshard()  # type: ignore[operator]
+
+
+def _odd_dtype_modules(owner: nn.Module) -> list[tuple[nn.Module, nn.Module, bool]]:
+    """``(module, its parent, whether it holds another dtype than the main one)`` for each module
+    inside ``owner`` (not inside another FSDP unit) that gets an FSDP unit of its own, children
+    before parents, so that every unit holds one trainable parameter dtype (FSDP2 takes one per
+    unit). The main dtype is the one most of ``owner``'s trainable elements have.
 
     * A module whose trainable parameters all have one other dtype (e.g. a float32 router in a bf16
       block) is taken whole, so that its unit is gathered by its own forward (the router reads its
@@ -337,7 +359,7 @@ def _odd_dtype_modules(owner: nn.Module) -> list[nn.Module]:
     if len(sizes) < 2:
         return []
     main = max(sizes, key=lambda d: sizes[d])
-    found: list[nn.Module] = []
+    found: list[tuple[nn.Module, nn.Module, bool]] = []
 
     def split(module: nn.Module) -> torch.dtype | None:
         """Give units to the parts of ``module`` of another dtype; return the dtype of the rest."""
@@ -352,7 +374,7 @@ def _odd_dtype_modules(owner: nn.Module) -> list[nn.Module]:
         kept = next(iter(own)) if own else main if main in rest.values() else next(iter(rest.values()), None)
         for child, dtype in rest.items():
             if dtype != kept:
-                found.append(child)
+                found.append((child, module, dtype != main))
                 taken.add(id(child))
         return kept
 

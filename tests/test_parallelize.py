@@ -299,10 +299,13 @@ class _SinkBlock(nn.Module):
     def __init__(self, cfg: ep_fsdp.MoEConfig) -> None:
         super().__init__()
         self.attn = _SinkAttention(cfg.dim)
+        self.mix = nn.Linear(cfg.dim, cfg.dim, bias=False)  # kept float32, its weight read directly
         self.moe = ep_fsdp.MoE(cfg)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x + self.attn(x)
+        # NOTE: like transformers BailingHybrid's conv1d weight handed to a kernel: no call of mix's forward
+        x = x + torch.nn.functional.linear(x.float(), self.mix.weight).to(x.dtype)
         return x + self.moe(x)
 
 
@@ -328,6 +331,8 @@ def _sinks_model() -> nn.Module:
         if isinstance(module, (_SinkAttention, nn.LayerNorm)):
             for p in module.parameters(recurse=False):
                 p.data = p.data.float()
+    for block in model.layers:
+        block.mix.float()
     return model
 
 
