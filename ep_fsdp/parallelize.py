@@ -263,9 +263,17 @@ def parallelize_moe(
     if low_precision:
         # NOTE: routing decisions must not see a bfloat16 gate weight: each router gets its own
         # unit whose parameters stay float32 (one small extra all-gather per layer); a transformers
-        # router (the module it records as router_logits) also gets its input cast to float32.
-        for router in [layer.router for _, layer in layers] + (router_modules(model) if contract else []):
-            shard(router, all_mesh, router_policy)
+        # router (the module it records as router_logits) also gets its input cast to float32, and
+        # its outputs cast back to the policy's dtype, as the rest of its block computes in it
+        # (e.g. Inkling's router returns gammas in its input's dtype, which its shared experts
+        # multiply with bf16 weights). The balancing loss records the float32 logits first (its
+        # hook runs before FSDP's output cast).
+        for _, layer in layers:
+            shard(layer.router, all_mesh, router_policy)
+        hf_router_policy = MixedPrecisionPolicy(param_dtype=torch.float32, reduce_dtype=mp_policy.reduce_dtype,
+                                                output_dtype=mp_policy.param_dtype)
+        for router in router_modules(model) if contract else []:
+            shard(router, all_mesh, hf_router_policy)
     # Children before parents: reverse module order puts nested blocks first.
     # NOTE: FSDP2 takes one parameter dtype per unit: a module that keeps another dtype than the
     # rest of its block (transformers' _keep_in_fp32_modules, e.g. DeepSeek-V3's float32 router in

@@ -365,3 +365,35 @@ def test_a_transformers_experts_module_can_be_the_model(pools):
     for layout in [(1, 2), (2, 1)]:
         for r in pools(2).run(bare_experts_step, *layout):
             assert r["out"] <= REL_TOL and r["grad"][1] <= REL_TOL, (layout, r)
+
+
+def router_output_dtypes_under_bf16_policy(family: str) -> dict:
+    """A bf16 mp_policy: transformers routers compute in float32 (their own unit), hand their
+    outputs to the block in bf16 as the rest of it computes (Inkling's shared experts multiply the
+    router's gammas with bf16 weights), and the balancing loss still sees float32 logits."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+
+    from ep_fsdp.aux_loss import router_modules
+
+    rank, world = dist.get_rank(), dist.get_world_size()
+    model = build_hf(family)
+    ref = copy.deepcopy(model)
+    x = torch.randint(0, 256, (2 * world, SEQ), generator=torch.Generator().manual_seed(3))
+    out = ref(x, labels=x, output_router_logits=True)
+    ref_aux = float(out.aux_loss) * ref.config.router_aux_loss_coef
+    ep_fsdp.parallelize_moe(model, worker_mesh(1, world),
+                            mp_policy=MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32))
+    seen: set[str] = set()
+    for router in router_modules(model):
+        router.register_forward_hook(lambda m, a, o: seen.update(
+            str(t.dtype) for t in (o if isinstance(o, tuple) else (o,)) if t.is_floating_point()))
+    loss = model(x[2 * rank:2 * rank + 2], labels=x[2 * rank:2 * rank + 2]).loss
+    aux = ep_fsdp.moe_aux_loss(model)
+    (loss + aux).backward()
+    return {"dtypes": seen, "aux": float(aux), "ref_aux": ref_aux}
+
+
+def test_routers_hand_the_policys_dtype_to_their_block(pools):
+    for r in pools(2).run(router_output_dtypes_under_bf16_policy, "qwen3_moe"):
+        assert r["dtypes"] == {"torch.bfloat16"}, r
+        assert r["aux"] == pytest.approx(r["ref_aux"], rel=1e-2), r  # float32 logits, bf16 hidden states
