@@ -86,13 +86,22 @@ def record_router_logits(model: nn.Module, *, stats_group: dist.ProcessGroup | N
 
 
 def _record(model: nn.Module, stats_group: dist.ProcessGroup | None, grad_factor: float) -> _RouterLogits | None:
-    """Hook the routers of one transformers model; its recording state, or ``None`` when its config
-    asks for no balancing loss."""
+    """Hook the routers of one transformers model; its recording state, or ``None`` when it has no
+    balancing loss: its config asks for none, or its family never computes one (its modeling module
+    has no ``load_balancing_loss_func``, e.g. OpenAI's privacy filter, whose config still carries a
+    ``router_aux_loss_coef``: adding one would change the objective the model is trained with)."""
+    import sys
+
+    from .expert_modules import original_class
+
     config = getattr(model, "config", None)
     coef = getattr(config, "router_aux_loss_coef", None)
     top_k = getattr(config, "num_experts_per_tok", None)
     found = _router_class(model)
     if not coef or not isinstance(top_k, int) or found is None:
+        return None
+    family = sys.modules.get(original_class(model).__module__)
+    if family is not None and not hasattr(family, "load_balancing_loss_func"):
         return None
     if getattr(config, "output_router_logits", False):
         warnings.warn(

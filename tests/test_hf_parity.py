@@ -397,3 +397,29 @@ def test_routers_hand_the_policys_dtype_to_their_block(pools):
     for r in pools(2).run(router_output_dtypes_under_bf16_policy, "qwen3_moe"):
         assert r["dtypes"] == {"torch.bfloat16"}, r
         assert r["aux"] == pytest.approx(r["ref_aux"], rel=1e-2), r  # float32 logits, bf16 hidden states
+
+
+def aux_loss_of_a_family_without_one() -> dict:
+    """A family whose modeling module has no load_balancing_loss_func never adds a balancing loss,
+    whatever its config's router_aux_loss_coef says: neither does moe_aux_loss."""
+    import transformers.models.qwen3_moe.modeling_qwen3_moe as family
+
+    kept = family.load_balancing_loss_func
+    del family.load_balancing_loss_func
+    try:
+        model = build_hf("qwen3_moe")
+        ep_fsdp.parallelize_moe(model, worker_mesh(1, 1))
+    finally:
+        family.load_balancing_loss_func = kept
+    x = torch.randint(0, 256, (2, SEQ), generator=torch.Generator().manual_seed(3))
+    model(x, labels=x).loss.backward()
+    with_loss = build_hf("qwen3_moe")
+    ep_fsdp.parallelize_moe(with_loss, worker_mesh(1, 1))
+    with_loss(x, labels=x)
+    return {"without": float(ep_fsdp.moe_aux_loss(model)), "with": float(ep_fsdp.moe_aux_loss(with_loss)),
+            "coef": model.config.router_aux_loss_coef}
+
+
+def test_no_balancing_loss_for_a_family_that_has_none(pools):
+    r = pools(1).run(aux_loss_of_a_family_without_one)[0]
+    assert r["coef"] > 0 and r["without"] == 0.0 and r["with"] > 0, r
