@@ -16,7 +16,10 @@ import pytest
 import torch
 import torch.distributed as dist
 
+import ep_fsdp
 import ep_fsdp.checkpoint as ckpt
+from dist_pool import worker_mesh
+from parity_utils import REL_TOL, rel_err
 from ckpt_utils import SOURCE_LAYOUT, bitwise_diff, capture, make_model, make_parallel, train_step
 
 def load_into_layout(root: str, dp_shard: int, ep: int) -> dict:
@@ -143,7 +146,10 @@ def test_killed_save_leaves_no_checkpoint(tmp_path):
 import os, signal, sys
 sys.path.insert(0, {str(Path(__file__).parent)!r})
 import torch.distributed.checkpoint.filesystem as fs
+import ep_fsdp
 import ep_fsdp.checkpoint as ckpt
+from dist_pool import worker_mesh
+from parity_utils import REL_TOL, rel_err
 from ckpt_utils import make_model
 model = make_model()
 ckpt.save({str(tmp_path / 'good')!r}, model, step=1)
@@ -412,3 +418,41 @@ def async_group_timeout() -> tuple[float, float]:
 def test_background_saves_use_the_jobs_collective_timeout(pools):
     for saves, job in pools(2).run(async_group_timeout):
         assert saves == job < 30 * 60
+
+
+def wrapped_save_plain_load(root: str) -> dict:
+    """A model whose MoE layer sits in an activation-checkpoint wrapper (module paths carry
+    ``_checkpoint_wrapped_module``, state-dict keys do not), its experts moved: the checkpoint's
+    records use the state-dict names, so it loads (into the model without the wrapper too) and
+    latest() takes it."""
+    import torch.nn as nn
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+
+    def build_model(wrap: bool) -> nn.Module:
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(8, 8), ep_fsdp.MoE(ep_fsdp.MoEConfig(dim=8, hidden_dim=16, num_experts=4, top_k=2)))
+        if wrap:
+            model[1] = checkpoint_wrapper(model[1])
+        ep_fsdp.parallelize_moe(model, worker_mesh(1, 2))
+        return model
+
+    wrapped = build_model(True)
+    ep_fsdp.rebalance_experts(wrapped, load=[0, 1, 2, 3])  # a non-default placement
+    ckpt.save(f"{root}/step_1", wrapped, step=1)
+    x = torch.randn(4, 8, generator=torch.Generator().manual_seed(dist.get_rank()))
+    with torch.no_grad():
+        expected = wrapped(x)
+    plain = build_model(False)
+    ckpt.load(f"{root}/step_1", plain)
+    with torch.no_grad():
+        got = plain(x)
+    return {"latest": str(ckpt.latest(root)), "err": rel_err(got, expected),
+            "moved": ep_fsdp.expert_placement(wrapped), "placement": ep_fsdp.expert_placement(plain)}
+
+
+def test_checkpoints_of_wrapped_models_name_modules_as_the_state_dict(pools, tmp_path):
+    for r in pools(2).run(wrapped_save_plain_load, str(tmp_path)):
+        assert r["latest"].endswith("step_1"), r
+        assert list(r["placement"].values()) == list(r["moved"].values()), r
+        assert any(v != sorted(v) for v in r["moved"].values()), r
+        assert r["err"] <= REL_TOL, r

@@ -41,6 +41,7 @@ from ._format import (
     transformers_record,
     partial_path,
     read_metadata,
+    state_dict_name,
     write_json_atomic,
 )
 from ._io import Crc32FileSystemWriter, MappedFileSystemReader, MappedFiles
@@ -648,6 +649,7 @@ def _restore_placements(model: nn.Module, optimizer: torch.optim.Optimizer | Non
     if get_layout(model) is not None:
         moved = []
         for name, layer in expert_layers(model):
+            name = state_dict_name(name)
             # NOTE: no record (a plain transformers model's checkpoint) or no placement in it (from
             # before placements were recorded): the rows are in logical order, the default
             rec = meta["moe_layers"].get(name) or {}

@@ -44,6 +44,7 @@ __all__ = [
     "is_complete",
     "INDEX_FILE",
     "read_weight_map",
+    "state_dict_name",
 ]
 
 METADATA_FILE = "ep_fsdp.json"
@@ -247,6 +248,16 @@ def structure_problem(path: Path) -> str | None:
     return None
 
 
+# Module names that wrappers put in a path and state dicts leave out (torch.compile, the
+# activation-checkpoint wrapper, FSDP1): checkpoint records name modules as the state dict does.
+_WRAPPER_NAMES = frozenset({"_orig_mod", "_checkpoint_wrapped_module", "_fsdp_wrapped_module"})
+
+
+def state_dict_name(name: str) -> str:
+    """A module or parameter path as ``get_model_state_dict`` writes it (wrapper names left out)."""
+    return ".".join(part for part in name.split(".") if part not in _WRAPPER_NAMES)
+
+
 def moe_layer_records(model: torch.nn.Module, ep: int | None = None) -> dict[str, dict[str, Any]]:
     """For every expert-parallel layer: its config and which ep rank holds which logical experts.
 
@@ -259,6 +270,7 @@ def moe_layer_records(model: torch.nn.Module, ep: int | None = None) -> dict[str
 
     records = {}
     for name, layer in expert_layers(model):
+        name = state_dict_name(name)
         placement = layer.placement
         if ep is not None and placement.ep != ep:
             raise ValueError(
