@@ -237,14 +237,17 @@ def parallelize_moe(
     module_names = {id(m): n for n, m in named.items()}
     last_block = outermost[-1][0] if outermost else None
 
+    def in_last_block(module: nn.Module) -> bool:
+        name = module_names.get(id(module), "")
+        return last_block is not None and (name == last_block or name.startswith(last_block + "."))
+
     def shard(module: nn.Module, on: DeviceMesh, policy: MixedPrecisionPolicy = mp_policy, keep: bool = False,
               **kwargs: object) -> None:
         # NOTE: the last block (in module order) and the units inside it keep their parameters
         # after the forward, as the root does (torchtitan's default): their backward runs right
         # after the forward, so a reshard would only be undone at once by another all-gather.
         # A model that registers last a block it runs early only holds that block unsharded longer.
-        name = module_names.get(id(module), "")
-        last = last_block is not None and (name == last_block or name.startswith(last_block + "."))
+        last = in_last_block(module)
         fully_shard(module, mesh=on, mp_policy=policy, reshard_after_forward=reshard_after_forward and not last and not keep,
                     **kwargs)
         units.append((module, on))  # type: ignore[arg-type]
@@ -285,14 +288,13 @@ def parallelize_moe(
     # rest of its block (transformers' _keep_in_fp32_modules, e.g. DeepSeek-V3's float32 router in
     # a bf16 model) gets a unit of its own first.
     def shard_split(owner: nn.Module) -> None:
-        # NOTE: a unit of the other dtype is gathered before its parent's forward and kept until the
-        # backward: a parent may read its weights directly instead of calling its forward
-        # (transformers BailingHybrid passes its float32 conv1d's weight to a kernel), which would
-        # otherwise see the shards
+        # NOTE: a unit of the other dtype is gathered before its parent's forward: a parent may read
+        # its weights directly instead of calling its forward (transformers BailingHybrid passes its
+        # float32 conv1d's weight to a kernel), which would otherwise see the shards. See _GatherBefore.
         for unit, parent, other in _odd_dtype_modules(owner):
             shard(unit, all_mesh, keep=other)
             if other:
-                parent.register_forward_pre_hook(_GatherBefore(unit))
+                _GatherBefore(unit, parent, reshard=reshard_after_forward and not in_last_block(unit))
 
     for _, block in reversed(blocks):
         if not isinstance(block, FSDPModule):
@@ -342,14 +344,31 @@ class _ShardedOverAll:
 
 
 class _GatherBefore:
-    """Forward pre-hook of a parent: all-gather ``unit`` (an FSDP unit inside it) first."""
+    """Hooks that all-gather ``unit`` (an FSDP unit inside ``parent``, made with
+    ``reshard_after_forward=False``) before ``parent``'s forward. After it, the unit is resharded
+    (when ``reshard``) only if its own forward ran: then FSDP gathers it again for its backward. If
+    the parent read its weights directly, autograd holds the gathered tensors for the backward, so
+    they stay until the backward's end (what ``reshard_after_forward=False`` does)."""
 
-    def __init__(self, unit: nn.Module) -> None:
-        self.unit = unit
+    def __init__(self, unit: nn.Module, parent: nn.Module, reshard: bool) -> None:
+        self.unit, self.reshard, self.called = unit, reshard, False
+        parent.register_forward_pre_hook(self.before_parent)
+        parent.register_forward_hook(self.after_parent)
+        unit.register_forward_pre_hook(self.before_unit)
 
     @torch.compiler.disable
-    def __call__(self, module: nn.Module, args: tuple) -> None:
+    def before_parent(self, module: nn.Module, args: tuple) -> None:
+        self.called = False
         self.unit.unshard()  # type: ignore[operator]
+
+    @torch.compiler.disable
+    def before_unit(self, module: nn.Module, args: tuple) -> None:
+        self.called = True
+
+    @torch.compiler.disable
+    def after_parent(self, module: nn.Module, args: tuple, output: object) -> None:
+        if self.reshard and self.called:
+            self.unit.reshard()  # type: ignore[operator]
 
 
 def _odd_dtype_modules(owner: nn.Module) -> list[tuple[nn.Module, nn.Module, bool]]:
