@@ -100,8 +100,9 @@ def _record(model: nn.Module, stats_group: dist.ProcessGroup | None, grad_factor
     found = _router_class(model)
     if not coef or not isinstance(top_k, int) or found is None:
         return None
-    family = sys.modules.get(original_class(model).__module__)
-    if family is not None and not hasattr(family, "load_balancing_loss_func"):
+    # NOTE: the classes up the model's MRO: a user's subclass lives in the user's module
+    families = [sys.modules.get(c.__module__) for c in original_class(model).__mro__]
+    if not any(hasattr(f, "load_balancing_loss_func") for f in families if f is not None):
         return None
     if getattr(config, "output_router_logits", False):
         warnings.warn(

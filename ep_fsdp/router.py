@@ -5,6 +5,7 @@ Legend for shape comments: T tokens on this rank, D model dim, E experts, k expe
 
 from __future__ import annotations
 
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from typing import Any
 
@@ -85,10 +86,17 @@ def _widening_blocks(x: torch.Tensor) -> list[tuple[int, int]]:
     return row_blocks(x.shape[0], x.device, x.shape[1] * 4)
 
 
+def _autocast_off(device_type: str) -> AbstractContextManager[Any]:
+    """``torch.autocast(device_type, enabled=False)`` where autocast is on (it knows no meta device)."""
+    if device_type in ("cpu", "cuda", "xpu", "mps", "hpu") and torch.is_autocast_enabled(device_type):
+        return torch.autocast(device_type, enabled=False)
+    return nullcontext()
+
+
 def float32_logits(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """Router logits ``[T, E]`` in float32 from ``x [T, D]`` of any dtype, also inside
     ``torch.autocast`` (which would run the matmul in its low-precision dtype)."""
-    with torch.autocast(x.device.type, enabled=False):
+    with _autocast_off(x.device.type):
         if x.dtype == torch.float32 and weight.dtype == torch.float32:
             return F.linear(x, weight)
         return _Float32Linear.apply(x, weight)

@@ -348,3 +348,22 @@ def test_a_hub_index_is_checked(saved, tmp_path, index):
         index_file.write_text(index)
     with pytest.raises(ValueError, match=r"model\.safetensors\.index\.json"):
         ckpt.load_safetensors(model, out)
+
+
+def test_manifest_names_written_on_windows_still_load(saved):
+    """Before names were written with "/", a Windows save recorded "extra\\\\rank_00000.pt"."""
+    path, model, _ = saved
+    _edit_record(path, lambda m: m["files"].update({"extra\\rank_00000.pt": m["files"].pop("extra/rank_00000.pt")}))
+    assert ckpt.latest(path.parent) == path
+    extra = ckpt.load(path, model)["extra"]
+    assert torch.equal(extra["rng"], torch.load(path / "extra" / "rank_00000.pt", weights_only=True)["rng"])
+
+
+def test_info_checks_the_metadata_crc_before_unpickling(saved, capsys):
+    path, _, _ = saved
+    data = bytearray((path / ".metadata").read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    (path / ".metadata").write_bytes(bytes(data))  # the manifest keeps the old CRC32
+    assert info_main(["info", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert ".metadata is corrupted (CRC32" in err and "Traceback" not in err

@@ -414,6 +414,7 @@ def aux_loss_of_a_family_without_one() -> dict:
     x = torch.randint(0, 256, (2, SEQ), generator=torch.Generator().manual_seed(3))
     model(x, labels=x).loss.backward()
     with_loss = build_hf("qwen3_moe")
+    with_loss.__class__ = type("UsersQwen3Moe", (type(with_loss),), {})  # a user's subclass, in the user's module
     ep_fsdp.parallelize_moe(with_loss, worker_mesh(1, 1))
     with_loss(x, labels=x)
     return {"without": float(ep_fsdp.moe_aux_loss(model)), "with": float(ep_fsdp.moe_aux_loss(with_loss)),

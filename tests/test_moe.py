@@ -589,3 +589,11 @@ def test_autocast_leaves_the_router_in_float32(dtype):
     assert torch.equal(out, expected)
     for p, q in zip(layer.parameters(), ref.parameters()):
         assert torch.equal(p.grad, q.grad)
+
+
+def test_the_router_runs_on_the_meta_device():
+    """(Shape inference before materialization; autocast knows no meta device.)"""
+    with torch.device("meta"):
+        layer = MoE(MoEConfig(dim=16, hidden_dim=32, num_experts=4, top_k=2))
+        out = layer.router(torch.empty(8, 16))
+    assert out.logits.shape == (8, 4) and out.logits.device.type == "meta"

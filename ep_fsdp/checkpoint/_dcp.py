@@ -288,7 +288,7 @@ def save(
                 own = sorted(tmp.glob(f"__{rank}_*.distcp"))
                 if extra is not None:
                     own.append(extra_path(tmp, rank))
-                manifest = {str(p.relative_to(tmp)): _file_record(p, writer.crcs) for p in own}
+                manifest = {p.relative_to(tmp).as_posix(): _file_record(p, writer.crcs) for p in own}
             except BaseException as e:  # noqa: BLE001
                 error = e
         gathered = _gather((manifest, _error_text(error)))  # NOTE: one collective for both

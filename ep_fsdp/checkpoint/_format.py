@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import safe_open
 
 from ._safe import relative_name_problem
 
@@ -44,6 +45,7 @@ __all__ = [
     "is_complete",
     "INDEX_FILE",
     "read_weight_map",
+    "hub_weight_map",
     "state_dict_name",
 ]
 
@@ -101,6 +103,9 @@ def read_metadata(path: str | os.PathLike[str], api: str = "load") -> dict[str, 
             f"{api}: {meta_file} is corrupted (its content does not match its meta_crc32 "
             f"{meta['meta_crc32']!r}); load an earlier checkpoint."
         )
+    if isinstance(meta, dict) and isinstance(meta.get("files"), dict):
+        # NOTE: names as written on Windows before they were written with "/" ("extra\\rank_00000.pt")
+        meta["files"] = {name.replace("\\", "/"): rec for name, rec in meta["files"].items()}
     problem = _malformed(meta)
     if problem:
         raise ValueError(f"{api}: {meta_file} is malformed ({problem}); load an earlier checkpoint.")
@@ -206,6 +211,25 @@ def read_weight_map(index_file: Path, api: str) -> dict[str, str]:
             raise ValueError(f"{api}: {index_file} maps {key!r} to {problem}; every file must lie in "
                              f"{index_file.parent}.")
     return weight_map
+
+
+def hub_weight_map(directory: Path, api: str = "from_pretrained") -> dict[str, str]:
+    """``{tensor name: file name}`` of a hub-format directory: its index (checked, see
+    :func:`read_weight_map`), or else the tensors of every ``*.safetensors`` file in it."""
+    index_file = directory / INDEX_FILE
+    if index_file.is_file():
+        return read_weight_map(index_file, api)
+    files = sorted(directory.glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(
+            f"{api}: {directory} has no {INDEX_FILE} and no *.safetensors file; pass a directory written by "
+            "save_pretrained (or by ep_fsdp.checkpoint.export_safetensors)."
+        )
+    out: dict[str, str] = {}
+    for f in files:
+        with safe_open(f, framework="pt") as h:
+            out.update({k: f.name for k in h.keys()})
+    return out
 
 
 def experts_prefix(layer_name: str) -> str:

@@ -18,6 +18,7 @@ Anything else is refused with :class:`UnsafeCheckpointError`, which names the fi
 
 from __future__ import annotations
 
+import functools
 import io
 import pickle
 from pathlib import Path, PosixPath, PurePosixPath, PureWindowsPath, WindowsPath
@@ -104,6 +105,7 @@ class _MetadataUnpickler(pickle._Unpickler):  # type: ignore[name-defined]
         )
 
 
+@functools.cache
 def _buildable_types() -> frozenset[type]:
     """The allowed types whose instances a metadata pickle gives a state (BUILD): DCP's dataclasses."""
     import dataclasses

@@ -23,7 +23,7 @@ from torch.distributed.tensor._utils import compute_local_shape_and_global_offse
 
 from ..moe import moe_layers
 from ._dcp import _gather
-from ._format import INDEX_FILE, experts_prefix, read_metadata, read_weight_map, storage_permutations
+from ._format import INDEX_FILE, experts_prefix, hub_weight_map, read_metadata, storage_permutations
 from ._reader import CheckpointReader
 
 __all__ = ["export_safetensors", "load_safetensors", "expert_key_map", "INDEX_FILE"]
@@ -218,17 +218,7 @@ def load_safetensors(model: nn.Module, directory: str | os.PathLike[str], *, all
 
         load_hub_weights(model, directory, api="load_safetensors", allow_cast=allow_cast, strict=True)
         return
-    index_file = directory / INDEX_FILE
-    if index_file.is_file():
-        weight_map = read_weight_map(index_file, "load_safetensors")
-    elif (directory / "model.safetensors").is_file():
-        with safe_open(directory / "model.safetensors", framework="pt") as f:
-            weight_map = {k: "model.safetensors" for k in f.keys()}
-    else:
-        raise FileNotFoundError(
-            f"load_safetensors: {directory} has neither {INDEX_FILE} nor model.safetensors; "
-            "pass a directory written by export_safetensors."
-        )
+    weight_map = hub_weight_map(directory, "load_safetensors")
     layers = moe_layers(model)
     experts = expert_key_map([n for n, _ in layers], {n: m.config.num_experts for n, m in layers})
     # storage row p of a layer's expert tensors holds logical expert logical_of[p] (its placement)

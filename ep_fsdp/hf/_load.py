@@ -25,9 +25,9 @@ from safetensors import safe_open
 from torch.distributed.tensor import DTensor
 from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
-from ..checkpoint._format import INDEX_FILE, read_weight_map
+from ..checkpoint._format import hub_weight_map
 
-__all__ = ["load_hub_weights", "LoadStats", "hub_weight_map"]
+__all__ = ["load_hub_weights", "LoadStats", "hub_weight_map"]  # (hub_weight_map: from checkpoint._format)
 
 
 
@@ -40,24 +40,6 @@ class LoadStats:
     local_bytes: int = 0
     full_bytes: int = 0
     full_reads: list[str] = field(default_factory=list)
-
-
-def hub_weight_map(directory: Path, api: str = "from_pretrained") -> dict[str, str]:
-    """``{tensor name: file name}`` of a hub-format directory (sharded with an index, or one file)."""
-    index_file = directory / INDEX_FILE
-    if index_file.is_file():
-        return read_weight_map(index_file, api)
-    files = sorted(directory.glob("*.safetensors"))
-    if not files:
-        raise FileNotFoundError(
-            f"{api}: {directory} has no {INDEX_FILE} and no *.safetensors file; pass a directory written by "
-            "save_pretrained (or by ep_fsdp.checkpoint.export_safetensors)."
-        )
-    out: dict[str, str] = {}
-    for f in files:
-        with safe_open(f, framework="pt") as h:
-            out.update({k: f.name for k in h.keys()})
-    return out
 
 
 class _Files:
