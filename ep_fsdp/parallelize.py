@@ -265,10 +265,15 @@ def parallelize_moe(
         # ranks like a dense layer, in a parameter group of its own inside the experts' unit. (A
         # unit of its own would gather at every call of its forward: once per expert with rows,
         # a different count on each rank, which hung.)
-        for child in holder.children():
-            if not isinstance(child, FSDPModule):
-                by_param.update({id(p): shared_info.result for p in child.parameters()})
+        # At ep = 1 the experts' own mesh is already all ranks (one process group, one group).
+        shared = [p for child in holder.children() if not isinstance(child, FSDPModule) for p in child.parameters()]
+        if ep > 1:
+            by_param.update({id(p): shared_info.result for p in shared})
         shard(holder, dp_mesh, shard_placement_fn=lambda p, by_param=by_param: by_param.get(id(p)))
+        if shared:
+            # NOTE: a rank whose experts never call the child has no gradient for it; its
+            # reduce-scatter must still run, with zeros, as the other ranks' does
+            holder.set_reduce_scatter_unused_params(True, recurse=False)  # type: ignore[operator]
     if low_precision:
         # NOTE: routing decisions must not see a bfloat16 gate weight: each router gets its own
         # unit whose parameters stay float32 (one small extra all-gather per layer); a transformers
@@ -346,9 +351,14 @@ class _ShardedOverAll:
 class _GatherBefore:
     """Hooks that all-gather ``unit`` (an FSDP unit inside ``parent``, made with
     ``reshard_after_forward=False``) before ``parent``'s forward. After it, the unit is resharded
-    (when ``reshard``) only if its own forward ran: then FSDP gathers it again for its backward. If
-    the parent read its weights directly, autograd holds the gathered tensors for the backward, so
-    they stay until the backward's end (what ``reshard_after_forward=False`` does)."""
+    (when ``reshard``) if its own forward ran (FSDP gathers it again for its backward) or no grad
+    is recorded. If the parent read its weights directly instead, autograd holds the gathered
+    tensors for the backward, so they stay until the backward's end (what
+    ``reshard_after_forward=False`` does).
+
+    NOTE: a parent that both calls the unit and reads its weights directly in one forward is not
+    supported (FSDP reshards the unit when its own backward has run, before or after the read's).
+    """
 
     def __init__(self, unit: nn.Module, parent: nn.Module, reshard: bool) -> None:
         self.unit, self.reshard, self.called = unit, reshard, False
@@ -367,7 +377,8 @@ class _GatherBefore:
 
     @torch.compiler.disable
     def after_parent(self, module: nn.Module, args: tuple, output: object) -> None:
-        if self.reshard and self.called:
+        # NOTE: without grad no backward needs the gathered weights, read directly or not
+        if self.reshard and (self.called or not torch.is_grad_enabled()):
             self.unit.reshard()  # type: ignore[operator]
 
 

@@ -21,6 +21,7 @@ from safetensors import safe_open
 from torch.distributed.tensor import DTensor
 from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
+from ..expert_modules import ExpertParallelExperts, expert_layers
 from ..moe import moe_layers
 from ._dcp import _gather
 from ._format import INDEX_FILE, experts_prefix, hub_weight_map, read_metadata, storage_permutations
@@ -228,6 +229,13 @@ def load_safetensors(model: nn.Module, directory: str | os.PathLike[str], *, all
             for w in ("w1", "w3", "w2"):
                 key = f"{experts_prefix(n)}.{w}"
                 experts[key] = [experts[key][e] for e in logical_of]
+    # an experts module of the transformers contract (in a model that is not a transformers
+    # model) stores [E, ...] tensors whole: its storage rows are read from their logical rows
+    rows_of: dict[str, list[int]] = {}
+    for n, m in expert_layers(model):
+        if isinstance(m, ExpertParallelExperts) and not m.placement.is_contiguous():
+            logical_of = sorted(range(m.placement.num_experts), key=m.placement.physical)
+            rows_of.update({f"{n}.{p}" if n else p: logical_of for p, _ in m.named_parameters(recurse=False)})
     state = model.state_dict()
     expected = [name for key in state for name in experts.get(key, [key])]
     missing = sorted(set(expected) - set(weight_map))
@@ -259,7 +267,7 @@ def load_safetensors(model: nn.Module, directory: str | os.PathLike[str], *, all
             )
         with torch.no_grad():
             for key, value in state.items():
-                _load_one(key, value, experts.get(key), slice_of)
+                _load_one(key, value, experts.get(key), slice_of, rows_of.get(key))
     finally:
         handles.clear()
 
@@ -280,7 +288,10 @@ def _header_problems(state: dict[str, Any], experts: dict[str, list[str]], slice
     return problems
 
 
-def _load_one(key: str, value: torch.Tensor, expert_names: list[str] | None, slice_of: Any) -> None:
+def _load_one(key: str, value: torch.Tensor, expert_names: list[str] | None, slice_of: Any,
+              rows: list[int] | None = None) -> None:
+    """Copy this rank's part of ``key`` from the files; ``expert_names``: one file tensor per expert;
+    ``rows``: storage row ``p`` of a whole ``[E, ...]`` file tensor is its row ``rows[p]``."""
     if isinstance(value, DTensor):
         local = value.to_local()
         shape, offset = compute_local_shape_and_global_offset(value.shape, value.device_mesh, value.placements)
@@ -295,6 +306,11 @@ def _load_one(key: str, value: torch.Tensor, expert_names: list[str] | None, sli
                 f"{global_shape}; export from a checkpoint of this model."
             )
         index = tuple(slice(o, o + s) for o, s in zip(offset, shape))
+        if rows is not None:  # one row at a time, from where its expert lies in the file
+            rest = index[1:]
+            for at, p in enumerate(range(offset[0], offset[0] + shape[0])):
+                local[at].copy_(sl[(slice(rows[p], rows[p] + 1), *rest)][0])
+            return
         local.copy_(sl[index] if index else sl[...])  # a 0-dim tensor: no index (sl[:] refuses it)
         return
     rows = []
