@@ -25,7 +25,10 @@ class MoEConfig:
         num_experts: number of routed experts ``E``.
         top_k: experts per token ``k``, ``1 <= k <= E``.
         score_func: ``"softmax"`` or ``"sigmoid"``, applied to the router logits.
-        renormalize: divide the ``k`` selected weights by their sum (Mixtral/Qwen style).
+        renormalize: divide the ``k`` selected weights by their sum (Mixtral/Qwen style) when
+            ``top_k > 1``. With ``top_k == 1`` the weight stays the chosen expert's score (Switch
+            style: divided by itself it would be a constant 1, and the router would get no gradient
+            from the task loss); transformers' Mixtral/Qwen give 1.0 there.
         route_scale: multiply the final routing weights by this factor.
         temperature: router logits are divided by this before scoring (``> 0``).
         jitter_eps: while training, the router input is multiplied by uniform noise in
