@@ -15,6 +15,7 @@ rank, so every shard of a parameter would get the same values.
 
 from __future__ import annotations
 
+import warnings
 import zlib
 from collections.abc import Callable
 
@@ -76,7 +77,8 @@ def materialize(model: nn.Module, device: torch.device | str, *, init_fn: InitFn
     defines ``init_parameter(relative_name, tensor, generator)`` initializes it: the model's own
     scheme first (the reference transformer has one), else a layer's default (:class:`ep_fsdp.MoE`
     has one). Afterwards every module that defines
-    ``reset_buffers()`` recomputes its buffers (``to_empty`` leaves them uninitialized). Tied
+    ``reset_buffers()`` recomputes its buffers (``to_empty`` leaves them uninitialized), and a
+    transformers model's ``_init_weights`` recomputes those of its other modules. Tied
     parameters stay tied and are initialized once, under the name ``named_parameters()`` gives. Load a
     checkpoint afterwards instead of relying on the init, if you have one.
 
@@ -89,7 +91,14 @@ def materialize(model: nn.Module, device: torch.device | str, *, init_fn: InitFn
 
     Returns ``model``.
     """
-    device = torch.device(device)
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise ValueError(f"materialize: device={device!r} is not a device ({e}); pass e.g. 'cpu' or 'cuda'.") from None
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise ValueError(f"materialize: seed must be an int, got {seed!r}.")
+    if init_fn is not None and not callable(init_fn):
+        raise ValueError(f"materialize: init_fn must be callable (name, tensor, generator) or None, got {init_fn!r}.")
     inits: dict[str, tuple[Callable[..., None], str]] = {}
     for name, _ in model.named_parameters():
         if init_fn is not None:
@@ -117,8 +126,36 @@ def materialize(model: nn.Module, device: torch.device | str, *, init_fn: InitFn
             param.to_local().copy_(local)
         else:
             param.copy_(full)
-    for module in model.modules():
+    _reset_buffers(model)
+    return model
+
+
+def _reset_buffers(model: nn.Module) -> None:
+    """Recompute every buffer ``to_empty`` left uninitialized: through the module's
+    ``reset_buffers()``, else through the ``_init_weights(module)`` of the transformers model it is
+    in (rotary ``inv_freq``, DeepSeek-V3's ``e_score_correction_bias``), keeping the module's own
+    parameters as initialized above. Warns naming buffers nothing recomputes."""
+    initializers = [(name, m._init_weights) for name, m in model.named_modules()
+                    if callable(getattr(m, "_init_weights", None))]
+    left: list[str] = []
+    for name, module in model.named_modules():
+        if not any(True for _ in module.buffers(recurse=False)):
+            continue
         reset = getattr(module, "reset_buffers", None)
         if callable(reset):
             reset()
-    return model
+            continue
+        owners = [(p, init) for p, init in initializers if p == "" or name == p or name.startswith(p + ".")]
+        if not owners:
+            left += [f"{name}.{b}" if name else b for b, _ in module.named_buffers(recurse=False)]
+            continue
+        init = max(owners, key=lambda o: len(o[0]))[1]  # the innermost transformers model
+        kept = [(p, p.detach().clone()) for p in module.parameters(recurse=False)]
+        init(module)
+        for p, value in kept:  # NOTE: its parameters keep the seeded init
+            p.copy_(value)
+    if left:
+        warnings.warn(
+            f"materialize: nothing recomputes buffers {left[:6]} (no reset_buffers() on their modules): they hold "
+            "uninitialized memory until a checkpoint is loaded into them.", stacklevel=3,
+        )

@@ -234,3 +234,18 @@ def test_a_plain_transformers_checkpoint_loads_into_the_model_parallelized(pools
         assert any(ranks != sorted(ranks) for ranks in r["moved"].values()), r  # moved before the load
         assert all(ranks == sorted(ranks) for ranks in r["placement"].values()), r  # logical order again
         assert r["params"] == 0.0 and r["logits"] <= REL_TOL, r
+
+
+@pytest.mark.parametrize("dtype", ["bf16", 16, "int8"])
+def test_from_pretrained_names_a_bad_torch_dtype(hub_dirs, dtype):
+    with pytest.raises(ValueError, match=r"torch_dtype is .*; pass a floating torch\.dtype"):
+        ep_fsdp.hf.from_pretrained(hub_dirs["qwen3_moe"], mesh=None, torch_dtype=dtype)  # type: ignore[arg-type]
+
+
+def auto_dtype(directory: str) -> str:
+    model = ep_fsdp.hf.from_pretrained(directory, worker_mesh(1, 1), torch_dtype="auto")
+    return str(next(model.parameters()).dtype)
+
+
+def test_from_pretrained_auto_dtype_is_the_configs(pools, hub_dirs):
+    assert pools(1).run(auto_dtype, hub_dirs["qwen3_moe"])[0] == "torch.float32"

@@ -95,3 +95,45 @@ def test_the_models_own_init_scheme_wins_over_the_layers_default():
     assert abs(float(w1.std()) - 0.02) < 0.002  # the transformer's normal(0.02), not MoE's uniform(1/8)
     assert abs(float(w2.std()) - 0.02 / 2) < 0.001  # output projections scaled by depth
     assert torch.equal(model.layers[0].attention_norm.weight, torch.ones(64))
+
+
+@pytest.mark.parametrize("bad, message", [
+    ({"seed": 1.5}, "seed must be an int, got 1.5"), ({"seed": True}, "seed must be an int, got True"),
+    ({"init_fn": "normal"}, "init_fn must be callable"), ({"device": "gpu"}, "device='gpu' is not a device"),
+])
+def test_materialize_arguments_are_checked_before_anything_is_allocated(bad, message):
+    with torch.device("meta"):
+        model = build("net")
+    kwargs = {"device": "cpu", **bad}
+    with pytest.raises(ValueError, match=message):
+        ep_fsdp.materialize(model, kwargs.pop("device"), **kwargs)
+    assert all(p.is_meta for p in model.parameters())
+
+
+def test_transformers_buffers_are_recomputed():
+    """to_empty leaves buffers uninitialized; a transformers model's (rotary inv_freq, DeepSeek-V3's
+    e_score_correction_bias) are recomputed by its own _init_weights, its parameters kept."""
+    pytest.importorskip("transformers")
+    import sys
+    from pathlib import Path
+
+    from transformers import AutoModelForCausalLM
+
+    from ep_fsdp.hf._model import build_on_meta
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "recipes"))
+    from hf_tiny_model import tiny_config
+
+    cfg = tiny_config("deepseek_v3", hidden=32)
+    model = build_on_meta(cfg, torch.float32)
+    init = lambda name, t, g: torch.nn.init.normal_(t, std=0.02, generator=g)  # noqa: E731
+    ep_fsdp.materialize(model, "cpu", init_fn=init, seed=5)
+    again = build_on_meta(cfg, torch.float32)
+    ep_fsdp.materialize(again, "cpu", init_fn=init, seed=5)
+    ref = dict(AutoModelForCausalLM.from_config(cfg).named_buffers())
+    buffers = dict(model.named_buffers())
+    assert {"model.rotary_emb.inv_freq"} <= set(buffers) and any("e_score_correction_bias" in n for n in buffers)
+    for name, value in ref.items():
+        assert torch.equal(buffers[name], value), name
+    for (name, p), q in zip(model.named_parameters(), again.parameters()):
+        assert torch.equal(p, q), name  # the seeded init, not _init_weights' own

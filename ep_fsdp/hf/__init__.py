@@ -71,9 +71,16 @@ def from_pretrained(
             "(download hub models first, e.g. with `hf download`)."
         )
     config = AutoConfig.from_pretrained(path)
-    dtype = torch_dtype or getattr(config, "dtype", None) or torch.float32
-    if isinstance(dtype, str):
-        dtype = getattr(torch, dtype)
+    asked = None if torch_dtype == "auto" else torch_dtype  # "auto": the config's, as in transformers
+    dtype = asked or getattr(config, "dtype", None) or torch.float32
+    resolved = getattr(torch, dtype, None) if isinstance(dtype, str) else dtype
+    if not (isinstance(resolved, torch.dtype) and resolved.is_floating_point):
+        where = "torch_dtype" if asked is not None else f"{path}/config.json's dtype"
+        raise ValueError(
+            f"from_pretrained: {where} is {dtype!r}; pass a floating torch.dtype (e.g. torch.bfloat16), its "
+            "name ('bfloat16'), or 'auto' for the config's dtype."
+        )
+    dtype = resolved
     model = build_on_meta(config, dtype)
     parallelize_moe(model, mesh, **parallelize_options)
     device = torch.device(mesh.device_type)
