@@ -17,6 +17,7 @@ returned live (with its graph) by :func:`ep_fsdp.moe_aux_loss`, to be added to t
 
 from __future__ import annotations
 
+import sys
 import warnings
 from dataclasses import dataclass, field
 
@@ -90,8 +91,6 @@ def _record(model: nn.Module, stats_group: dist.ProcessGroup | None, grad_factor
     balancing loss: its config asks for none, or its family never computes one (its modeling module
     has no ``load_balancing_loss_func``, e.g. OpenAI's privacy filter, whose config still carries a
     ``router_aux_loss_coef``: adding one would change the objective the model is trained with)."""
-    import sys
-
     from .expert_modules import original_class
 
     config = getattr(model, "config", None)

@@ -11,7 +11,7 @@ import torch.nn as nn
 from torch.distributed._composable.checkpoint_activation import checkpoint as checkpoint_module
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
-from torch.distributed.fsdp._fully_shard._fsdp_common import ShardPlacementResult
+from torch.distributed.fsdp._fully_shard._fsdp_common import FSDPMeshInfo, ShardPlacementResult
 from torch.distributed.tensor import DTensor, Shard, distribute_tensor
 
 from .aux_loss import record_router_logits, router_modules
@@ -254,7 +254,7 @@ def parallelize_moe(
 
     low_precision = mp_policy.param_dtype not in (None, torch.float32)
     router_policy = MixedPrecisionPolicy(param_dtype=torch.float32, reduce_dtype=mp_policy.reduce_dtype)
-    shared_info = _ShardedOverAll(all_mesh)
+    over_all_ranks = ShardPlacementResult(placement=Shard(0), mesh_info=FSDPMeshInfo(all_mesh, shard_mesh_dim=0))
     for name, _, holder, _ in sharded:
         by_param: dict[int, Shard | ShardPlacementResult] = {
             id(p): expert_placements[(name, pname)] for pname, p in holder.named_parameters(recurse=False)
@@ -262,13 +262,14 @@ def parallelize_moe(
         # NOTE: a child of an experts module (e.g. a norm every expert's output goes through,
         # transformers MuseSpark's post_expert_norm) holds one copy for all experts: each rank's
         # gradient of it covers only its own experts' rows, so it is sharded and reduced over all
-        # ranks like a dense layer, in a parameter group of its own inside the experts' unit. (A
-        # unit of its own would gather at every call of its forward: once per expert with rows,
-        # a different count on each rank, which hung.)
+        # ranks like a dense layer, in a parameter group of its own inside the experts' unit
+        # (FSDP2's per-parameter mesh: Shard(0) over all ranks). (A unit of its own would gather at
+        # every call of its forward: once per expert with rows, a different count on each rank,
+        # which hung.)
         # At ep = 1 the experts' own mesh is already all ranks (one process group, one group).
         shared = [p for child in holder.children() if not isinstance(child, FSDPModule) for p in child.parameters()]
         if ep > 1:
-            by_param.update({id(p): shared_info.result for p in shared})
+            by_param.update({id(p): over_all_ranks for p in shared})
         shard(holder, dp_mesh, shard_placement_fn=lambda p, by_param=by_param: by_param.get(id(p)))
         if shared:
             # NOTE: a rank whose experts never call the child has no gradient for it; its
@@ -335,17 +336,6 @@ def _no_cache_in_training(module: nn.Module, args: tuple, kwargs: dict) -> tuple
     if module.training:
         kwargs["use_cache"] = False
     return args, kwargs
-
-
-class _ShardedOverAll:
-    """``shard_placement_fn`` result for parameters sharded over all ranks (``Shard(0)`` on the
-    flattened mesh) inside a unit whose other parameters use another mesh: FSDP2 makes them a
-    parameter group of their own (its per-parameter mesh), gathered and reduced with the unit."""
-
-    def __init__(self, mesh: DeviceMesh) -> None:
-        from torch.distributed.fsdp._fully_shard._fsdp_common import FSDPMeshInfo
-
-        self.result = ShardPlacementResult(placement=Shard(0), mesh_info=FSDPMeshInfo(mesh, shard_mesh_dim=0))
 
 
 class _GatherBefore:

@@ -24,12 +24,12 @@ __all__ = ["ExpertPlacement"]
 def _row(value: object) -> int:
     """A storage row given in ``physical``: an int (Python, numpy or a 0-dim integer tensor), not a
     bool or a float (which ``int()`` would truncate)."""
-    if isinstance(value, bool):
-        raise ValueError(f"ExpertPlacement: physical holds {value!r}; give storage rows as ints.")
     try:
-        return operator.index(value)  # type: ignore[arg-type]
+        if not isinstance(value, bool):
+            return operator.index(value)  # type: ignore[arg-type]
     except TypeError:
-        raise ValueError(f"ExpertPlacement: physical holds {value!r}; give storage rows as ints.") from None
+        pass
+    raise ValueError(f"ExpertPlacement: physical holds {value!r}; give storage rows as ints.")
 
 
 class ExpertPlacement:

@@ -88,7 +88,7 @@ def _widening_blocks(x: torch.Tensor) -> list[tuple[int, int]]:
 
 def _autocast_off(device_type: str) -> AbstractContextManager[Any]:
     """``torch.autocast(device_type, enabled=False)`` where autocast is on (it knows no meta device)."""
-    if device_type in ("cpu", "cuda", "xpu", "mps", "hpu") and torch.is_autocast_enabled(device_type):
+    if torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type):
         return torch.autocast(device_type, enabled=False)
     return nullcontext()
 

@@ -43,9 +43,9 @@ def info(path: Path) -> str:
     dcp_meta = path / ".metadata"
     if dcp_meta.is_file():  # checked with the restricted unpickler: a crafted file is reported, never run
         data = dcp_meta.read_bytes()
-        expected = meta["files"].get(".metadata", {}).get("crc32")
-        if expected is not None and crc32(data) != expected:  # NOTE: damaged bytes are never unpickled
-            raise ValueError(f"info: {dcp_meta} is corrupted (CRC32 {crc32(data):#010x}, expected {expected:#010x})")
+        expected, crc = meta["files"].get(".metadata", {}).get("crc32"), crc32(data)
+        if expected is not None and crc != expected:  # NOTE: damaged bytes are never unpickled
+            raise ValueError(f"info: {dcp_meta} is corrupted (CRC32 {crc:#010x}, expected {expected:#010x})")
         safe_metadata_load(data, str(dcp_meta), meta["files"])
     lay = meta["layout"]
     lines = [
