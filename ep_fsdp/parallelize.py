@@ -14,6 +14,7 @@ from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.distributed.fsdp._fully_shard._fsdp_common import FSDPMeshInfo, ShardPlacementResult
 from torch.distributed.tensor import DTensor, Shard, distribute_tensor
 
+from ._inference_mode import allow_inference_mode_first
 from .aux_loss import record_router_logits, router_modules
 from .dispatch import make_dispatcher
 from .dispatch.base import check_chunks, check_wire_dtype
@@ -326,6 +327,7 @@ def parallelize_moe(
             # torch 2.13 would apply the divide factor twice.
             module.set_force_sum_reduction_for_comms(True)
     _set_prefetch(model, [b for _, b in outermost])  # type: ignore[arg-type]
+    allow_inference_mode_first(model)  # type: ignore[arg-type]
     setattr(model, _LAYOUT_ATTR, ParallelLayout(world_size=world, dp_shard=dp_shard, ep=ep, mesh=mesh,
                                                 grad_reduction=grad_reduction))
     return model

@@ -509,3 +509,43 @@ def test_moved_contract_experts_load_from_safetensors(pools, tmp_path):
     for r in pools(2).run(contract_experts_from_safetensors, str(tmp_path)):
         assert any(v != sorted(v) for v in r["moved"].values()), r
         assert r["err"] <= 1e-6, r
+
+
+def inference_mode_first(dp_shard: int, ep: int) -> dict:
+    """The first forward after parallelize_moe under torch.inference_mode(), then a training step,
+    then inference_mode again, against the unparallelized model on the same global batch.
+
+    NOTE: torch 2.13's FSDP2 creates its all-gather buffers at a unit's first unshard; under
+    inference_mode they were inference tensors: the unshard failed on a size-1 group (the experts'
+    units at dp_shard = 1) and the training step after it failed on larger groups."""
+    torch.manual_seed(0)
+    cfg = ep_fsdp.MoEConfig(dim=8, hidden_dim=8, num_experts=4, top_k=2)
+    model = nn.Sequential(nn.Linear(8, 8), ep_fsdp.MoE(cfg), nn.Linear(8, 8))
+    reference = copy.deepcopy(model)
+    ep_fsdp.parallelize_moe(model, worker_mesh(dp_shard, ep))
+    x = torch.randn(8 * dist.get_world_size(), 8, generator=torch.Generator().manual_seed(1))
+    mine = x.view(dist.get_world_size(), 8, 8)[dist.get_rank()]
+    out: dict = {}
+    try:
+        with torch.inference_mode():
+            first = model(mine)
+            want = reference(x).view(dist.get_world_size(), 8, 8)[dist.get_rank()]
+        out["first"] = rel_err(first.clone(), want.clone())
+        model(mine).square().mean().backward()  # grad_reduction "mean": the global batch's mean
+        reference(x).square().mean().backward()
+        grads = {n: rel_err(full(p.grad), r.grad) for (n, p), r in zip(model.named_parameters(), reference.parameters())}
+        out["grad"] = worst(grads)
+        with torch.inference_mode():
+            again = model(mine)
+        out["again"] = rel_err(again.clone(), first.clone())
+    except Exception as e:  # noqa: BLE001
+        out["error"] = f"{type(e).__name__}: {e}"
+    return out
+
+
+def test_the_first_forward_may_run_under_inference_mode(pools):
+    for layout in [(1, 2), (2, 1)]:
+        for r in pools(2).run(inference_mode_first, *layout):
+            assert "error" not in r, (layout, r)
+            assert r["first"] < 1e-6 and r["again"] == 0.0, (layout, r)
+            assert r["grad"][1] < 1e-5, (layout, r)

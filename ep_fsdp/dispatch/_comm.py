@@ -92,7 +92,10 @@ class RowsInFlight:
     def arrive(self) -> torch.Tensor:
         """The received rows (waits for them), differentiable back to the sender."""
         if not self.streamed:
-            return self.buffer  # a functional collective's tensor: waits on first use
+            # NOTE: waited here, not on first use: the functional collective's tensor is a Python
+            # tensor subclass until it is waited for, and every op on it (or on a view of it, or
+            # on it saved for the backward) went through its __torch_dispatch__ (~20 a step)
+            return wait(self.buffer)
         return _ReceiveRows.apply(self.buffer, *self.splits, self.group, self.box)
 
 
