@@ -37,8 +37,8 @@ def _model_group(grads: list[torch.Tensor]) -> dist.ProcessGroup | None:
 
 @torch.no_grad()
 def clip_grad_norm_(
-    parameters: Iterable[torch.nn.Parameter], max_norm: float, norm_type: float = 2.0,
-    group: dist.ProcessGroup | None = None,
+    parameters: torch.Tensor | Iterable[torch.Tensor], max_norm: float, norm_type: float = 2.0,
+    group: dist.ProcessGroup | None = None, *, error_if_nonfinite: bool = False,
 ) -> torch.Tensor:
     """Clip the global gradient norm of ``parameters`` in place, like
     ``torch.nn.utils.clip_grad_norm_`` on the unparallelized model; returns the total norm.
@@ -48,10 +48,13 @@ def clip_grad_norm_(
     Each rank sums ``|g|^p`` over the values it holds (dividing values that are replicated by
     their number of copies), one all-reduce over the model's ranks adds them up, and every
     gradient is scaled by ``min(1, max_norm / (total + 1e-6))``. ``norm_type`` may be ``inf``.
-    Call it on every rank of the model (collective when distributed). ``group``: the ranks to sum
-    over; default the ranks the gradients are sharded on (the mesh given to
-    :func:`ep_fsdp.parallelize_moe`, also when it is part of a larger mesh, e.g. with replicas
-    that each hold the whole model), else the default group.
+    Call it on every rank of the model (collective when distributed). ``parameters``: an iterable
+    of parameters or a single tensor, as in torch. ``group``: the ranks to sum over; default the
+    ranks the gradients are sharded on (the mesh given to :func:`ep_fsdp.parallelize_moe`, also
+    when it is part of a larger mesh, e.g. with replicas that each hold the whole model), else the
+    default group. A NaN gradient on any rank makes the total NaN on every rank (as in torch,
+    where the clipped gradients are then NaN too); ``error_if_nonfinite=True`` raises instead,
+    on every rank.
 
     Example::
 
@@ -59,7 +62,16 @@ def clip_grad_norm_(
         norm = ep_fsdp.clip_grad_norm_(model.parameters(), max_norm=1.0)
         optimizer.step()
     """
+    if isinstance(parameters, torch.Tensor):
+        parameters = [parameters]  # NOTE: iterating a tensor would give its rows, which have no .grad
     grads = [p.grad for p in parameters if p.grad is not None]
+    if isinstance(max_norm, torch.Tensor) and max_norm.numel() == 1:
+        max_norm = float(max_norm)
+    if group is not None and not isinstance(group, dist.ProcessGroup):
+        raise ValueError(
+            f"clip_grad_norm_: group must be None or a torch.distributed.ProcessGroup, got {group!r}; pass "
+            "error_if_nonfinite (torch's fourth argument) by keyword: error_if_nonfinite=True."
+        )
     if not isinstance(max_norm, (int, float)) or isinstance(max_norm, bool) or not max_norm > 0:
         raise ValueError(
             f"clip_grad_norm_: max_norm must be a number > 0, got {max_norm!r}; e.g. 1.0, or float('inf') to "
@@ -92,7 +104,13 @@ def clip_grad_norm_(
         group = _model_group(grads)
     if math.isinf(p):
         if distributed:
-            dist.all_reduce(acc, op=dist.ReduceOp.MAX, group=group)
+            # NOTE: a MAX all-reduce does not carry a NaN through (gloo's result depends on the
+            # operands' order), so a NaN travels as a flag next to the maxima
+            packed = torch.cat([acc.nan_to_num(nan=0.0), acc.isnan().any().double().reshape(1)])  # [3]
+            dist.all_reduce(packed, op=dist.ReduceOp.MAX, group=group)
+            acc = packed[:2].clone()
+            if packed[2] > 0:
+                acc[0] = math.nan
         total = acc.max()
     else:
         if distributed:
@@ -100,6 +118,12 @@ def clip_grad_norm_(
             dist.all_reduce(sharded, group=group)
             acc[0] = sharded[0]
         total = acc.sum().pow(1.0 / p)
+    if error_if_nonfinite and not torch.isfinite(total):
+        raise RuntimeError(
+            f"clip_grad_norm_: the total norm of order {norm_type} of the gradients is {float(total)}, so they "
+            "cannot be clipped; set error_if_nonfinite=False to clip anyway (the gradients become NaN), or skip "
+            "this step."
+        )
     coef = (max_norm / (total + 1e-6)).clamp(max=1.0)
     for g in grads:
         local, _ = _local_and_replication(g)

@@ -62,6 +62,60 @@ def test_clip_grad_norm_matches_single_process(pools, layout, norm_type):
         assert (r["a2a"] > 0) == (layout[1] > 1)
 
 
+def clip_with_a_nan_on_one_rank(dp_shard: int, ep: int, bad_rank: int, expert: bool) -> dict:
+    """One NaN in one rank's shard of a dense or an expert gradient."""
+    torch.manual_seed(0)
+    model = build("net")
+    ep_fsdp.parallelize_moe(model, worker_mesh(dp_shard, ep))
+    model(torch.randn(6, 8)).square().mean().backward()
+    target = next(p for n, p in model.named_parameters() if ("experts" in n) == expert)
+    if dist.get_rank() == bad_rank:
+        target.grad.to_local().view(-1)[0] = float("nan")
+    out = {}
+    for norm_type in (2.0, math.inf):
+        out[norm_type] = float(ep_fsdp.clip_grad_norm_(model.parameters(), float("inf"), norm_type=norm_type))
+    try:
+        ep_fsdp.clip_grad_norm_(model.parameters(), 1.0, norm_type=math.inf, error_if_nonfinite=True)
+        out["raised"] = ""
+    except RuntimeError as e:
+        out["raised"] = str(e)
+    return out
+
+
+def test_a_nan_gradient_on_any_rank_makes_the_norm_nan_everywhere(pools):
+    """torch's total norm is NaN when any gradient holds a NaN; a MAX all-reduce (the inf-norm)
+    dropped a NaN held by a rank other than the first."""
+    for layout, bad_rank, expert in [((1, 2), 1, False), ((1, 2), 1, True), ((2, 1), 1, True), ((1, 2), 0, False)]:
+        for r in pools(2).run(clip_with_a_nan_on_one_rank, *layout, bad_rank, expert):
+            assert math.isnan(r[2.0]) and math.isnan(r[math.inf]), (layout, bad_rank, expert, r)
+            assert "total norm of order inf of the gradients is nan" in r["raised"], r
+
+
+def test_clip_grad_norm_takes_what_torch_takes():
+    """A single tensor (torch wraps it in a list; iterating it gave rows without .grad, and
+    nothing was clipped), a one-element tensor max_norm, error_if_nonfinite by keyword; torch's
+    fourth positional argument (error_if_nonfinite) in ep_fsdp's fourth place (group) is refused."""
+    def weight() -> torch.nn.Parameter:
+        w = torch.nn.Parameter(torch.zeros(3, 4))
+        w.grad = torch.full((3, 4), 10.0)
+        return w
+
+    ours, theirs = weight(), weight()
+    torch.testing.assert_close(ep_fsdp.clip_grad_norm_(ours, 1.0), torch.nn.utils.clip_grad_norm_(theirs, 1.0))
+    torch.testing.assert_close(ours.grad, theirs.grad)
+    assert float(ours.grad[0, 0]) < 1.0  # clipped
+    ours, theirs = weight(), weight()
+    torch.testing.assert_close(ep_fsdp.clip_grad_norm_([ours], torch.tensor(2.0)),
+                               torch.nn.utils.clip_grad_norm_([theirs], torch.tensor(2.0)))
+    torch.testing.assert_close(ours.grad, theirs.grad)
+    bad = weight()
+    bad.grad[1, 1] = float("inf")
+    with pytest.raises(RuntimeError, match=r"total norm of order 2.0 of the gradients is inf"):
+        ep_fsdp.clip_grad_norm_([bad], 1.0, error_if_nonfinite=True)
+    with pytest.raises(ValueError, match=r"group must be None or a torch.distributed.ProcessGroup, got True"):
+        ep_fsdp.clip_grad_norm_([weight()], 1.0, 2.0, True)
+
+
 def test_clip_grad_norm_single_process_equals_torch():
     torch.manual_seed(0)
     a = build("net")
