@@ -334,8 +334,14 @@ def parallelize_moe(
 
 
 def _no_cache_in_training(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
-    """Forward pre-hook: ``use_cache=False`` in a training forward of a transformers model."""
-    if module.training:
+    """Forward pre-hook: ``use_cache=False`` in a training forward of a transformers model.
+
+    NOTE: only when a gradient is recorded, as transformers' own gradient checkpointing does: a
+    train-mode forward under ``no_grad`` or ``inference_mode`` (sampling between training steps
+    without ``model.eval()``) recomputes nothing and keeps its KV cache (without it, a decode loop
+    that feeds ``past_key_values`` back computed each new token without its context).
+    """
+    if module.training and torch.is_grad_enabled():
         kwargs["use_cache"] = False
     return args, kwargs
 
