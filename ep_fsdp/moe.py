@@ -19,7 +19,7 @@ from .dispatch._comm import token_offset
 from .experts import GroupedExperts, SharedExperts
 from .placement import ExpertPlacement
 from .router import Router
-from .selection import capacity, capacity_keep
+from .selection import capacity, capacity_keep, random_salt
 
 __all__ = ["MoE", "moe_aux_loss", "moe_layers", "set_aux_loss_scale"]
 
@@ -110,13 +110,14 @@ class MoE(nn.Module):
         tokens = x.reshape(-1, cfg.dim)  # [T, D]
         T = tokens.shape[0]
         token_index, salt = None, None
-        if self.training and cfg.expert_dropout > 0:
-            # NOTE: the mask hashes the global token index with a per-forward salt drawn from the
-            # default generator (seeded alike on every rank; checkpoint recomputation restores it).
+        if self.training and (cfg.expert_dropout > 0 or cfg.jitter_eps > 0):
+            # NOTE: expert dropout's mask and the jitter noise hash the global token index with a
+            # per-forward salt drawn from the default generator (seeded alike on every rank;
+            # checkpoint recomputation restores it).
             offset = (token_offset(T, tokens.device, self.stats_group) if self.token_offset is None
                       else torch.tensor(self.token_offset, device=tokens.device))
             token_index = offset + torch.arange(T, device=tokens.device)  # [T] global token index
-            salt = tuple(int(v) for v in torch.randint(0, 2**31 - 1, (2,)).tolist())
+            salt = random_salt()
         route = self.router(tokens, token_index=token_index, dropout_salt=salt)  # weights/ids [T, k]
         slots = expert_counts(route.expert_ids, cfg.num_experts)  # [E] logical, selected
         keep = None

@@ -16,9 +16,12 @@ from torch.autograd.function import once_differentiable
 
 from ._blocks import row_blocks
 from .config import MoEConfig
-from .selection import expert_dropout_mask, group_limited_mask
+from .selection import expert_dropout_mask, group_limited_mask, jitter_noise, random_salt
 
 __all__ = ["Router", "RouterOutput", "balancing_stats", "balancing_losses"]
+
+# XOR-ed into a forward's salt for the jitter noise (below 2**31, as salts are)
+_JITTER_SALT = (0x5BD1E995, 0x1B873593)
 
 
 @dataclass
@@ -140,12 +143,19 @@ class Router(nn.Module):
     def forward(
         self, x: torch.Tensor, *, token_index: torch.Tensor | None = None, dropout_salt: tuple[int, int] | None = None
     ) -> RouterOutput:
-        """Route ``x [T, D]``. ``token_index [T]`` (global token indices) and ``dropout_salt``
-        drive expert dropout, applied in training mode when ``expert_dropout > 0`` and both are given."""
+        """Route ``x [T, D]``. ``token_index [T]`` (global token indices) and ``dropout_salt`` (the
+        forward's salt) drive expert dropout, applied in training mode when ``expert_dropout > 0``
+        and both are given, and the jitter noise (``jitter_eps > 0``; without them: this call's
+        token positions and a salt drawn from the default generator)."""
         cfg = self.config
         if self.training and cfg.jitter_eps > 0:
-            x32 = x.float()  # [T, D]
-            x = x32 * torch.empty_like(x32).uniform_(1.0 - cfg.jitter_eps, 1.0 + cfg.jitter_eps)
+            # NOTE: noise keyed on the global token index (see jitter_noise): drawn from the
+            # default generator, seeded alike on every rank, every data-parallel rank would
+            # multiply its t-th token by the same noise, and none like the unparallelized model
+            index = token_index if token_index is not None else torch.arange(x.shape[0], device=x.device)
+            salt = dropout_salt if dropout_salt is not None else random_salt()
+            salt = (salt[0] ^ _JITTER_SALT[0], salt[1] ^ _JITTER_SALT[1])  # independent of expert dropout's mask
+            x = x.float() * jitter_noise(index, x.shape[1], cfg.jitter_eps, salt)  # [T, D]
         logits = float32_logits(x, self.gate.weight)  # [T, E]
         if cfg.temperature != 1.0:
             logits = logits / cfg.temperature

@@ -15,7 +15,7 @@ import torch
 
 from .dispatch._ops import expert_counts
 
-__all__ = ["group_limited_mask", "expert_dropout_mask", "capacity", "capacity_keep"]
+__all__ = ["group_limited_mask", "expert_dropout_mask", "jitter_noise", "random_salt", "capacity", "capacity_keep"]
 
 _M32 = (1 << 32) - 1
 
@@ -60,6 +60,41 @@ def expert_dropout_mask(token_index: torch.Tensor, num_experts: int, p: float, s
     key = (token_index.long()[:, None] * num_experts + experts) & _M32  # [T, E]
     h = _mix32(_mix32(key ^ salt[0]) ^ salt[1])  # [T, E] uniform in [0, 2**32)
     return h < int(p * 2**32)
+
+
+def random_salt() -> tuple[int, int]:
+    """Two ints below 2**31 from the default generator: one forward's salt for the hashes above
+    (seeded alike on every rank, and restored by activation checkpointing's recomputation)."""
+    return tuple(int(v) for v in torch.randint(0, 2**31 - 1, (2,)).tolist())  # type: ignore[return-value]
+
+
+def _unit(h: torch.Tensor) -> torch.Tensor:
+    """32-bit hashes -> float32 in ``[0, 1)``."""
+    return (h.double() * (1.0 / 2**32)).float()
+
+
+def jitter_noise(token_index: torch.Tensor, dim: int, eps: float, salt: tuple[int, int]) -> torch.Tensor:
+    """``[T, dim]`` float32 multiplicative noise, uniform in ``[1 - eps, 1 + eps]``, a function of
+    (global token index, feature, ``salt``): like :func:`expert_dropout_mask`, the same token gets
+    the same noise whichever rank holds it, and data-parallel ranks get different noise.
+
+    Element ``(t, d)`` is ``frac(a_t * f_d + b_t)`` scaled to the interval, where ``a_t, b_t`` are
+    hashes of the token (uniform in ``[0, 1)``) and ``f_d`` a hash of the feature in ``[1, 1024)``:
+    uniform for every element (``b_t`` is), and the features of one token decorrelated by their
+    different frequencies. Hashing every ``(t, d)`` pair instead took ~50 ms for ``[4096, 256]``
+    on CPU, against ~3 ms here (about what ``uniform_`` takes).
+
+    NOTE: one float32 multiply, add, floor and subtract per element, each rounded once, so an
+    element's value does not depend on its position in the batch (vectorized body or scalar tail).
+    """
+    tok = token_index.long() & _M32  # [T]
+    a = _unit(_mix32(_mix32(tok ^ salt[0]) ^ salt[1]))  # [T]
+    b = _unit(_mix32(_mix32(tok ^ salt[1]) ^ salt[0]))  # [T]
+    freq = 1.0 + 1023.0 * _unit(_mix32(torch.arange(dim, device=token_index.device) ^ salt[0]))  # [D]
+    u = torch.mul(a[:, None], freq)  # [T, D]
+    u = torch.add(u, b[:, None])
+    u = torch.sub(u, u.floor())  # [T, D] in [0, 1)
+    return torch.add(torch.mul(u, 2.0 * eps), 1.0 - eps)
 
 
 def capacity(capacity_factor: float, tokens: int, top_k: int, num_experts: int) -> int:

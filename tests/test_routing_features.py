@@ -1,5 +1,5 @@
 """Modern routing in ep_fsdp.MoE (shared experts, group-limited routing, bias updates, capacity,
-expert dropout): three training steps of the parallel model against the unparallelized one on the
+expert dropout, input jitter): three training steps of the parallel model against the unparallelized one on the
 same global batches, on (1,1), (2,2), (1,4), (4,1): the loss and every full gradient at each step,
 the parameters after the last AdamW step (float32, 1e-5 relative) and the expert bias (exactly).
 
@@ -29,8 +29,10 @@ FEATURES = {
     "bias": dict(expert_bias=True, bias_update_rate=0.01, **NO_AUX),
     "capacity": dict(capacity_factor=1.0, **NO_AUX),
     "dropout": dict(expert_dropout=0.3),
+    "jitter": dict(jitter_eps=0.3),
     "all": dict(num_shared_experts=1, num_expert_groups=4, num_limited_groups=2, score_func="sigmoid",
-                expert_bias=True, bias_update_rate=0.01, capacity_factor=1.0, expert_dropout=0.2, **NO_AUX),
+                expert_bias=True, bias_update_rate=0.01, capacity_factor=1.0, expert_dropout=0.2, jitter_eps=0.1,
+                **NO_AUX),
 }
 ROWS = 4  # sequences per rank
 

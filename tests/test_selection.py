@@ -8,7 +8,7 @@ import torch
 
 import ep_fsdp
 from ep_fsdp import MoE, MoEConfig
-from ep_fsdp.selection import capacity, capacity_keep, expert_dropout_mask, group_limited_mask
+from ep_fsdp.selection import capacity, capacity_keep, expert_dropout_mask, group_limited_mask, jitter_noise
 
 
 def test_group_limited_mask_keeps_the_best_groups():
@@ -54,6 +54,23 @@ def test_expert_dropout_mask_depends_on_the_global_index_only():
     assert torch.equal(whole[300:700], part)  # the same token has the same mask on any rank
     assert abs(whole.float().mean().item() - 0.25) < 0.02
     assert not torch.equal(whole, expert_dropout_mask(torch.arange(1000), 8, 0.25, (12346, 678)))
+
+
+def test_jitter_noise_depends_on_the_global_index_only():
+    """The same token gets bitwise the same noise in any batch (whichever rank holds it, at any
+    position); the noise fills [1 - eps, 1 + eps] evenly, differs between tokens and between a
+    token's features, and changes with the salt."""
+    index = torch.arange(1000, 1000 + 4099)  # an odd count: the vectorized body and the scalar tail both run
+    noise = jitter_noise(index, 37, 0.25, (11, 22))  # [T, 37]
+    assert torch.equal(jitter_noise(index[1001:1005], 37, 0.25, (11, 22)), noise[1001:1005])
+    assert torch.equal(jitter_noise(index.flip(0), 37, 0.25, (11, 22)), noise.flip(0))
+    assert noise.dtype == torch.float32 and float(noise.min()) >= 0.75 and float(noise.max()) <= 1.25
+    u = ((noise - 0.75) / 0.5).flatten()  # uniform in [0, 1)
+    assert abs(float(u.mean()) - 0.5) < 0.01 and abs(float(u.var()) - 1 / 12) < 0.005
+    assert torch.histc(u, bins=10, min=0, max=1).div(u.numel()).sub(0.1).abs().max() < 0.01
+    assert abs(float(torch.corrcoef(noise[:, :2].T)[0, 1])) < 0.05  # two features of the same tokens
+    assert abs(float(torch.corrcoef(torch.stack([noise[:-1, 0], noise[1:, 0]]))[0, 1])) < 0.05  # neighbour tokens
+    assert not torch.equal(jitter_noise(index, 37, 0.25, (11, 23)), noise)
 
 
 def test_expert_dropout_changes_training_routing_only():
