@@ -16,7 +16,7 @@ from torch.autograd.function import once_differentiable
 
 from ._blocks import row_blocks
 from .config import MoEConfig
-from .selection import expert_dropout_mask, group_limited_mask, jitter_noise, random_salt
+from .selection import Salt, expert_dropout_mask, group_limited_mask, jitter_noise, random_salt
 
 __all__ = ["Router", "RouterOutput", "balancing_stats", "balancing_losses"]
 
@@ -141,7 +141,7 @@ class Router(nn.Module):
                 self.expert_bias.zero_()
 
     def forward(
-        self, x: torch.Tensor, *, token_index: torch.Tensor | None = None, dropout_salt: tuple[int, int] | None = None
+        self, x: torch.Tensor, *, token_index: torch.Tensor | None = None, dropout_salt: Salt | None = None
     ) -> RouterOutput:
         """Route ``x [T, D]``. ``token_index [T]`` (global token indices) and ``dropout_salt`` (the
         forward's salt) drive expert dropout, applied in training mode when ``expert_dropout > 0``
@@ -153,8 +153,8 @@ class Router(nn.Module):
             # default generator, seeded alike on every rank, every data-parallel rank would
             # multiply its t-th token by the same noise, and none like the unparallelized model
             index = token_index if token_index is not None else torch.arange(x.shape[0], device=x.device)
-            salt = dropout_salt if dropout_salt is not None else random_salt()
-            salt = (salt[0] ^ _JITTER_SALT[0], salt[1] ^ _JITTER_SALT[1])  # independent of expert dropout's mask
+            salt = torch.as_tensor(dropout_salt if dropout_salt is not None else random_salt(), dtype=torch.long)
+            salt = salt ^ torch.tensor(_JITTER_SALT)  # [2], independent of expert dropout's mask
             x = x.float() * jitter_noise(index, x.shape[1], cfg.jitter_eps, salt)  # [T, D]
         logits = float32_logits(x, self.gate.weight)  # [T, E]
         if cfg.temperature != 1.0:

@@ -19,6 +19,9 @@ __all__ = ["group_limited_mask", "expert_dropout_mask", "jitter_noise", "random_
 
 _M32 = (1 << 32) - 1
 
+# A forward's salt: two ints below 2**31, or a [2] int64 tensor of them (random_salt).
+Salt = tuple[int, int] | torch.Tensor
+
 
 def group_limited_mask(select: torch.Tensor, num_groups: int, num_limited: int) -> torch.Tensor:
     """``[T, E]`` bool: the experts inside each token's best ``num_limited`` groups.
@@ -49,11 +52,12 @@ def _mix32(x: torch.Tensor) -> torch.Tensor:
     return x ^ (x >> 16)
 
 
-def expert_dropout_mask(token_index: torch.Tensor, num_experts: int, p: float, salt: tuple[int, int]) -> torch.Tensor:
+def expert_dropout_mask(token_index: torch.Tensor, num_experts: int, p: float, salt: Salt) -> torch.Tensor:
     """``[T, E]`` bool, True where the (token, expert) score is dropped, with probability ``p``.
 
     A hash of (global token index, expert, ``salt``): the same token gets the same mask whichever
-    rank holds it, so the routing is the same on every layout. ``salt`` (two ints below 2**31)
+    rank holds it, so the routing is the same on every layout. ``salt`` (two ints below 2**31, or
+    an int64 tensor of them: :func:`random_salt`)
     changes the mask from one forward to the next.
     """
     experts = torch.arange(num_experts, device=token_index.device)  # [E]
@@ -62,18 +66,26 @@ def expert_dropout_mask(token_index: torch.Tensor, num_experts: int, p: float, s
     return h < int(p * 2**32)
 
 
-def random_salt() -> tuple[int, int]:
-    """Two ints below 2**31 from the default generator: one forward's salt for the hashes above
-    (seeded alike on every rank, and restored by activation checkpointing's recomputation)."""
-    return tuple(int(v) for v in torch.randint(0, 2**31 - 1, (2,)).tolist())  # type: ignore[return-value]
+@torch.compiler.disable
+def random_salt() -> torch.Tensor:
+    """``[2]`` int64 (CPU), two ints below 2**31 from the default generator: one forward's salt
+    for the hashes above (seeded alike on every rank, and restored by activation checkpointing's
+    recomputation).
+
+    NOTE: drawn eagerly also under ``torch.compile`` (a graph break): traced, the draw ran on the
+    compiled graph's own random stream, so a compiled model dropped other experts than the same
+    model eager. A tensor, not Python ints: a compiled graph would specialize on the ints and
+    recompile for every forward's new salt (then make them symbolic, which inductor's C++ code
+    for the XOR did not compile)."""
+    return torch.randint(0, 2**31 - 1, (2,), dtype=torch.long)
 
 
 def _unit(h: torch.Tensor) -> torch.Tensor:
-    """32-bit hashes -> float32 in ``[0, 1)``."""
-    return (h.double() * (1.0 / 2**32)).float()
+    """32-bit hashes -> float32 in ``[0, 1)``: their top 24 bits, exact in float32."""
+    return (h >> 8).float() * 2.0**-24
 
 
-def jitter_noise(token_index: torch.Tensor, dim: int, eps: float, salt: tuple[int, int]) -> torch.Tensor:
+def jitter_noise(token_index: torch.Tensor, dim: int, eps: float, salt: Salt) -> torch.Tensor:
     """``[T, dim]`` float32 multiplicative noise, uniform in ``[1 - eps, 1 + eps]``, a function of
     (global token index, feature, ``salt``): like :func:`expert_dropout_mask`, the same token gets
     the same noise whichever rank holds it, and data-parallel ranks get different noise.

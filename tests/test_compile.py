@@ -145,3 +145,30 @@ def test_idle_experts_do_not_recompile_the_compiled_experts(pools):
     no rows: each new set recompiled, until dynamo's limit (8), after which the experts ran eagerly."""
     for count in pools(2).run(experts_recompiles, 10):
         assert count <= 1, count  # one recompile for dynamic shapes, then a stable graph
+
+
+def test_compiled_expert_dropout_and_jitter_draw_what_eager_draws():
+    """The per-forward salt is drawn eagerly: traced, it came from the compiled graph's own random
+    stream (other dropped experts than eager, 0.41 apart in the output); and it is a tensor, so a
+    new salt every forward recompiles nothing (as Python ints, the jitter's recompile with
+    symbolic ints produced C++ that did not compile)."""
+    import torch._dynamo.utils as dynamo_utils
+
+    torch._dynamo.reset()
+    dynamo_utils.counters.clear()
+    torch.manual_seed(0)
+    eager = ep_fsdp.MoE(ep_fsdp.MoEConfig(dim=16, hidden_dim=16, num_experts=4, top_k=2, expert_dropout=0.3,
+                                          jitter_eps=0.2))
+    compiled = copy.deepcopy(eager)
+    compiled.compile()
+    x = torch.randn(32, 16)
+    try:
+        for step in range(5):
+            outs = []
+            for model in (eager, compiled):
+                torch.manual_seed(10 + step)  # the same random state for both
+                outs.append(model(x))
+            torch.testing.assert_close(outs[1], outs[0], rtol=1e-5, atol=1e-6)
+        assert dynamo_utils.counters["stats"]["unique_graphs"] <= 3, dict(dynamo_utils.counters["stats"])
+    finally:
+        torch._dynamo.reset()
