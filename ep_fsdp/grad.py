@@ -106,7 +106,7 @@ def clip_grad_norm_(
         if distributed:
             # NOTE: a MAX all-reduce does not carry a NaN through (gloo's result depends on the
             # operands' order), so a NaN travels as a flag next to the maxima
-            packed = torch.cat([acc.nan_to_num(nan=0.0), acc.isnan().any().double().reshape(1)])  # [3]
+            packed = torch.cat([acc.nan_to_num(nan=0.0, posinf=math.inf), acc.isnan().any().double().reshape(1)])  # [3]
             dist.all_reduce(packed, op=dist.ReduceOp.MAX, group=group)
             acc = packed[:2].clone()
             if packed[2] > 0:

@@ -86,11 +86,23 @@ def test_info_command(source):
     ).stdout
     assert "saved on     world_size=4 dp_shard=2 ep=2" in out
     assert "step         2" in out
-    assert ("moe layer    layers.1.feed_forward: E=8 k=2 D=32 H=48 softmax; default placement; "
-            "experts ep0: 0-3, ep1: 4-7") in out
+    # the options a model must be built with (those off their defaults), as a load's mismatch error asks
+    assert ("moe layer    layers.1.feed_forward: E=8 k=2 D=32 H=48 softmax aux_loss_coef=0.01 expert_bias=True; "
+            "default placement; experts ep0: 0-3, ep1: 4-7") in out
     assert f"torch {torch.__version__}" in out
     assert re.search(r"layers\.1\.feed_forward\.experts\.w1\s+float32\s+\[8, 48, 32\]", out)
     assert "on disk" in out
+
+
+def test_info_prints_the_user_metadata(tmp_path):
+    """The configuration a load's mismatch error asks for: the recipes store their train_config in
+    save's metadata, and info prints it (before, it printed four options of each layer only)."""
+    model = make_model()
+    ckpt.save(tmp_path / "c", model, step=3, metadata={"train_config": {"model": {"dim": 32}, "seed": 7}})
+    out = subprocess.run([sys.executable, "-m", "ep_fsdp.checkpoint", "info", str(tmp_path / "c")],
+                         capture_output=True, text=True, check=True).stdout
+    assert 'train_config: {"model": {"dim": 32}, "seed": 7}' in out
+    assert "expert_bias=True" in out and "(unparallelized model)" in out
 
 
 def failing_save(root: str, where: str) -> str:

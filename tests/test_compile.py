@@ -162,13 +162,15 @@ def test_compiled_expert_dropout_and_jitter_draw_what_eager_draws():
     compiled = copy.deepcopy(eager)
     compiled.compile()
     x = torch.randn(32, 16)
+    graphs = []
     try:
-        for step in range(5):
+        for step in range(6):
             outs = []
             for model in (eager, compiled):
                 torch.manual_seed(10 + step)  # the same random state for both
                 outs.append(model(x))
             torch.testing.assert_close(outs[1], outs[0], rtol=1e-5, atol=1e-6)
-        assert dynamo_utils.counters["stats"]["unique_graphs"] <= 3, dict(dynamo_utils.counters["stats"])
+            graphs.append(dynamo_utils.counters["stats"]["unique_graphs"])
+        assert graphs[2] == graphs[-1], graphs  # after one recompile (dynamic shapes), a new salt compiles nothing
     finally:
         torch._dynamo.reset()

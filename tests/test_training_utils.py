@@ -62,18 +62,21 @@ def test_clip_grad_norm_matches_single_process(pools, layout, norm_type):
         assert (r["a2a"] > 0) == (layout[1] > 1)
 
 
-def clip_with_a_nan_on_one_rank(dp_shard: int, ep: int, bad_rank: int, expert: bool) -> dict:
-    """One NaN in one rank's shard of a dense or an expert gradient."""
+def clip_with_a_nan_on_one_rank(dp_shard: int, ep: int, bad_rank: int, expert: bool, bad: float = math.nan) -> dict:
+    """One NaN (or ``bad``) in one rank's shard of a dense or an expert gradient."""
     torch.manual_seed(0)
     model = build("net")
     ep_fsdp.parallelize_moe(model, worker_mesh(dp_shard, ep))
     model(torch.randn(6, 8)).square().mean().backward()
     target = next(p for n, p in model.named_parameters() if ("experts" in n) == expert)
     if dist.get_rank() == bad_rank:
-        target.grad.to_local().view(-1)[0] = float("nan")
+        target.grad.to_local().view(-1)[0] = bad
     out = {}
+    saved = [p.grad.to_local().clone() for p in model.parameters()]
     for norm_type in (2.0, math.inf):
         out[norm_type] = float(ep_fsdp.clip_grad_norm_(model.parameters(), float("inf"), norm_type=norm_type))
+        for p, g in zip(model.parameters(), saved):  # (a non-finite norm scales the gradients by NaN, as in torch)
+            p.grad.to_local().copy_(g)
     try:
         ep_fsdp.clip_grad_norm_(model.parameters(), 1.0, norm_type=math.inf, error_if_nonfinite=True)
         out["raised"] = ""
@@ -89,6 +92,11 @@ def test_a_nan_gradient_on_any_rank_makes_the_norm_nan_everywhere(pools):
         for r in pools(2).run(clip_with_a_nan_on_one_rank, *layout, bad_rank, expert):
             assert math.isnan(r[2.0]) and math.isnan(r[math.inf]), (layout, bad_rank, expert, r)
             assert "total norm of order inf of the gradients is nan" in r["raised"], r
+    # an inf element: the norm is inf everywhere, and error_if_nonfinite raises (the NaN flag's
+    # nan_to_num had turned inf into the largest double, a finite norm)
+    for r in pools(2).run(clip_with_a_nan_on_one_rank, 1, 2, 1, False, math.inf):
+        assert r[2.0] == math.inf and r[math.inf] == math.inf, r
+        assert "total norm of order inf of the gradients is inf" in r["raised"], r
 
 
 def test_clip_grad_norm_takes_what_torch_takes():

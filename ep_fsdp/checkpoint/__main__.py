@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import json
 import pickle
 import sys
 from pathlib import Path
+from typing import Any
 
 import torch
 
+from ..config import MoEConfig
 from ._format import crc32, read_metadata, structure_problem
 from ._safe import safe_metadata_load
 
@@ -33,6 +37,14 @@ def _ranges(ids: list[int]) -> str:
             start = i
         prev = i
     return ",".join(parts)
+
+
+def _non_default_options(config: dict[str, Any]) -> dict[str, Any]:
+    """The recorded MoEConfig options other than the four shown first that differ from their
+    defaults (e.g. ``expert_bias=True``): what a model must be built with to load the checkpoint."""
+    shown = {"num_experts", "top_k", "dim", "hidden_dim", "score_func"}
+    defaults = {f.name: f.default for f in dataclasses.fields(MoEConfig) if f.default is not dataclasses.MISSING}
+    return {k: v for k, v in config.items() if k not in shown and (k not in defaults or defaults[k] != v)}
 
 
 def info(path: Path) -> str:
@@ -84,6 +96,7 @@ def info(path: Path) -> str:
         what = (
             f"E={c.get('num_experts')} {c['experts_class']}" if "experts_class" in c  # a transformers experts module
             else f"E={c.get('num_experts')} k={c.get('top_k')} D={c.get('dim')} H={c.get('hidden_dim')} {c.get('score_func')}"
+            + "".join(f" {k}={v!r}" for k, v in _non_default_options(c).items())
         )
         ranks = (rec.get("placement") or {}).get("ranks")
         if ranks is not None:
@@ -91,6 +104,10 @@ def info(path: Path) -> str:
             off = sum(r != e // G for e, r in enumerate(ranks))
             what += "; default placement" if off == 0 else f"; {off} of {len(ranks)} experts off their default rank"
         lines.append(f"moe layer    {name}: {what}; experts {owners}")
+    user = meta.get("user") or {}
+    if user:  # e.g. the recipes' train_config: the configuration to build the model with
+        lines.append("user metadata (save(..., metadata=...)):")
+        lines += [f"  {key}: {json.dumps(value, sort_keys=True, default=str)}" for key, value in user.items()]
     width = max(len(k) for k in params) if params else 0
     lines.append("tensors:")
     for key, rec in params.items():
