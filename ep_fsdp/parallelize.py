@@ -65,9 +65,11 @@ def parallelize_moe(
     dispatch_chunks: int = 1,
     dispatch_dtype: torch.dtype | None = None,
 ) -> nn.Module:
-    """Apply expert parallelism and FSDP2 to every :class:`ep_fsdp.MoE` in ``model``, in place.
+    """Apply expert parallelism and FSDP2 to ``model`` in place: every :class:`ep_fsdp.MoE` and every
+    experts module of the transformers contract (see docs/transformers.md) it contains.
 
-    What it does, in order:
+    What it does, in order (for a transformers experts module the same steps, with its own
+    parameters in place of ``w1/w3/w2`` and its block's router):
 
     1. Each MoE layer gets an :class:`~ep_fsdp.placement.ExpertPlacement` (contiguous blocks: ep
        rank ``r`` holds experts ``[r*E/ep, (r+1)*E/ep)``) and a token dispatcher over the ``ep``
@@ -100,7 +102,7 @@ def parallelize_moe(
     same initial weights when the model is built on a real device (same seed), as with FSDP2 itself.
 
     Args:
-        model: any ``nn.Module`` containing ``ep_fsdp.MoE`` layers.
+        model: any ``nn.Module`` containing ``ep_fsdp.MoE`` layers or transformers experts modules.
         mesh: 2-D ``DeviceMesh`` with dims ``("dp_shard", "ep")`` (see :func:`ep_fsdp.build_mesh`).
         mp_policy: FSDP2 mixed precision (``param_dtype``, ``reduce_dtype``); default full precision.
         reshard_after_forward: free unsharded parameters after forward (ZeRO-3) or keep them

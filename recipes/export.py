@@ -29,7 +29,12 @@ def main() -> None:
     path = args.checkpoint or ckpt.latest(args.output_dir / "checkpoints")
     if path is None:
         p.error(f"no complete checkpoint under {args.output_dir / 'checkpoints'}")
-    out = ckpt.export_safetensors(path, args.out, max_shard_bytes=int(args.max_shard_gb * 1024**3))
+    if not args.max_shard_gb > 0:
+        p.error(f"--max-shard-gb must be > 0, got {args.max_shard_gb}")
+    try:
+        out = ckpt.export_safetensors(path, args.out, max_shard_bytes=int(args.max_shard_gb * 1024**3))
+    except (OSError, ValueError) as e:  # not a checkpoint, or --out exists: said, not a traceback
+        p.error(str(e))
     meta = ckpt.read_metadata(path)
     user = meta.get("user") or {}
     if "train_config" in user:

@@ -1,7 +1,7 @@
 """Sample text from a training checkpoint in one process (no torchrun), to see what the model learned.
 
     python recipes/generate.py --output-dir outputs/tiny --prompt "def " --max-new-tokens 300
-    python recipes/generate.py --hf-dir outputs/qwen3/hf      # an export of a transformers model
+    python recipes/generate.py --hf-dir outputs/qwen3-ft/hf   # an export of a transformers model
 
 With ``--hf-dir`` the directory is loaded by transformers itself (``from_pretrained``).
 """
@@ -68,10 +68,15 @@ def main() -> None:
     p.add_argument("--top-k", type=int, default=40)
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args()
+    if args.max_new_tokens < 0:
+        p.error(f"--max-new-tokens must be >= 0, got {args.max_new_tokens}")
     if args.hf_dir is not None:
         from transformers import AutoModelForCausalLM
 
-        model = AutoModelForCausalLM.from_pretrained(args.hf_dir).eval()
+        if not (args.hf_dir / "config.json").is_file():  # (transformers would take the name for a hub repo)
+            p.error(f"--hf-dir {args.hf_dir} is not a local model directory (no config.json); pass the directory "
+                    "recipes/export.py wrote, e.g. outputs/qwen3-ft/hf")
+        model = AutoModelForCausalLM.from_pretrained(args.hf_dir, local_files_only=True).eval()
         text = sample(model, args.prompt.encode(), args.max_new_tokens, args.temperature, args.top_k, args.seed)
         print(f"# {args.hf_dir} (transformers {type(model).__name__})")
         print(text.decode("utf-8", errors="replace"))
@@ -79,7 +84,10 @@ def main() -> None:
     path = args.checkpoint or ckpt.latest(args.output_dir / "checkpoints")
     if path is None:
         p.error(f"no complete checkpoint under {args.output_dir / 'checkpoints'}")
-    saved = ckpt.read_metadata(path)
+    try:
+        saved = ckpt.read_metadata(path, api="--checkpoint" if args.checkpoint else "--output-dir")
+    except (OSError, ValueError) as e:  # not a checkpoint: said, not a traceback
+        p.error(str(e))
     user = saved.get("user") or {}
     if saved.get("transformers"):  # a transformers model trained by train.py (model.hf_path)
         model = transformers_model(saved["transformers"]["config"])

@@ -40,6 +40,10 @@ from ep_fsdp.models import MoETransformer, TransformerConfig  # noqa: E402
 from train_config import JobConfig, load_config  # noqa: E402
 
 
+class UsageError(Exception):
+    """A bad flag, config value or path: reported as one line naming it (no traceback), exit code 2."""
+
+
 def parse_args(argv: list[str] | None = None) -> tuple[JobConfig, Path, int | None]:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", type=Path, default=Path(__file__).resolve().parent / "configs" / "tiny.toml")
@@ -67,7 +71,17 @@ def parse_args(argv: list[str] | None = None) -> tuple[JobConfig, Path, int | No
                       ("checkpoint_every", "checkpoint.every")):
         if getattr(args, flag) is not None:
             overrides.append(f"{key}={getattr(args, flag)}")
-    return load_config(args.config, overrides), args.output_dir, args.stop_after, args.resume_from
+    try:
+        cfg = load_config(args.config, overrides)
+        cfg.model.moe.moe_config(cfg.model.dim)  # MoEConfig's own checks, now rather than at build time
+    except (OSError, ValueError) as e:  # (tomllib's TOMLDecodeError is a ValueError)
+        what = f"--config {args.config}: " if isinstance(e, OSError) or type(e).__name__ == "TOMLDecodeError" else ""
+        message = str(e).replace("MoEConfig.", "model.moe.")  # the config's name for the same option
+        p.error(f"{what}{message} (see docs/recipes.md for the keys and flags)")
+    if args.resume_from is not None and not args.resume_from.is_dir():
+        p.error(f"--resume-from {args.resume_from} is not a directory; pass a checkpoint directory "
+                "(e.g. <output-dir>/checkpoints/step_00000300), or leave it out to resume from the newest one")
+    return cfg, args.output_dir, args.stop_after, args.resume_from
 
 
 # ----------------------------------------------------------------------------------------- setup
@@ -270,7 +284,7 @@ def claim_output_dir(out: Path, rank: int) -> Any:
     verdict = [error]
     dist.broadcast_object_list(verdict, src=0)
     if verdict[0] is not None:
-        raise RuntimeError(f"train: {verdict[0]}.")
+        raise UsageError(f"{verdict[0]}.")
     return handle
 
 
@@ -418,11 +432,15 @@ def main(argv: list[str] | None = None) -> None:
     job_lock = claim_output_dir(out, rank)  # before any work: a bad or busy directory fails every rank now
     t = cfg.train
     ep = cfg.parallel.ep
-    mesh = ep_fsdp.build_mesh(ep=ep, dp_shard=cfg.parallel.dp_shard or None, device_type=device.type)
+    try:
+        mesh = ep_fsdp.build_mesh(ep=ep, dp_shard=cfg.parallel.dp_shard or None, device_type=device.type)
+    except ValueError as e:
+        raise UsageError(f"--ep {ep} --dp-shard {cfg.parallel.dp_shard or 'auto'} (parallel.ep, parallel.dp_shard) "
+                         f"do not fit this job of {world} processes: {e}") from e
     if t.global_batch_size % (world * t.grad_accum_steps) != 0:
-        raise ValueError(
+        raise UsageError(
             f"train.global_batch_size={t.global_batch_size} must be divisible by world_size * grad_accum_steps "
-            f"= {world} * {t.grad_accum_steps}; change one of them."
+            f"= {world} * {t.grad_accum_steps}; change one of them (--set train.global_batch_size=N)."
         )
 
     # model, optimizer, schedule
@@ -635,6 +653,9 @@ def main(argv: list[str] | None = None) -> None:
         pending.pop().wait()
     if rank == 0 and start_step >= t.steps:
         print(f"nothing to do: the newest checkpoint is already at step {start_step} of {t.steps}", flush=True)
+    elif rank == 0 and last_step < t.steps:
+        print(f"stopped after {last_step - start_step} steps (--stop-after), at step {last_step} of {t.steps}; "
+              f"saved {ckpt_dir / f'step_{last_step:08d}'}: run the same command again to continue", flush=True)
     metrics.close()
     dist.barrier()
     dist.destroy_process_group()
@@ -643,6 +664,11 @@ def main(argv: list[str] | None = None) -> None:
 if __name__ == "__main__":
     try:
         main()
+    except UsageError as e:
+        # NOTE: one line per rank, no traceback (every rank finds the same problem); exit code 2, as
+        # argparse's. Under torchrun --max-restarts it is still retried: torchrun restarts on any failure.
+        print(f"train.py: error (rank {dist.get_rank() if dist.is_initialized() else 0}): {e}", file=sys.stderr)
+        exit_process(2)
     except BaseException as e:  # DCP's CheckpointException is a BaseException
         if isinstance(e, (KeyboardInterrupt, SystemExit)) or not is_peer_failure(e):
             raise

@@ -368,8 +368,10 @@ def test_bad_or_busy_output_directory_fails_every_rank_before_any_work(tmp_path)
                    *FAST, "--ep", "2")
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=TIMEOUT, cwd=ROOT)
     assert proc.returncode != 0 and "step " not in proc.stdout
-    for r in (0, 1):
-        assert f"[rank{r}]: RuntimeError: train: --output-dir {target} is a file; pass a directory" in proc.stderr
+    for r in (0, 1):  # one line per rank, no traceback from the worker
+        assert f"train.py: error (rank {r}): --output-dir {target} is a file; pass a directory." in proc.stderr
+    assert 'train.py", line' not in proc.stderr, proc.stderr[-3000:]  # (torchrun's own report follows)
+    assert proc.returncode != 0
     busy = tmp_path / "busy"
     first = subprocess.Popen(torchrun("--nproc-per-node", "1", str(ROOT / "recipes" / "train.py"), "--output-dir",
                                       str(busy), *FAST, "--ep", "1", "--steps", "400"),
@@ -392,6 +394,53 @@ def test_stop_after_must_be_positive(tmp_path):
     proc = subprocess.run([sys.executable, str(ROOT / "recipes" / "train.py"), "--output-dir", str(tmp_path),
                            "--stop-after", "0"], capture_output=True, text=True, timeout=60, cwd=ROOT)
     assert proc.returncode == 2 and "--stop-after must be a positive number of steps, got 0" in proc.stderr
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--steps", "0"], "train.py: error: train.steps must be >= 1, got 0."),
+    (["--set", "model.moe.top_k=20"], "train.py: error: model.moe.top_k must be in 1..num_experts=8"),
+    (["--set", "nosuch.key=1"], "train.py: error: config: unknown key(s) ['nosuch']"),
+    (["--config", "/nonexistent.toml"], "train.py: error: --config /nonexistent.toml: [Errno 2] No such file"),
+    (["--resume-from", "/nonexistent"], "train.py: error: --resume-from /nonexistent is not a directory"),
+])
+def test_bad_flags_and_config_values_are_one_line_errors(tmp_path, args, message):
+    """Named like the flag or config key the user wrote, before any process group starts; no traceback."""
+    proc = subprocess.run([sys.executable, str(ROOT / "recipes" / "train.py"), "--output-dir", str(tmp_path), *args],
+                          capture_output=True, text=True, timeout=60, cwd=ROOT)
+    assert proc.returncode == 2 and message in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+
+
+@pytest.mark.parametrize("script,args,message", [
+    ("export.py", ["--checkpoint", "/nonexistent", "--out", "OUT"], "export.py: error: export_safetensors: checkpoint "
+     "/nonexistent does not exist"),
+    ("export.py", ["--checkpoint", "CKPT", "--out", "OUT", "--max-shard-gb", "0"], "--max-shard-gb must be > 0, got 0.0"),
+    ("generate.py", ["--checkpoint", "/nonexistent"], "generate.py: error: --checkpoint: checkpoint /nonexistent does "
+     "not exist"),
+    ("generate.py", ["--hf-dir", "OUT"], "is not a local model directory (no config.json)"),  # (not a hub repo name)
+    ("generate.py", ["--checkpoint", "CKPT", "--max-new-tokens", "-5"], "--max-new-tokens must be >= 0, got -5"),
+    ("plot.py", ["/nonexistent/metrics.jsonl"], "plot.py: error: /nonexistent/metrics.jsonl is not a file"),
+])
+def test_recipe_mistakes_are_one_line_errors(tmp_path, script, args, message):
+    args = [a.replace("OUT", str(tmp_path / "out")).replace("CKPT", str(tmp_path)) for a in args]
+    proc = subprocess.run([sys.executable, str(ROOT / "recipes" / script), *args], capture_output=True, text=True,
+                          timeout=120, cwd=ROOT)
+    assert proc.returncode == 2 and message in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+
+
+def test_device_check_prints_its_help():
+    proc = subprocess.run([sys.executable, str(ROOT / "recipes" / "benchmarks" / "device_check.py"), "--help"],
+                          capture_output=True, text=True, timeout=60, cwd=ROOT)
+    assert proc.returncode == 0 and "One-process check of the accelerator path" in proc.stdout
+
+
+def test_a_layout_that_does_not_fit_the_job_names_the_flags(tmp_path):
+    cmd = torchrun("--nproc-per-node", "2", str(ROOT / "recipes" / "train.py"), "--output-dir", str(tmp_path),
+                   *FAST, "--ep", "3")
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=TIMEOUT, cwd=ROOT)
+    assert proc.returncode != 0 and "step " not in proc.stdout
+    for r in (0, 1):
+        assert (f"train.py: error (rank {r}): --ep 3 --dp-shard auto (parallel.ep, parallel.dp_shard) do not fit this "
+                "job of 2 processes: build_mesh: ep=3 does not divide world_size=2") in proc.stderr, proc.stderr[-3000:]
 
 
 def test_a_damaged_newest_checkpoint_falls_back_and_is_saved_again(reference, tmp_path):

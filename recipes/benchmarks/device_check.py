@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import argparse
 import os
 import subprocess
 import sys
@@ -434,6 +435,7 @@ def parallel_step_check(device: torch.device) -> None:
 
 
 def main() -> int:
+    argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter).parse_args()
     # NOTE: cuBLAS is deterministic only with this workspace setting (read when a handle is made).
     os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
