@@ -3,6 +3,7 @@ and the export back to a directory transformers loads."""
 
 from __future__ import annotations
 
+import re
 import sys
 from pathlib import Path
 
@@ -119,6 +120,28 @@ def test_hub_tensors_the_model_does_not_use_are_a_warning_for_from_pretrained_lo
         ep_fsdp.hf.load_hub_weights(model, tmp_path / "hub")
     for key, value in model.state_dict().items():  # the shared layers are loaded
         assert torch.equal(value, source[key]), key
+
+
+def test_a_directory_without_an_index_reads_what_transformers_reads(tmp_path):
+    """Without an index: model.safetensors alone when it exists (as transformers), not the last
+    file in name order (a model_ema.safetensors of zeros was loaded, silently); with no
+    model.safetensors, a tensor in two files is an error naming both."""
+    from safetensors.torch import load_file, save_file
+
+    hub = tmp_path / "hub"
+    _tiny().save_pretrained(hub)
+    source = load_file(hub / "model.safetensors")
+    save_file({k: torch.zeros_like(v) for k, v in source.items()}, hub / "model_ema.safetensors", metadata={"format": "pt"})
+    model = _tiny()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.zero_()
+    ep_fsdp.checkpoint.load_safetensors(model, hub)
+    assert all(torch.equal(v, source[k]) for k, v in model.state_dict().items() if k in source)
+    (hub / "model.safetensors").rename(hub / "a.safetensors")
+    with pytest.raises(ValueError, match=r"is in both a.safetensors and model_ema.safetensors in .*, which has no "
+                                         r"model.safetensors.index.json to say which one to read"):
+        ep_fsdp.checkpoint.load_safetensors(_tiny(), hub)
 
 
 def _step(model: torch.nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor) -> float:
@@ -249,3 +272,71 @@ def auto_dtype(directory: str) -> str:
 
 def test_from_pretrained_auto_dtype_is_the_configs(pools, hub_dirs):
     assert pools(1).run(auto_dtype, hub_dirs["qwen3_moe"])[0] == "torch.float32"
+
+
+def float16_dtypes(directory: str) -> dict:
+    """Every parameter's dtype after from_pretrained in float16 (ep = 2), and transformers' own."""
+    from transformers import AutoModelForCausalLM
+
+    model = ep_fsdp.hf.from_pretrained(directory, worker_mesh(1, 2), torch_dtype=torch.float16)
+    ref = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float16)
+    ours = {n: str(p.dtype) for n, p in model.named_parameters()}
+    return {"ours": ours, "ref": {n: str(p.dtype) for n, p in ref.named_parameters() if n in ours}}
+
+
+def test_float16_keeps_what_transformers_keeps_in_float32(pools, hub_dirs):
+    """GPT-OSS keeps its norms in float32 under float16 (_keep_in_fp32_modules): the model built on
+    meta lost that list, and the norms were rounded to float16 (logits 5e-4 off transformers')."""
+    r = pools(2).run(float16_dtypes, hub_dirs["gpt_oss"])[0]
+    assert r["ours"] == r["ref"], {n: (d, r["ref"][n]) for n, d in r["ours"].items() if d != r["ref"][n]}
+    assert "torch.float32" in r["ours"].values() and "torch.float16" in r["ours"].values()
+
+
+def test_a_failed_transformers_export_leaves_no_partial_directory(tmp_path, monkeypatch):
+    """As the plain export: a write error half-way (here the second file) removes .NAME.partial,
+    which held up to the model's size of orphaned files."""
+    from ep_fsdp.hf import _export
+
+    ep_fsdp.checkpoint.save(tmp_path / "ck", _tiny(), step=0)
+    real, calls = _export.save_file, []
+
+    def full_disk(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise OSError(28, "No space left on device")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(_export, "save_file", full_disk)
+    with pytest.raises(OSError, match="No space left"):
+        ep_fsdp.checkpoint.export_safetensors(tmp_path / "ck", tmp_path / "hf", max_shard_bytes=30_000)
+    assert len(calls) == 2 and sorted(p.name for p in tmp_path.iterdir()) == ["ck"]
+
+
+def test_expert_and_index_mismatches_name_what_is_wrong(tmp_path):
+    """An expert the model does not have is named (the message listed the first 8 experts found,
+    which all looked right); an index naming the wrong file for a tensor names the file and the
+    index (safetensors' error named neither)."""
+    import json
+
+    from safetensors.torch import load_file, save_file
+
+    hub = tmp_path / "hub"
+    _tiny().save_pretrained(hub)
+    tensors = load_file(hub / "model.safetensors")
+    extra = "model.layers.0.mlp.experts.8.gate_proj.weight"
+    tensors[extra] = tensors["model.layers.0.mlp.experts.0.gate_proj.weight"].clone()
+    save_file(tensors, hub / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(ValueError, match=r"has 8 experts; for 'mlp.experts.\*.gate_proj.weight' the files hold "
+                                         r"experts beyond them \[8\]"):
+        ep_fsdp.checkpoint.load_safetensors(_tiny(), hub)
+
+    sharded = tmp_path / "sharded"
+    _tiny().save_pretrained(sharded, max_shard_size="100KB")
+    index = json.loads((sharded / "model.safetensors.index.json").read_text())
+    files = sorted(set(index["weight_map"].values()))
+    key = next(k for k, f in index["weight_map"].items() if f != files[0] and ".experts." in k)
+    index["weight_map"][key] = files[0]
+    (sharded / "model.safetensors.index.json").write_text(json.dumps(index))
+    with pytest.raises(ValueError, match=rf"{files[0]} has no tensor '{re.escape(key)}', though the directory's "
+                                         "index maps it there"):
+        ep_fsdp.checkpoint.load_safetensors(_tiny(), sharded)

@@ -215,11 +215,14 @@ def read_weight_map(index_file: Path, api: str) -> dict[str, str]:
 
 def hub_weight_map(directory: Path, api: str = "from_pretrained") -> dict[str, str]:
     """``{tensor name: file name}`` of a hub-format directory: its index (checked, see
-    :func:`read_weight_map`), or else the tensors of every ``*.safetensors`` file in it."""
+    :func:`read_weight_map`); else ``model.safetensors`` alone when it exists (what transformers
+    reads then); else the tensors of every ``*.safetensors`` file in it, a name in two files being
+    an error (which one is meant is not said anywhere)."""
     index_file = directory / INDEX_FILE
     if index_file.is_file():
         return read_weight_map(index_file, api)
-    files = sorted(directory.glob("*.safetensors"))
+    single = directory / "model.safetensors"
+    files = [single] if single.is_file() else sorted(directory.glob("*.safetensors"))
     if not files:
         raise FileNotFoundError(
             f"{api}: {directory} has no {INDEX_FILE} and no *.safetensors file; pass a directory written by "
@@ -228,7 +231,13 @@ def hub_weight_map(directory: Path, api: str = "from_pretrained") -> dict[str, s
     out: dict[str, str] = {}
     for f in files:
         with safe_open(f, framework="pt") as h:
-            out.update({k: f.name for k in h.keys()})
+            for key in h.keys():
+                if key in out:
+                    raise ValueError(
+                        f"{api}: tensor {key!r} is in both {out[key]} and {f.name} in {directory}, which has no "
+                        f"{INDEX_FILE} to say which one to read; move the other file out, or write an index."
+                    )
+                out[key] = f.name
     return out
 
 

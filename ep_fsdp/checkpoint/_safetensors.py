@@ -108,6 +108,13 @@ def export_safetensors(
         raise FileExistsError(
             f"export_safetensors: {out_dir} already exists; choose a new directory or remove it first."
         )
+    unsupported = {key: rec["dtype"] for key, rec in meta["params"].items() if rec["dtype"] not in _DTYPES}
+    if unsupported:  # NOTE: refused before anything is written, also for a transformers model
+        raise ValueError(
+            f"export_safetensors: safetensors has no dtype for {len(unsupported)} tensors, e.g. "
+            f"{dict(list(unsupported.items())[:4])}; it stores {sorted(_DTYPES)}. Save those tensors in one "
+            "of these dtypes, or read the checkpoint with ep_fsdp.checkpoint.load."
+        )
     # NOTE: one reader for the whole export: DCP's metadata is unpickled once and every file's
     # CRC32 checked once, over the mappings the tensors are then read from
     with CheckpointReader(checkpoint_path, meta, "export_safetensors") as reader:
@@ -121,13 +128,6 @@ def export_safetensors(
 def _export(reader: CheckpointReader, out_dir: Path, meta: dict[str, Any], max_shard_bytes: int) -> Path:
     """Write ``out_dir`` (via ``.NAME.partial``): the safetensors files of :func:`_plan` and the index."""
     plan = _plan(meta, max_shard_bytes)
-    unsupported = {key: rec["dtype"] for key, rec in meta["params"].items() if rec["dtype"] not in _DTYPES}
-    if unsupported:
-        raise ValueError(
-            f"export_safetensors: safetensors has no dtype for {len(unsupported)} tensors, e.g. "
-            f"{dict(list(unsupported.items())[:4])}; it stores {sorted(_DTYPES)}. Save those tensors in one "
-            "of these dtypes, or read the checkpoint with ep_fsdp.checkpoint.load."
-        )
     tmp = out_dir.with_name(f".{out_dir.name}.partial")
     if tmp.exists():
         shutil.rmtree(tmp)

@@ -55,18 +55,28 @@ def export_hub(checkpoint: Path, out_dir: Path, meta: dict[str, Any], max_shard_
     """Write ``out_dir`` (via ``.NAME.partial``): safetensors in hub keys, index, ``config.json`` and
     ``generation_config.json`` (when recorded). Reads through ``reader`` (opened on ``checkpoint``
     here when not given: the files are checked and DCP's metadata read once for the whole export)."""
-    from transformers import AutoConfig
-    from transformers.core_model_loading import revert_weight_conversion
-
     if reader is None:
         with CheckpointReader(checkpoint, meta, "export_safetensors") as own:
             return export_hub(checkpoint, out_dir, meta, max_shard_bytes, reader=own)
 
-    record = meta["transformers"]
     tmp = out_dir.with_name(f".{out_dir.name}.partial")
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
+    try:
+        return _write_hub(checkpoint, out_dir, tmp, meta, max_shard_bytes, reader)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)  # a failed export leaves nothing behind (up to the model's size)
+        raise
+
+
+def _write_hub(checkpoint: Path, out_dir: Path, tmp: Path, meta: dict[str, Any], max_shard_bytes: int,
+               reader: CheckpointReader) -> Path:
+    """The body of :func:`export_hub`: every file into ``tmp``, renamed to ``out_dir`` when complete."""
+    from transformers import AutoConfig
+    from transformers.core_model_loading import revert_weight_conversion
+
+    record = meta["transformers"]
     (tmp / "config.json").write_text(json.dumps(record["config"], indent=2, sort_keys=True))
     if record.get("generation_config"):
         (tmp / "generation_config.json").write_text(json.dumps(record["generation_config"], indent=2, sort_keys=True))

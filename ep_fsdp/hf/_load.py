@@ -53,7 +53,14 @@ class _Files:
         fname = self.weight_map[key]
         if fname not in self.handles:
             self.handles[fname] = safe_open(self.directory / fname, framework="pt")
-        return self.handles[fname].get_slice(key)
+        try:
+            return self.handles[fname].get_slice(key)
+        except Exception as e:  # noqa: BLE001 - safetensors' own error names neither the file nor the index
+            raise ValueError(
+                f"{self.directory / fname} has no tensor {key!r}, though the directory's index maps it there "
+                f"({type(e).__name__}: {e}); the index does not match the files: write it again "
+                "(save_pretrained or export_safetensors)."
+            ) from e
 
     def shape(self, key: str) -> tuple[int, ...]:
         return tuple(self.slice(key).get_shape())
@@ -206,8 +213,12 @@ def _problems(files: _Files, sources: dict[str, list[tuple[str, str | None]]], b
                 problems.append(f"the per-expert tensors of {key} are {sorted(dtypes)}, the model's {key} is {value.dtype}")
             for pattern, experts in have.items():
                 if experts != set(range(value.shape[0])):
-                    problems.append(f"{key} has {value.shape[0]} experts, the files hold {sorted(experts)[:8]} "
-                                    f"for {pattern!r}")
+                    missing = sorted(set(range(value.shape[0])) - experts)
+                    extra = sorted(experts - set(range(value.shape[0])))
+                    problems.append(f"{key} has {value.shape[0]} experts; for {pattern!r} the files "
+                                    + (f"lack experts {missing[:8]}" if missing else "")
+                                    + (" and " if missing and extra else "")
+                                    + (f"hold experts beyond them {extra[:8]}" if extra else ""))
                 if len(shapes[pattern]) > 1:
                     problems.append(f"the tensors of {pattern!r} have several shapes {sorted(shapes[pattern])[:4]}")
             problems += _stacked_problems(key, tuple(value.shape), converter.operations, patterns,

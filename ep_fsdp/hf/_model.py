@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -26,11 +27,39 @@ def model_class_for(config: Any) -> type:
 
 
 def build_on_meta(config: Any, dtype: torch.dtype) -> nn.Module:
-    """The model of ``config`` with every parameter and buffer on the meta device (nothing allocated)."""
+    """The model of ``config`` with every parameter and buffer on the meta device (nothing allocated),
+    in ``dtype`` except what transformers' ``from_pretrained`` keeps in float32 for that dtype."""
     cls = model_class_for(config)
     with torch.device("meta"):
         model = cls._from_config(config, dtype=dtype)
+    _keep_in_float32(model, dtype)
     return model
+
+
+def _keep_in_float32(model: nn.Module, dtype: torch.dtype) -> None:
+    """Turn the parameters and buffers named by the model's dtype plan to float32, as ``from_pretrained``
+    does: ``_keep_in_fp32_modules`` under float16 (GPT-OSS's norms), ``_keep_in_fp32_modules_strict``
+    under float16 and bfloat16. A name matches a plan entry as transformers matches it (a regex
+    search, ``*`` as ``.*``).
+
+    NOTE: ``_from_config`` alone applies only what the modules create in float32 themselves; the
+    float16 list was lost, and those norms were rounded to float16 (logits 5e-4 off transformers').
+    """
+    plan_of = getattr(model, "_get_dtype_plan", None)
+    plan = plan_of(dtype) if callable(plan_of) else {}
+    keep = [k for k, v in plan.items() if v == torch.float32]
+    if not keep:
+        return
+    pattern = re.compile("|".join(f"(?:{k.replace('*', '.*')})" for k in keep))
+    for mname, module in model.named_modules():
+        for pname, param in list(module.named_parameters(recurse=False)):
+            full = f"{mname}.{pname}" if mname else pname
+            if param.is_floating_point() and param.dtype != torch.float32 and pattern.search(full):
+                module.register_parameter(pname, nn.Parameter(param.detach().float(), requires_grad=param.requires_grad))
+        for bname, buf in list(module.named_buffers(recurse=False)):
+            full = f"{mname}.{bname}" if mname else bname
+            if buf is not None and buf.is_floating_point() and buf.dtype != torch.float32 and pattern.search(full):
+                module.register_buffer(bname, buf.float(), persistent=bname not in module._non_persistent_buffers_set)
 
 
 def init_non_persistent_buffers(model: nn.Module) -> list[str]:
