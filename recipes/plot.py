@@ -64,7 +64,7 @@ def main() -> None:
     p.add_argument("metrics", type=Path, help="path to metrics.jsonl")
     p.add_argument("--out", type=Path, help="PNG path (default: next to metrics.jsonl)")
     args = p.parse_args()
-    if not args.metrics.is_file():
+    if not args.metrics.exists() or args.metrics.is_dir():  # (a pipe, e.g. <(cat ...), is fine)
         p.error(f"{args.metrics} is not a file; pass a run's metrics.jsonl (e.g. outputs/tiny/metrics.jsonl)")
     out = plot(args.metrics, args.out or args.metrics.with_suffix(".png"))
     print(f"wrote {out}")

@@ -73,10 +73,12 @@ def parse_args(argv: list[str] | None = None) -> tuple[JobConfig, Path, int | No
             overrides.append(f"{key}={getattr(args, flag)}")
     try:
         cfg = load_config(args.config, overrides)
-        cfg.model.moe.moe_config(cfg.model.dim)  # MoEConfig's own checks, now rather than at build time
+        if not cfg.model.hf_path:  # (a transformers model's [model.moe] shapes are unused)
+            cfg.model.moe.moe_config(cfg.model.dim)  # MoEConfig's own checks, now rather than at build time
     except (OSError, ValueError) as e:  # (tomllib's TOMLDecodeError is a ValueError)
         what = f"--config {args.config}: " if isinstance(e, OSError) or type(e).__name__ == "TOMLDecodeError" else ""
-        message = str(e).replace("MoEConfig.", "model.moe.")  # the config's name for the same option
+        # the config's names for the same options (MoEConfig's dim is the model's)
+        message = str(e).replace("MoEConfig.dim", "model.dim").replace("MoEConfig.", "model.moe.")
         p.error(f"{what}{message} (see docs/recipes.md for the keys and flags)")
     if args.resume_from is not None and not args.resume_from.is_dir():
         p.error(f"--resume-from {args.resume_from} is not a directory; pass a checkpoint directory "
@@ -616,8 +618,9 @@ def main(argv: list[str] | None = None) -> None:
             routing = ep_fsdp.routing_stats(model)  # since the last logged step; resets the counters
             # per-layer means of the global balancing and z losses of this step's micro-batches
             balance = sum(r["balance_loss"] or 0.0 for r in routing.values()) / len(routing)
-            if cfg.model.hf_path and model.config.router_aux_loss_coef:  # transformers' loss, all layers pooled
-                balance = aux_mean / model.config.router_aux_loss_coef
+            coef = getattr(model.config, "router_aux_loss_coef", None) if cfg.model.hf_path else None
+            if coef:  # transformers' loss, all layers pooled (a family without the coefficient has none)
+                balance = aux_mean / coef
             z = sum(r["z_loss"] or 0.0 for r in routing.values()) / len(routing)
             step_time = time.perf_counter() - step_start
             mem = global_max(peak_memory_mb(device), device)
@@ -654,8 +657,10 @@ def main(argv: list[str] | None = None) -> None:
     if rank == 0 and start_step >= t.steps:
         print(f"nothing to do: the newest checkpoint is already at step {start_step} of {t.steps}", flush=True)
     elif rank == 0 and last_step < t.steps:
+        again = ("run the command again without --resume-from to continue (with it, the run would start from "
+                 "that checkpoint again)" if resume_from is not None else "run the same command again to continue")
         print(f"stopped after {last_step - start_step} steps (--stop-after), at step {last_step} of {t.steps}; "
-              f"saved {ckpt_dir / f'step_{last_step:08d}'}: run the same command again to continue", flush=True)
+              f"saved {ckpt_dir / f'step_{last_step:08d}'}: {again}", flush=True)
     metrics.close()
     dist.barrier()
     dist.destroy_process_group()

@@ -103,6 +103,10 @@ def test_info_prints_the_user_metadata(tmp_path):
                          capture_output=True, text=True, check=True).stdout
     assert 'train_config: {"model": {"dim": 32}, "seed": 7}' in out
     assert "expert_bias=True" in out and "(unparallelized model)" in out
+    ckpt.save(tmp_path / "d", model, step=3, metadata="run-5")  # any JSON value, not only a dict
+    out = subprocess.run([sys.executable, "-m", "ep_fsdp.checkpoint", "info", str(tmp_path / "d")],
+                         capture_output=True, text=True, check=True).stdout
+    assert 'user metadata "run-5"' in out
 
 
 def failing_save(root: str, where: str) -> str:

@@ -340,3 +340,14 @@ def test_expert_and_index_mismatches_name_what_is_wrong(tmp_path):
     with pytest.raises(ValueError, match=rf"{files[0]} has no tensor '{re.escape(key)}', though the directory's "
                                          "index maps it there"):
         ep_fsdp.checkpoint.load_safetensors(_tiny(), sharded)
+
+
+def test_a_tied_lm_head_in_the_float32_list_stays_tied(monkeypatch):
+    """transformers re-ties an lm_head its float32 list names (HYV4 lists lm_head) to the
+    embedding; the meta model had made it a float32 copy, untied and never loaded."""
+    from ep_fsdp.hf._model import build_on_meta, model_class_for
+
+    config = hf_tiny_model.tiny_config("qwen3_moe", tie_word_embeddings=True)
+    monkeypatch.setattr(model_class_for(config), "_keep_in_fp32_modules_strict", ["lm_head"], raising=False)
+    model = build_on_meta(config, torch.bfloat16)
+    assert model.lm_head.weight is model.model.embed_tokens.weight and model.lm_head.weight.dtype == torch.bfloat16

@@ -402,6 +402,7 @@ def test_stop_after_must_be_positive(tmp_path):
     (["--set", "nosuch.key=1"], "train.py: error: config: unknown key(s) ['nosuch']"),
     (["--config", "/nonexistent.toml"], "train.py: error: --config /nonexistent.toml: [Errno 2] No such file"),
     (["--resume-from", "/nonexistent"], "train.py: error: --resume-from /nonexistent is not a directory"),
+    (["--set", "model.dim=0"], "train.py: error: model.dim must be"),  # (MoEConfig's dim is the model's)
 ])
 def test_bad_flags_and_config_values_are_one_line_errors(tmp_path, args, message):
     """Named like the flag or config key the user wrote, before any process group starts; no traceback."""
@@ -431,6 +432,17 @@ def test_device_check_prints_its_help():
     proc = subprocess.run([sys.executable, str(ROOT / "recipes" / "benchmarks" / "device_check.py"), "--help"],
                           capture_output=True, text=True, timeout=60, cwd=ROOT)
     assert proc.returncode == 0 and "One-process check of the accelerator path" in proc.stdout
+
+
+def test_a_transformers_run_does_not_check_the_unused_moe_table():
+    """With model.hf_path the [model.moe] shapes are unused; they are not validated as MoEConfig
+    (num_experts=6 with the DeepSeek config's 4 expert groups was refused)."""
+    sys.path.insert(0, str(ROOT / "recipes"))
+    from train import parse_args
+
+    cfg, *_ = parse_args(["--config", str(ROOT / "recipes" / "configs" / "deepseek_v3_tiny.toml"),
+                          "--set", 'model.hf_path="some/dir"', "--set", "model.moe.num_experts=6"])
+    assert cfg.model.hf_path == "some/dir" and cfg.model.moe.num_experts == 6
 
 
 def test_a_layout_that_does_not_fit_the_job_names_the_flags(tmp_path):

@@ -104,10 +104,12 @@ def info(path: Path) -> str:
             off = sum(r != e // G for e, r in enumerate(ranks))
             what += "; default placement" if off == 0 else f"; {off} of {len(ranks)} experts off their default rank"
         lines.append(f"moe layer    {name}: {what}; experts {owners}")
-    user = meta.get("user") or {}
-    if user:  # e.g. the recipes' train_config: the configuration to build the model with
+    user = meta.get("user")
+    if isinstance(user, dict) and user:  # e.g. the recipes' train_config: the configuration to build the model with
         lines.append("user metadata (save(..., metadata=...)):")
         lines += [f"  {key}: {json.dumps(value, sort_keys=True, default=str)}" for key, value in user.items()]
+    elif user is not None:  # any JSON value is allowed
+        lines.append(f"user metadata {json.dumps(user, sort_keys=True, default=str)}")
     width = max(len(k) for k in params) if params else 0
     lines.append("tensors:")
     for key, rec in params.items():

@@ -51,9 +51,17 @@ def _keep_in_float32(model: nn.Module, dtype: torch.dtype) -> None:
     if not keep:
         return
     pattern = re.compile("|".join(f"(?:{k.replace('*', '.*')})" for k in keep))
+    # NOTE: a tied parameter (an lm_head that is the embedding) stays tied and in the model's dtype,
+    # as transformers re-ties it after its float32 list: a float32 copy would be untied and, since
+    # tied keys are not loaded, never filled
+    names: dict[int, int] = {}
+    for _, param in model.named_parameters(remove_duplicate=False):
+        names[id(param)] = names.get(id(param), 0) + 1
     for mname, module in model.named_modules():
         for pname, param in list(module.named_parameters(recurse=False)):
             full = f"{mname}.{pname}" if mname else pname
+            if names[id(param)] > 1:
+                continue
             if param.is_floating_point() and param.dtype != torch.float32 and pattern.search(full):
                 module.register_parameter(pname, nn.Parameter(param.detach().float(), requires_grad=param.requires_grad))
         for bname, buf in list(module.named_buffers(recurse=False)):
