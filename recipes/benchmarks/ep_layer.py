@@ -22,9 +22,11 @@ medians, the slowest rank per step):
   all with ``parallelize_moe``'s default exchange (a token sent at most once to each rank), and
   ``EP, row per expert`` with ``dedup_tokens=False`` (one row per (token, expert): more bytes,
   less index work and one message fewer);
-* the ratio to the reference, the bytes this rank sends per step (rows and records, both
-  directions, from ``routing_stats``), and the share of the step spent waiting on the exchange
-  (time inside collective waits and blocking collectives, from a profile of a few steps);
+* the ratio to the reference, the MiB a rank sends in one forward (``MiB/fwd``: rows and
+  records of the dispatch and the combine, from ``routing_stats``, the mean over ranks; the
+  backward sends the rows' gradients back, about as many again), and the share of the step
+  spent waiting on the exchange (time inside collective waits and blocking collectives, from a
+  profile of a few steps);
 * ``all-to-all alone, same bytes``: the transport by itself, four back-to-back
   ``all_to_all_single`` calls (a forward's two exchanges and their gradients' two) that each send
   half of the ``EP, 1 chunk`` row's bytes, split evenly over the peers, with no other work. Its
@@ -164,7 +166,7 @@ def main() -> None:
         print(f"EP MoE layer forward+backward, ep={world}, {T} tokens per rank, D={D} H={H} E={E} k={k}, "
               f"device={device}, backend={dist.get_backend()}, threads/rank={torch.get_num_threads()}, "
               f"routing={'balanced' if args.balanced else 'random router'}, torch {torch.__version__}")
-        print(f"{'dtype':<10}{'row':<30}{'ms':>9}{'/ no exch.':>11}{'MB sent':>10}{'comm wait':>11}")
+        print(f"{'dtype':<10}{'row':<30}{'ms':>9}{'/ no exch.':>11}{'MiB/fwd':>10}{'comm wait':>11}")
     for name in args.dtypes:
         dtype = getattr(torch, name)
         cfg = ep_fsdp.MoEConfig(dim=D, hidden_dim=H, num_experts=E, top_k=k)
@@ -198,7 +200,7 @@ def main() -> None:
                 candidates[key]()
             stats = ep_fsdp.routing_stats(m, reset=True)
             layer = next(iter(stats.values()))
-            sent[key] = layer["a2a_bytes"] / max(layer["forwards"], 1) / world  # per rank per step
+            sent[key] = layer["a2a_bytes"] / max(layer["forwards"], 1) / world  # per rank, one forward
         bare = "all-to-all alone, same bytes"
         sent[bare] = sent["EP, 1 chunk"]
         candidates[bare] = bare_exchanges(sent[bare], device, sync)

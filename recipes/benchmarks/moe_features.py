@@ -9,8 +9,12 @@
    layer alone; interleaved, medians over ranks' max.
 2. **Group-limited routing.** The same router weights and tokens routed with
    ``num_expert_groups = ep`` (each group is one rank's experts) and ``num_limited_groups = 1``
-   against plain top-k: all-to-all bytes of one forward+backward and the mean number of ranks a
-   token reaches.
+   against plain top-k: the all-to-all bytes of one forward, summed over all ranks (the exchanges'
+   own count, ``routing_stats``' ``a2a_bytes``; the backward sends the rows' gradients back, about
+   as many again), and the mean number of ranks a token reaches.
+
+The timed rows run interleaved, in a new random order every round (``bench_util.shuffled_rounds``,
+the same order on every rank): in a fixed order a row's position alone moved it by up to 10% here.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ import torch.distributed as dist
 import torch.nn as nn
 
 import ep_fsdp
+from bench_util import shuffled_rounds
 from ep_fsdp.launch import exit_process
 from ep_fsdp.experts import SharedExperts
 
@@ -62,6 +67,11 @@ def main() -> None:
     dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=300))
     rank, world = dist.get_rank(), dist.get_world_size()
     D, H, E, T = args.dim, args.hidden_dim, args.experts, args.tokens
+    if E % world or E // world < 2:
+        # (group-limited routing with one group per rank and one group per token needs top_k = 2
+        # experts in a group)
+        raise SystemExit(f"moe_features.py: need --experts divisible by the world size with at least 2 experts "
+                         f"per rank (top_k = 2 inside one rank's group); got experts={E}, world={world}")
     mesh = ep_fsdp.build_mesh(ep=world, device_type="cpu")
     base = dict(dim=D, hidden_dim=H, num_experts=E, top_k=2)
 
@@ -77,9 +87,9 @@ def main() -> None:
     x = torch.randn(T, D, generator=g, requires_grad=True)
     grad = torch.randn(T, D, generator=g)
     times: dict[str, list[float]] = {k: [] for k in models}
-    for i in range(2 + args.repeats):
-        for name, m in models.items():
-            t = timed(m, x, grad)
+    for i, order in shuffled_rounds(list(models), 2 + args.repeats):
+        for name in order:  # interleaved, in a new order each round (the same on every rank)
+            t = timed(models[name], x, grad)
             if i >= 2:
                 times[name].append(t)
     ms = {k: statistics.median(v) * 1e3 for k, v in times.items()}
@@ -110,9 +120,9 @@ def main() -> None:
         hidden = ms["layer, then a separate shared FFN"] - ms["layer + shared expert (overlapped)"]
         print(f"shared FFN cost {shared_cost:.1f} ms; overlapped saves {hidden:.1f} ms "
               f"({ms['layer + shared expert (overlapped)'] / ms['layer, then a separate shared FFN']:.2f}x)")
-        print(f"{'routing':<16}{'a2a MiB':>10}{'ranks/token':>13}")
+        print(f"{'routing':<16}{'fwd a2a MiB, all ranks':>24}{'ranks/token':>13}")
         for name, (nbytes, reach) in routed.items():
-            print(f"{name:<16}{nbytes / 2**20:>10.2f}{reach:>13.2f}")
+            print(f"{name:<16}{nbytes / 2**20:>24.2f}{reach:>13.2f}")
         print(f"group-limited / top-k bytes: {routed['group-limited'][0] / routed['top-k'][0]:.2f}x")
     dist.destroy_process_group()
 
