@@ -101,8 +101,14 @@ class ExpertPlacement:
         if not 0 <= rank < self.ep:
             raise IndexError(f"ExpertPlacement: rank {rank!r} is not in 0..{self.ep - 1} (ep={self.ep}).")
         G = self.experts_per_rank
-        by_row = {p: e for e, p in enumerate(self._physical)}
-        return [by_row[rank * G + g] for g in range(G)]
+        return self.logical_rows()[rank * G:(rank + 1) * G]
+
+    def logical_rows(self) -> list[int]:
+        """The logical expert each storage row ``0..E-1`` holds (the inverse of :meth:`physical`)."""
+        rows = [0] * self.num_experts
+        for expert, row in enumerate(self._physical):
+            rows[row] = expert
+        return rows
 
     def physical_table(self, device: torch.device) -> torch.Tensor:
         """``[E]`` int64 on ``device``: storage row of each logical expert (cached per device)."""

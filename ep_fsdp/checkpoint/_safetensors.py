@@ -225,7 +225,7 @@ def load_safetensors(model: nn.Module, directory: str | os.PathLike[str], *, all
     # storage row p of a layer's expert tensors holds logical expert logical_of[p] (its placement)
     for n, m in layers:
         if not m.placement.is_contiguous():
-            logical_of = sorted(range(m.config.num_experts), key=m.placement.physical)
+            logical_of = m.placement.logical_rows()
             for w in ("w1", "w3", "w2"):
                 key = f"{experts_prefix(n)}.{w}"
                 experts[key] = [experts[key][e] for e in logical_of]
@@ -234,7 +234,7 @@ def load_safetensors(model: nn.Module, directory: str | os.PathLike[str], *, all
     rows_of: dict[str, list[int]] = {}
     for n, m in expert_layers(model):
         if isinstance(m, ExpertParallelExperts) and not m.placement.is_contiguous():
-            logical_of = sorted(range(m.placement.num_experts), key=m.placement.physical)
+            logical_of = m.placement.logical_rows()
             rows_of.update({f"{n}.{p}" if n else p: logical_of for p, _ in m.named_parameters(recurse=False)})
     state = model.state_dict()
     expected = [name for key in state for name in experts.get(key, [key])]

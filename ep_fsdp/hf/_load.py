@@ -28,7 +28,7 @@ from torch.distributed.tensor._utils import compute_local_shape_and_global_offse
 
 from ..checkpoint._format import hub_weight_map
 
-__all__ = ["load_hub_weights", "LoadStats", "hub_weight_map"]  # (hub_weight_map: from checkpoint._format)
+__all__ = ["load_hub_weights", "LoadStats"]
 
 
 
