@@ -32,8 +32,9 @@ class MoEConfig:
         route_scale: multiply the final routing weights by this factor.
         temperature: router logits are divided by this before scoring (``> 0``).
         jitter_eps: while training, the router input is multiplied by uniform noise in
-            ``[1 - eps, 1 + eps]`` (Switch Transformer), a hash of the global token index and the
-            feature (the same on every layout, like expert dropout); 0 disables.
+            ``[1 - eps, 1 + eps]`` (Switch Transformer), a function of the global token index, the
+            feature and the forward's salt (the same on every layout, like expert dropout; see
+            ``ep_fsdp.selection.jitter_noise``); 0 disables.
         aux_loss_coef: weight of the Switch/GShard load-balancing loss ``E * sum_i f_i * P_i``;
             0 disables it.
         z_loss_coef: weight of the router z-loss ``mean(logsumexp(logits) ** 2)``; 0 disables it.
