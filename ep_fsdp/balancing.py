@@ -69,19 +69,18 @@ class RoutingCounters:
     def add_forward(self, counts: torch.Tensor, load: torch.Tensor, a2a_bytes: int,
                     dropped: torch.Tensor | int = 0) -> None:
         counts, load = counts.detach(), load.detach()
-        self.dropped = self.dropped + dropped
-        self.rebalance_load = counts.clone() if self.rebalance_load is None else self.rebalance_load + counts
-        self.tokens_per_expert = counts.clone() if self.tokens_per_expert is None else self.tokens_per_expert + counts
-        self.expert_load = load.clone() if self.expert_load is None else self.expert_load + load
+        self.dropped = _accumulate(self.dropped, dropped) if isinstance(dropped, torch.Tensor) else self.dropped + dropped
+        self.rebalance_load = _accumulate(self.rebalance_load, counts)
+        self.tokens_per_expert = _accumulate(self.tokens_per_expert, counts)
+        self.expert_load = _accumulate(self.expert_load, load)
         self.a2a_bytes += a2a_bytes
         self.forwards += 1
 
     def add_losses(self, values: torch.Tensor) -> None:
         """``values [3]`` float64: balance loss, z-loss, weighted aux loss of one forward."""
-        self.losses = values.clone() if self.losses is None else self.losses + values
+        self.losses = _accumulate(self.losses, values)
         self.loss_forwards += 1
-        aux = values[2]
-        self.pending_aux = aux.clone() if self.pending_aux is None else self.pending_aux + aux
+        self.pending_aux = _accumulate(self.pending_aux, values[2])
         self.pending_forwards += 1
 
     def take_aux(self) -> torch.Tensor | None:
@@ -97,6 +96,20 @@ class RoutingCounters:
         self.tokens_per_expert = self.expert_load = self.losses = None
         self.a2a_bytes = self.forwards = self.loss_forwards = 0
         self.dropped = 0
+
+
+def _accumulate(total: torch.Tensor | int | None, value: torch.Tensor) -> torch.Tensor:
+    """``total + value`` on ``value``'s device (a copy of ``value`` when nothing is there yet).
+
+    NOTE: the totals follow the layer: after ``model.to("cuda")`` following a forward on the CPU
+    (the counters are plain attributes, which ``Module.to`` does not move), the next forward's
+    values are on the GPU and the CPU totals move there (adding across devices raised).
+    """
+    if total is None:
+        return value.clone()
+    if isinstance(total, torch.Tensor) and total.device != value.device:
+        total = total.to(value.device)
+    return total + value
 
 
 @dataclass

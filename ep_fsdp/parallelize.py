@@ -11,7 +11,7 @@ import torch.nn as nn
 from torch.distributed._composable.checkpoint_activation import checkpoint as checkpoint_module
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
-from torch.distributed.fsdp._fully_shard._fsdp_common import FSDPMeshInfo, ShardPlacementResult
+from torch.distributed.fsdp._fully_shard import _fsdp_common
 from torch.distributed.tensor import DTensor, Shard, distribute_tensor
 
 from ._inference_mode import allow_inference_mode_first
@@ -50,6 +50,20 @@ def default_block_filter(name: str, module: nn.Module, parent: nn.Module | None)
 def get_layout(model: nn.Module) -> ParallelLayout | None:
     """The :class:`ParallelLayout` of a model returned by :func:`parallelize_moe`, else ``None``."""
     return getattr(model, _LAYOUT_ATTR, None)
+
+
+def _shard_over_all_ranks(all_mesh: DeviceMesh, experts_name: str) -> object:
+    """FSDP2's per-parameter placement ``Shard(0)`` over all ranks, for the parameters an experts
+    module's child shares between all experts (torch >= 2.13: ``ShardPlacementResult``)."""
+    # NOTE: looked up here, not imported at module level, so that ``import ep_fsdp`` works on an
+    # older torch (e.g. a GPU image's) for everything but this case
+    result_cls = getattr(_fsdp_common, "ShardPlacementResult", None)
+    if result_cls is None:
+        raise RuntimeError(
+            f"parallelize_moe: the experts module {experts_name!r} has a child whose parameters all its "
+            f"experts share; sharding them over all ranks at ep > 1 needs FSDP2's per-parameter mesh "
+            f"(ShardPlacementResult), which torch {torch.__version__} lacks: install torch >= 2.13")
+    return result_cls(placement=Shard(0), mesh_info=_fsdp_common.FSDPMeshInfo(all_mesh, shard_mesh_dim=0))
 
 
 def parallelize_moe(
@@ -257,9 +271,8 @@ def parallelize_moe(
 
     low_precision = mp_policy.param_dtype not in (None, torch.float32)
     router_policy = MixedPrecisionPolicy(param_dtype=torch.float32, reduce_dtype=mp_policy.reduce_dtype)
-    over_all_ranks = ShardPlacementResult(placement=Shard(0), mesh_info=FSDPMeshInfo(all_mesh, shard_mesh_dim=0))
     for name, _, holder, _ in sharded:
-        by_param: dict[int, Shard | ShardPlacementResult] = {
+        by_param: dict[int, object] = {
             id(p): expert_placements[(name, pname)] for pname, p in holder.named_parameters(recurse=False)
         }
         # NOTE: a child of an experts module (e.g. a norm every expert's output goes through,
@@ -271,7 +284,8 @@ def parallelize_moe(
         # which hung.)
         # At ep = 1 the experts' own mesh is already all ranks (one process group, one group).
         shared = [p for child in holder.children() if not isinstance(child, FSDPModule) for p in child.parameters()]
-        if ep > 1:
+        if ep > 1 and shared:
+            over_all_ranks = _shard_over_all_ranks(all_mesh, name)
             by_param.update({id(p): over_all_ranks for p in shared})
         shard(holder, dp_mesh, shard_placement_fn=lambda p, by_param=by_param: by_param.get(id(p)))
         if shared:

@@ -30,7 +30,12 @@
    c. Deterministic mode: each exchange's forward+backward run twice give bitwise identical
       outputs and gradients, in float32 and bfloat16 (CUBLAS_WORKSPACE_CONFIG is set by main()
       before any CUDA work).
-6. The layer benchmark figures (recipes/benchmarks/moe_layer.py) on the device.
+6. torch.compile on the device: the layer compiled against eager (output, input, gate, w1/w3/w2
+   gradients; float32 rel err <= 1e-4, bfloat16 <= 2e-2, where inductor rounds fused chains once),
+   and parallelize_moe at world size 1 followed by ``model.compile()``: one AdamW step of the
+   reference transformer against the unparallelized eager model (float32, <= 1e-4).
+7. The layer benchmark figures (recipes/benchmarks/moe_layer.py) on the device.
+Each part runs even when an earlier one raised (the traceback is printed and counted as a failure).
 Prints PASS/FAIL lines and exits non-zero on any failure.
 """
 
@@ -42,6 +47,7 @@ import argparse
 import os
 import subprocess
 import sys
+import traceback
 import warnings
 from unittest import mock
 from collections.abc import Callable, Iterator
@@ -230,12 +236,10 @@ def parallel_checks(device: torch.device) -> None:
     with mock.patch.dict(os.environ, rendezvous):
         device = ep_fsdp.init_distributed()
         try:
-            parallel_step_check(device)
-            idle_rank_check(device)
-            exchange_parity_check(device)
-            placement_matters_check(device)
-            host_sync_check(device)
-            exchange_determinism_check(device)
+            for part in (parallel_step_check, idle_rank_check, exchange_parity_check, placement_matters_check,
+                         host_sync_check, exchange_determinism_check):
+                run_part(part, device)
+            run_part(parallel_step_check, device, True, 1e-4)
         finally:
             dist.destroy_process_group()
 
@@ -331,8 +335,9 @@ def placement_matters_check(device: torch.device) -> None:
               f"rel err {err:.2e} (must exceed 1e-01, far above the tolerance {tol:.0e})")
 
 
-def count_host_syncs(fn: Callable[[], object]) -> int:
-    """Device-to-host synchronisations made by ``fn()`` (CUDA sync debug mode; CUDA only)."""
+def host_syncs(fn: Callable[[], object]) -> list[str]:
+    """Where ``fn()`` synchronised the device with the host (``file:line`` of each; CUDA sync
+    debug mode, CUDA only)."""
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         torch.cuda.set_sync_debug_mode("warn")
@@ -340,7 +345,7 @@ def count_host_syncs(fn: Callable[[], object]) -> int:
             fn()
         finally:
             torch.cuda.set_sync_debug_mode("default")
-    return sum("synchronizing" in str(w.message) for w in caught)
+    return [f"{Path(w.filename).name}:{w.lineno}" for w in caught if "synchronizing" in str(w.message)]
 
 
 def host_sync_check(device: torch.device) -> None:
@@ -357,14 +362,14 @@ def host_sync_check(device: torch.device) -> None:
             layer = with_dispatcher(ref, cls, None)
             try:
                 layer(x)  # warm-up: lazy initialisation is not counted
-                syncs = count_host_syncs(lambda: layer(x))
+                syncs = host_syncs(lambda: layer(x))
             except Exception as e:  # noqa: BLE001 - reported as a failure
                 check(name, False, f"{type(e).__name__}: {e}")
                 continue
             grouped = experts_mod.use_grouped_mm(device, dtype, (64, 128))
             expected = 0 if cls is LocalDispatcher and grouped else 1
             path = "grouped_mm" if grouped else "loop"
-            check(name, syncs == expected, f"{syncs} (expected {expected}, {path} path)")
+            check(name, len(syncs) == expected, f"{len(syncs)} (expected {expected}, {path} path) at {', '.join(syncs)}")
 
 
 def exchange_determinism_check(device: torch.device) -> None:
@@ -410,7 +415,9 @@ def idle_rank_check(device: torch.device) -> None:
           "w1/w3/w2: " + ", ".join("None" if g is None else f"max |g| {float(g.abs().max()):.1e}" for g in grads))
 
 
-def parallel_step_check(device: torch.device) -> None:
+def parallel_step_check(device: torch.device, compiled: bool = False, tol: float = 1e-5) -> None:
+    """One AdamW step of the reference transformer parallelized at world size 1 (then compiled,
+    with ``compiled``) against the unparallelized eager model."""
     torch.manual_seed(0)
     moe = ep_fsdp.MoEConfig(dim=64, hidden_dim=96, num_experts=8, top_k=2, aux_loss_coef=0.01)
     model = MoETransformer(TransformerConfig(vocab_size=256, dim=64, num_layers=2, num_heads=4, max_seq_len=64,
@@ -427,31 +434,68 @@ def parallel_step_check(device: torch.device) -> None:
 
     loss_ref = step(ref)
     ep_fsdp.parallelize_moe(model, ep_fsdp.build_mesh(ep=1))
+    name = f"parallelize_moe world=1 ({dist.get_backend()})" + (", compiled" if compiled else "")
+    if compiled:
+        model.compile()
     loss = step(model)
-    report(f"parallelize_moe world=1 ({dist.get_backend()}): loss", abs(loss - loss_ref) / abs(loss_ref), 1e-5)
+    report(f"{name}: loss", abs(loss - loss_ref) / abs(loss_ref), tol)
     ref_params = dict(ref.named_parameters())
     worst = max(rel(p.full_tensor(), ref_params[n]) for n, p in model.named_parameters())
-    report(f"parallelize_moe world=1 ({dist.get_backend()}): params after AdamW", worst, 1e-5)
+    report(f"{name}: params after AdamW", worst, tol)
+
+
+COMPILE_DTYPES = ((torch.float32, 1e-4), (torch.bfloat16, 2e-2))  # (dtype, tolerance against eager)
+
+
+def compile_check(device: torch.device) -> None:
+    """The layer under torch.compile against the same layer in eager mode, forward and backward."""
+    torch.manual_seed(0)
+    ref = ep_fsdp.MoE(ep_fsdp.MoEConfig(dim=64, hidden_dim=128, num_experts=8, top_k=2, aux_loss_coef=0.01))
+    x = torch.randn(512, 64)  # [T, D]
+    for dtype, tol in COMPILE_DTYPES:
+        name = f"compiled layer {device.type} {str(dtype)[6:]}"
+        eager = copy.deepcopy(ref).to(device=device, dtype=dtype)
+        compiled = copy.deepcopy(eager)
+        compiled.compile()
+        want = forward_backward(eager, x.to(device, dtype))
+        try:
+            got = forward_backward(compiled, x.to(device, dtype))
+        except Exception as e:  # noqa: BLE001 - reported as a failure
+            check(f"{name}: forward+backward", False, f"{type(e).__name__}: {e}")
+            continue
+        errs = [rel(a, b) for a, b in zip(got, want)]
+        worst = max(range(len(errs)), key=errs.__getitem__)
+        check(f"{name}: vs eager", errs[worst] <= tol, f"rel err {errs[worst]:.2e} (tol {tol:.0e}, worst: {RESULTS[worst]})")
+
+
+def run_part(part: Callable[..., None], *args: object) -> None:
+    """Run one part of the check; an exception is printed and counted, and the next part runs."""
+    try:
+        part(*args)
+    except Exception as e:  # noqa: BLE001 - reported as a failure
+        traceback.print_exc()
+        check(f"{part.__name__} raised", False, f"{type(e).__name__}: {e}")
 
 
 def main() -> int:
-    argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter).parse_args()
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--bench", action=argparse.BooleanOptionalAction, default=True,
+                   help="run the layer benchmark (part 7) after the checks")
+    args = p.parse_args()
     # NOTE: cuBLAS is deterministic only with this workspace setting (read when a handle is made).
     os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
     print(f"device check on {name}, torch {torch.__version__}", flush=True)
-    layer_check(device)
-    zero_token_check(device)
-    idle_expert_check(device)
-    determinism_check(device)
-    parallel_checks(device)
-    bench = Path(__file__).with_name("moe_layer.py")
-    run = subprocess.run([sys.executable, str(bench), "--repeats", "20" if device.type == "cuda" else "3",
-                          "--dtypes", "float32", "bfloat16"] + ([] if device.type == "cuda" else ["--tokens", "1024"]),
-                         check=False)
-    if run.returncode != 0:
-        FAILURES.append(f"layer benchmark (moe_layer.py exited with {run.returncode})")
+    for part in (layer_check, zero_token_check, idle_expert_check, determinism_check, parallel_checks, compile_check):
+        run_part(part, device)
+    if args.bench:
+        bench = Path(__file__).with_name("moe_layer.py")
+        run = subprocess.run([sys.executable, str(bench), "--repeats", "20" if device.type == "cuda" else "3",
+                              "--dtypes", "float32", "bfloat16"] + ([] if device.type == "cuda" else ["--tokens", "1024"]),
+                             check=False)
+        if run.returncode != 0:
+            FAILURES.append(f"layer benchmark (moe_layer.py exited with {run.returncode})")
     print(f"{len(FAILURES)} failed: {FAILURES}" if FAILURES else "all device checks passed", flush=True)
     return 1 if FAILURES else 0
 

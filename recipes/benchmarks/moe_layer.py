@@ -65,6 +65,10 @@ def time_once(fn: Callable[[], None]) -> tuple[float, int]:
     return time.perf_counter() - start, _minor_faults() - faults
 
 
+PEER_ROWS = ("transformers Qwen3-MoE block", "  parallelized by ep_fsdp", "ep_fsdp.MoE parallelized", "torchtitan MoE",
+             "torchtitan MoE (experts in bf16)")  # rows that may be left out when they fail to run
+
+
 def moe_step(layer: MoE, x: torch.Tensor, grad: torch.Tensor) -> Callable[[], None]:
     def step() -> None:
         x.grad = None
@@ -161,15 +165,16 @@ def torchtitan_moe(D: int, H: int, E: int, k: int) -> nn.Module:
     return layer
 
 
-def parallelized_world1(module: nn.Module) -> nn.Module:
-    """``module`` as the one block of a model parallelized by ep_fsdp on a 1-rank mesh."""
+def parallelized_world1(module: nn.Module, device: torch.device) -> nn.Module:
+    """``module`` as the one block of a model parallelized by ep_fsdp on a 1-rank mesh (gloo on
+    CPU, NCCL on CUDA)."""
     if not dist.is_initialized():
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
         if "MASTER_PORT" not in os.environ:
             os.environ["MASTER_PORT"] = free_port()
-        dist.init_process_group("gloo", rank=0, world_size=1)
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=0, world_size=1)
     holder = OneBlock(module)
-    ep_fsdp.parallelize_moe(holder, ep_fsdp.build_mesh(ep=1, device_type="cpu"))
+    ep_fsdp.parallelize_moe(holder, ep_fsdp.build_mesh(ep=1, device_type=device.type))
     return holder
 
 
@@ -228,17 +233,25 @@ def main() -> None:
             compiled.compile()
             candidates["ep_fsdp.MoE compiled"] = moe_step(compiled, x, grad)
             candidates["  its experts alone compiled"] = experts_step(compiled, x, compiled=True)
-        if args.hf and device.type == "cpu":
-            block = qwen3_moe_block(D, H, E, k).to(dtype=dtype)
+        if args.hf:
+            block = qwen3_moe_block(D, H, E, k).to(device=device, dtype=dtype)
             candidates["transformers Qwen3-MoE block"] = block_step(block, x, grad)
-            candidates["  parallelized by ep_fsdp"] = block_step(parallelized_world1(copy.deepcopy(block)), x, grad)
-            candidates["ep_fsdp.MoE parallelized"] = moe_step(parallelized_world1(copy.deepcopy(layer)), x, grad)
+            candidates["  parallelized by ep_fsdp"] = block_step(parallelized_world1(copy.deepcopy(block), device),
+                                                                 x, grad)
+            candidates["ep_fsdp.MoE parallelized"] = moe_step(parallelized_world1(copy.deepcopy(layer), device), x, grad)
         if args.torchtitan:
             with warnings.catch_warnings():  # its float32 gate runs under a CPU autocast it warns about
                 warnings.simplefilter("ignore")
                 titan = torchtitan_moe(D, H, E, k).to(device=device, dtype=dtype)
             label = "torchtitan MoE" + (" (experts in bf16)" if dtype != torch.bfloat16 else "")
             candidates[label] = block_step(titan, x, grad)
+        for key in [key for key in candidates if key in PEER_ROWS]:
+            try:  # a peer that cannot run here (e.g. a kernel missing for this device and dtype) is left out
+                candidates[key]()
+                sync()
+            except Exception as e:  # noqa: BLE001 - reported, and the row left out
+                print(f"{name:<10}{key:<34} left out: {type(e).__name__}: {str(e).splitlines()[0][:120]}")
+                del candidates[key]
         times: dict[str, list[float]] = {key: [] for key in candidates}
         page_faults: dict[str, list[int]] = {key: [] for key in candidates}
         for i, order in shuffled_rounds(list(candidates), args.warmup + args.repeats):
