@@ -56,7 +56,10 @@ def init_distributed(timeout: datetime.timedelta = datetime.timedelta(minutes=5)
     )
     attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
     store = dist.PrefixStore(f"ep_fsdp/attempt_{attempt}", store)
-    dist.init_process_group(backend, store=store, rank=rank, world_size=world, timeout=timeout)
+    # NOTE: device_id binds NCCL's communicator to this rank's GPU at once (without it, NCCL's
+    # barrier() guesses the device and warns that it did)
+    dist.init_process_group(backend, store=store, rank=rank, world_size=world, timeout=timeout,
+                            device_id=device if device.type == "cuda" else None)
     return device
 
 
