@@ -57,3 +57,11 @@ def test_ep_layer_benchmark_prints_every_row_on_two_processes():
         # the transport row sends the bytes of the one-chunk exchange, and something was sent
         assert table["all-to-all alone, same bytes"][2] == table["EP, 1 chunk"][2] > 0
     assert f32["EP, bf16 wire"][2] < f32["EP, 1 chunk"][2]  # the bf16 wire sends fewer bytes
+
+
+def test_profile_layer_prints_the_step_time_and_the_op_table():
+    out = run([sys.executable, str(BENCH / "profile_layer.py"), *TINY, "--dtype", "float32", "--rows", "5"])
+    wall = re.search(r"wall per step \(unprofiled\): (\d+\.\d+) ms", out)
+    assert wall and float(wall.group(1)) > 0, out
+    table = [line for line in out.splitlines() if line.strip().startswith(("aten::", "_GroupedLinear", "_SwiGLU"))]
+    assert 1 <= len(table) <= 5, out  # the ops with the most self time, --rows of them

@@ -434,6 +434,17 @@ def test_device_check_prints_its_help():
     assert proc.returncode == 0 and "One-process check of the accelerator path" in proc.stdout
 
 
+def test_device_check_passes_on_the_cpu():
+    """The whole accelerator check on this CPU (gloo at world size 1; the CUDA-only sync counts are
+    skipped): every part runs and passes, so a GPU session's run fails only on what is GPU's own."""
+    proc = subprocess.run([sys.executable, str(ROOT / "recipes" / "benchmarks" / "device_check.py"), "--no-bench"],
+                          capture_output=True, text=True, timeout=300, cwd=ROOT)
+    passed = [line for line in proc.stdout.splitlines() if line.startswith("PASS")]
+    assert proc.returncode == 0 and "all device checks passed" in proc.stdout, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert not [line for line in proc.stdout.splitlines() if line.startswith("FAIL")]
+    assert len(passed) >= 90 and any(line.startswith("PASS  transformers gpt_oss") for line in passed), len(passed)
+
+
 def test_a_transformers_run_does_not_check_the_unused_moe_table():
     """With model.hf_path the [model.moe] shapes are unused; they are not validated as MoEConfig
     (num_experts=6 with the DeepSeek config's 4 expert groups was refused)."""

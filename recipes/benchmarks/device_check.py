@@ -34,7 +34,10 @@
    gradients; float32 rel err <= 1e-4, bfloat16 <= 2e-2, where inductor rounds fused chains once),
    and parallelize_moe at world size 1 followed by ``model.compile()``: one AdamW step of the
    reference transformer against the unparallelized eager model (float32, <= 1e-4).
-7. The layer benchmark figures (recipes/benchmarks/moe_layer.py) on the device.
+7. transformers models (with transformers installed): each family of recipes/hf_tiny_model.py
+   parallelized in place at world size 1 on the device, one AdamW step against the unparallelized
+   model on the same batch (loss with transformers' balancing loss, every parameter; <= 1e-5).
+8. The layer benchmark figures (recipes/benchmarks/moe_layer.py) on the device.
 Each part runs even when an earlier one raised (the traceback is printed and counted as a failure).
 Prints PASS/FAIL lines and exits non-zero on any failure.
 """
@@ -240,6 +243,7 @@ def parallel_checks(device: torch.device) -> None:
                          host_sync_check, exchange_determinism_check):
                 run_part(part, device)
             run_part(parallel_step_check, device, True, 1e-4)
+            run_part(hf_step_check, device)
         finally:
             dist.destroy_process_group()
 
@@ -444,6 +448,58 @@ def parallel_step_check(device: torch.device, compiled: bool = False, tol: float
     ref_params = dict(ref.named_parameters())
     worst = max(rel(p.full_tensor(), ref_params[n]) for n, p in model.named_parameters())
     report(f"{name}: params after AdamW", worst, tol)
+
+
+def hf_step_check(device: torch.device) -> None:
+    """Each tiny transformers family parallelized at world size 1: one AdamW step against the
+    unparallelized model (loss including transformers' balancing loss, every parameter)."""
+    try:
+        from transformers import AutoModelForCausalLM
+    except ImportError:
+        print("SKIP  transformers models (transformers is not installed)", flush=True)
+        return
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # recipes/
+    from hf_tiny_model import FAMILIES, tiny_config
+
+    tokens = torch.randint(0, 256, (2, 12), generator=torch.Generator().manual_seed(7)).to(device)
+    for family in FAMILIES:
+        name = f"transformers {family} parallelized world=1 ({dist.get_backend()})"
+        torch.manual_seed(0)
+        try:
+            model = AutoModelForCausalLM.from_config(tiny_config(family)).float()
+        except Exception as e:  # noqa: BLE001 - a family this transformers version lacks
+            print(f"SKIP  {name} ({type(e).__name__}: {e})", flush=True)
+            continue
+        with torch.no_grad():
+            for pname, p in model.named_parameters():
+                if pname.endswith(("gate.weight", "router.weight")):  # zero at init in some families
+                    p.normal_(0, 0.5)
+        model = model.to(device)
+        ref = copy.deepcopy(model)
+        ref.config.output_router_logits = True  # transformers adds coef * its balancing loss
+        losses, grads = [], []
+        for m, parallel in ((ref, False), (model, True)):
+            if parallel:  # ep_fsdp records the router logits; moe_aux_loss adds the same loss
+                ep_fsdp.parallelize_moe(m, ep_fsdp.build_mesh(ep=1))
+            m.train()
+            loss = m(tokens, labels=tokens).loss + (ep_fsdp.moe_aux_loss(m) if parallel else 0.0)
+            loss.backward()
+            grads.append({n: local(p.grad) for n, p in m.named_parameters() if p.grad is not None})
+            torch.optim.AdamW(m.parameters(), lr=1e-3).step()
+            losses.append(float(loss.detach()))
+        report(f"{name}: loss", abs(losses[1] - losses[0]) / abs(losses[0]), 1e-5)
+        check(f"{name}: same parameters get gradients", grads[0].keys() == grads[1].keys(),
+              f"{len(grads[1])} of {len(grads[0])}")
+        worst_name(f"{name}: grads", {n: rel(g, grads[0][n]) for n, g in grads[1].items() if n in grads[0]}, 1e-5)
+        ref_params = dict(ref.named_parameters())
+        worst_name(f"{name}: params after AdamW", {n: rel(local(p), ref_params[n]) for n, p in model.named_parameters()},
+                   1e-5)
+
+
+def worst_name(name: str, errors: dict[str, float], tol: float) -> None:
+    """Check the largest of named relative errors, and name the tensor it belongs to."""
+    key = max(errors, key=errors.__getitem__)
+    check(name, errors[key] <= tol, f"rel err {errors[key]:.2e} (tol {tol:.0e}, worst: {key})")
 
 
 COMPILE_DTYPES = ((torch.float32, 1e-4), (torch.bfloat16, 2e-2))  # (dtype, tolerance against eager)
