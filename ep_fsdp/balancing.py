@@ -31,7 +31,7 @@ from torch.autograd.function import once_differentiable
 from .dispatch._comm import all_reduce_sum_, wait
 from .router import RouterOutput, balancing_losses, balancing_stats
 
-__all__ = ["RoutingCounters", "PendingBalancing", "begin_balancing", "finish_balancing", "in_backward"]
+__all__ = ["RoutingCounters", "PendingBalancing", "accumulate", "begin_balancing", "finish_balancing", "in_backward"]
 
 
 def in_backward() -> bool:
@@ -69,18 +69,18 @@ class RoutingCounters:
     def add_forward(self, counts: torch.Tensor, load: torch.Tensor, a2a_bytes: int,
                     dropped: torch.Tensor | int = 0) -> None:
         counts, load = counts.detach(), load.detach()
-        self.dropped = _accumulate(self.dropped, dropped) if isinstance(dropped, torch.Tensor) else self.dropped + dropped
-        self.rebalance_load = _accumulate(self.rebalance_load, counts)
-        self.tokens_per_expert = _accumulate(self.tokens_per_expert, counts)
-        self.expert_load = _accumulate(self.expert_load, load)
+        self.dropped = accumulate(self.dropped, dropped) if isinstance(dropped, torch.Tensor) else self.dropped + dropped
+        self.rebalance_load = accumulate(self.rebalance_load, counts)
+        self.tokens_per_expert = accumulate(self.tokens_per_expert, counts)
+        self.expert_load = accumulate(self.expert_load, load)
         self.a2a_bytes += a2a_bytes
         self.forwards += 1
 
     def add_losses(self, values: torch.Tensor) -> None:
         """``values [3]`` float64: balance loss, z-loss, weighted aux loss of one forward."""
-        self.losses = _accumulate(self.losses, values)
+        self.losses = accumulate(self.losses, values)
         self.loss_forwards += 1
-        self.pending_aux = _accumulate(self.pending_aux, values[2])
+        self.pending_aux = accumulate(self.pending_aux, values[2])
         self.pending_forwards += 1
 
     def take_aux(self) -> torch.Tensor | None:
@@ -98,7 +98,7 @@ class RoutingCounters:
         self.dropped = 0
 
 
-def _accumulate(total: torch.Tensor | int | None, value: torch.Tensor) -> torch.Tensor:
+def accumulate(total: torch.Tensor | int | None, value: torch.Tensor) -> torch.Tensor:
     """``total + value`` on ``value``'s device (a copy of ``value`` when nothing is there yet).
 
     NOTE: the totals follow the layer: after ``model.to("cuda")`` following a forward on the CPU

@@ -37,7 +37,7 @@ def update_expert_bias(model: nn.Module) -> int:
         return 0
     device = layers[0].router.expert_bias.device
     loads = [
-        m.bias_load.double() if m.bias_load is not None
+        m.bias_load.to(device, torch.float64) if m.bias_load is not None  # (still where the last forward ran)
         else torch.zeros(m.config.num_experts, dtype=torch.float64, device=device)
         for m in layers
     ]

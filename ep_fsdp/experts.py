@@ -208,7 +208,7 @@ def _loop_linear(x: torch.Tensor, w: torch.Tensor, counts: list[int]) -> torch.T
     # G slices once.
     chunks = torch.split(x, counts, dim=0)
     mats = w.unbind(0)  # G x [M, K]
-    return torch.cat([chunk @ mat.t() for chunk, mat in zip(chunks, mats)], dim=0)  # [N, M]
+    return torch.cat([chunk @ mat.t() for chunk, mat in zip(chunks, mats, strict=True)], dim=0)  # [N, M]
 
 
 def use_grouped_mm(device: torch.device, dtype: torch.dtype, dims: tuple[int, ...] = ()) -> bool:

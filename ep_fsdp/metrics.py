@@ -46,14 +46,15 @@ def routing_stats(model: nn.Module, *, reset: bool = True) -> dict[str, dict[str
             "routing_stats: no routing recorded since the last reset; counters advance in training-mode "
             "forwards only (model.train()), so run one first."
         )
+    # NOTE: gathered on one device (a layer's totals stay where its last forward ran)
     device = layers[0][1].routing.tokens_per_expert.device
     # per layer: [E counts | a2a bytes | dropped slots | rows processed by this rank's experts]
     packed = torch.cat([
         torch.cat([
-            m.routing.tokens_per_expert.double(),
+            m.routing.tokens_per_expert.to(device, torch.float64),
             torch.full((1,), float(m.routing.a2a_bytes), dtype=torch.float64, device=device),
             torch.as_tensor(m.routing.dropped, device=device).double().reshape(1),
-            m.routing.expert_load.sum().double().reshape(1),
+            m.routing.expert_load.sum().to(device, torch.float64).reshape(1),
         ])
         for _, m in layers
     ])

@@ -291,7 +291,7 @@ def rebalance_experts(
     if given is None:
         device = next(p.device for p in model.parameters())
         packed = torch.cat([
-            m.routing.rebalance_load.double() if m.routing.rebalance_load is not None
+            m.routing.rebalance_load.to(device, torch.float64) if m.routing.rebalance_load is not None
             else torch.zeros(sizes[n], dtype=torch.float64, device=device)
             for n, m in layers
         ])

@@ -11,7 +11,7 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from .aux_loss import has_router_logits, router_logits_loss
-from .balancing import RoutingCounters, begin_balancing, finish_balancing, in_backward
+from .balancing import RoutingCounters, accumulate, begin_balancing, finish_balancing, in_backward
 from .config import MoEConfig
 from .expert_modules import expert_layers
 from .dispatch import LocalDispatcher, TokenDispatcher, expert_counts
@@ -163,7 +163,7 @@ class MoE(nn.Module):
         load = counts if keep is None or counts_exact else self._kept_load(expert_ids, keep)
         self.routing.add_forward(slots, load, sent_bytes, dropped)
         if self.config.bias_update_rate > 0:
-            self.bias_load = slots.detach().clone() if self.bias_load is None else self.bias_load + slots
+            self.bias_load = accumulate(self.bias_load, slots.detach())
 
     def _kept_load(self, expert_ids: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
         """``[E]`` kept slots per storage row, for the local dispatcher (``ep == 1``: ``G == E``),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
@@ -22,6 +23,9 @@ from .expert_modules import contract_num_experts, find_expert_modules, make_expe
 from .mesh import check_mesh, flat_mesh
 from .moe import MoE, moe_layers
 from .placement import ExpertPlacement
+
+if TYPE_CHECKING:  # torch >= 2.13 (see _check_shared_children_supported)
+    from torch.distributed.fsdp._fully_shard._fsdp_common import ShardPlacementResult
 
 __all__ = ["parallelize_moe", "ParallelLayout", "default_block_filter", "get_layout", "GRAD_REDUCTIONS"]
 
@@ -52,18 +56,33 @@ def get_layout(model: nn.Module) -> ParallelLayout | None:
     return getattr(model, _LAYOUT_ATTR, None)
 
 
-def _shard_over_all_ranks(all_mesh: DeviceMesh, experts_name: str) -> object:
-    """FSDP2's per-parameter placement ``Shard(0)`` over all ranks, for the parameters an experts
-    module's child shares between all experts (torch >= 2.13: ``ShardPlacementResult``)."""
-    # NOTE: looked up here, not imported at module level, so that ``import ep_fsdp`` works on an
-    # older torch (e.g. a GPU image's) for everything but this case
-    result_cls = getattr(_fsdp_common, "ShardPlacementResult", None)
-    if result_cls is None:
+def _check_shared_children_supported(sharded: list[tuple[str, str, nn.Module, int]], ep: int) -> None:
+    """Refuse, before anything is changed, an experts module with a child shared by all experts
+    (parameters of its own) where this torch lacks what sharding that child needs.
+
+    NOTE: FSDP2's per-parameter mesh (``ShardPlacementResult``, for ``ep > 1``) and
+    ``set_reduce_scatter_unused_params`` came with torch 2.13; they are looked up here and where
+    used, not imported at module level, so that ``import ep_fsdp`` works on an older torch (e.g. a
+    GPU image's) for everything else.
+    """
+    owners = [prefix for _, prefix, holder, _ in sharded if any(True for c in holder.children() for _ in c.parameters())]
+    if not owners:
+        return
+    missing = [what for what, needed in (
+        ("FSDP2's per-parameter mesh (ShardPlacementResult)", ep > 1 and not hasattr(_fsdp_common, "ShardPlacementResult")),
+        ("FSDPModule.set_reduce_scatter_unused_params", not hasattr(FSDPModule, "set_reduce_scatter_unused_params")),
+    ) if needed]
+    if missing:
         raise RuntimeError(
-            f"parallelize_moe: the experts module {experts_name!r} has a child whose parameters all its "
-            f"experts share; sharding them over all ranks at ep > 1 needs FSDP2's per-parameter mesh "
-            f"(ShardPlacementResult), which torch {torch.__version__} lacks: install torch >= 2.13")
-    return result_cls(placement=Shard(0), mesh_info=_fsdp_common.FSDPMeshInfo(all_mesh, shard_mesh_dim=0))
+            f"parallelize_moe: the experts module {owners[0]!r} has a child whose parameters all its experts "
+            f"share; sharding it needs {' and '.join(missing)}, which torch {torch.__version__} lacks: install "
+            "torch >= 2.13.")
+
+
+def _shard_over_all_ranks(all_mesh: DeviceMesh) -> ShardPlacementResult:
+    """FSDP2's per-parameter placement ``Shard(0)`` over all ranks, for the parameters an experts
+    module's child shares between all experts (torch >= 2.13, checked up front)."""
+    return _fsdp_common.ShardPlacementResult(placement=Shard(0), mesh_info=_fsdp_common.FSDPMeshInfo(all_mesh, shard_mesh_dim=0))
 
 
 def parallelize_moe(
@@ -192,6 +211,7 @@ def parallelize_moe(
         (name, f"{name}.experts" if name else "experts", layer.experts, layer.config.num_experts)
         for name, layer in layers
     ] + [(name, name, module, contract_num_experts(name, module)) for name, module in contract]
+    _check_shared_children_supported(sharded, ep)
     expert_placements: dict[tuple[str, str], Shard] = {}
     for name, prefix, holder, E in sharded:
         if E % ep != 0:
@@ -272,7 +292,7 @@ def parallelize_moe(
     low_precision = mp_policy.param_dtype not in (None, torch.float32)
     router_policy = MixedPrecisionPolicy(param_dtype=torch.float32, reduce_dtype=mp_policy.reduce_dtype)
     for name, _, holder, _ in sharded:
-        by_param: dict[int, object] = {
+        by_param: dict[int, Shard | ShardPlacementResult] = {
             id(p): expert_placements[(name, pname)] for pname, p in holder.named_parameters(recurse=False)
         }
         # NOTE: a child of an experts module (e.g. a norm every expert's output goes through,
@@ -285,7 +305,7 @@ def parallelize_moe(
         # At ep = 1 the experts' own mesh is already all ranks (one process group, one group).
         shared = [p for child in holder.children() if not isinstance(child, FSDPModule) for p in child.parameters()]
         if ep > 1 and shared:
-            over_all_ranks = _shard_over_all_ranks(all_mesh, name)
+            over_all_ranks = _shard_over_all_ranks(all_mesh)
             by_param.update({id(p): over_all_ranks for p in shared})
         shard(holder, dp_mesh, shard_placement_fn=lambda p, by_param=by_param: by_param.get(id(p)))
         if shared:

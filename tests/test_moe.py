@@ -4,6 +4,7 @@ balancing losses, dtypes and config errors."""
 from __future__ import annotations
 
 import copy
+from unittest import mock
 
 import pytest
 import torch
@@ -125,13 +126,26 @@ def test_routing_totals_follow_the_layer_to_another_device():
     counters.add_forward(torch.tensor([1, 1]), torch.tensor([0, 2]), 5, torch.tensor(2))
     assert counters.tokens_per_expert.tolist() == [2, 3] and counters.expert_load.tolist() == [3, 2]
     assert int(counters.dropped) == 3 and counters.a2a_bytes == 10
-    meta = torch.device("meta")  # another device on a CPU-only machine
-    counters.add_forward(torch.tensor([1, 2], device=meta), torch.tensor([3, 0], device=meta), 0,
-                         torch.tensor(1, device=meta))
-    counters.add_losses(torch.ones(3, dtype=torch.float64, device=meta))
-    for t in (counters.tokens_per_expert, counters.expert_load, counters.rebalance_load, counters.losses,
-              counters.pending_aux, counters.dropped):
-        assert t.device == meta
+    before = {name: getattr(counters, name) for name in TOTALS}
+    meta = torch.device("meta")  # another device on a CPU-only machine (its tensors hold no values)
+    moved: list[tuple[torch.Tensor, torch.device]] = []  # (tensor, where .to sent it)
+    to = torch.Tensor.to
+
+    def spy(self: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        out = to(self, *args, **kwargs)
+        moved.append((self, out.device))
+        return out
+
+    with mock.patch.object(torch.Tensor, "to", spy):
+        counters.add_forward(torch.tensor([1, 2], device=meta), torch.tensor([3, 0], device=meta), 0,
+                             torch.tensor(1, device=meta))
+        counters.add_losses(torch.ones(3, dtype=torch.float64, device=meta))
+    for name in TOTALS:  # each old total was moved to the new device (then added to), not dropped
+        assert getattr(counters, name).device == meta, name
+        assert any(t is before[name] and d == meta for t, d in moved), name
+
+
+TOTALS = ("tokens_per_expert", "expert_load", "rebalance_load", "losses", "pending_aux", "dropped")
 
 
 def test_float64_takes_the_loop_path():

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 
+import pytest
 import torch
 import torch.distributed as dist
 import torch.nn as nn
@@ -549,3 +550,27 @@ def test_the_first_forward_may_run_under_inference_mode(pools):
             assert "error" not in r, (layout, r)
             assert r["first"] < 1e-6 and r["again"] == 0.0, (layout, r)
             assert r["grad"][1] < 1e-5, (layout, r)
+
+
+def test_an_older_torch_is_refused_up_front_for_an_experts_child(monkeypatch):
+    """Sharding an experts module's shared child needs FSDP2's per-parameter mesh (ep > 1) and
+    set_reduce_scatter_unused_params (any ep), both new in torch 2.13: without them the call is
+    refused before anything is changed, naming the module, the torch version and the fix (torch
+    2.11 raised a bare AttributeError with the experts already wrapped)."""
+    from torch.distributed.fsdp._fully_shard import _fsdp_common
+
+    from ep_fsdp.experts import GroupedExperts
+    from ep_fsdp.parallelize import _check_shared_children_supported
+
+    with_child = [("layers.0.experts", "layers.0.experts", _NormedExperts(), 4)]
+    grouped = GroupedExperts(ep_fsdp.MoEConfig(dim=8, hidden_dim=8, num_experts=4))
+    without_child = [("moe.experts", "moe.experts", grouped, 4)]
+    _check_shared_children_supported(with_child, ep=2)  # this torch has both
+    monkeypatch.delattr(_fsdp_common, "ShardPlacementResult")
+    _check_shared_children_supported(with_child, ep=1)  # only ep > 1 needs the per-parameter mesh
+    _check_shared_children_supported(without_child, ep=2)
+    with pytest.raises(RuntimeError, match=r"'layers\.0\.experts'.*per-parameter mesh.*torch >= 2\.13"):
+        _check_shared_children_supported(with_child, ep=2)
+    monkeypatch.delattr(FSDPModule, "set_reduce_scatter_unused_params")
+    with pytest.raises(RuntimeError, match=r"set_reduce_scatter_unused_params, which torch .* lacks"):
+        _check_shared_children_supported(with_child, ep=1)

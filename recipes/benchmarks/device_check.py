@@ -375,7 +375,8 @@ def host_sync_check(device: torch.device) -> None:
             grouped = experts_mod.use_grouped_mm(device, dtype, (64, 128))
             expected = 0 if cls is LocalDispatcher and grouped else 1
             path = "grouped_mm" if grouped else "loop"
-            check(name, len(syncs) == expected, f"{len(syncs)} (expected {expected}, {path} path) at {', '.join(syncs)}")
+            where = f" at {', '.join(syncs)}" if syncs else ""
+            check(name, len(syncs) == expected, f"{len(syncs)} (expected {expected}, {path} path){where}")
 
 
 def exchange_determinism_check(device: torch.device) -> None:
@@ -538,7 +539,7 @@ def run_part(part: Callable[..., None], *args: object) -> None:
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--bench", action=argparse.BooleanOptionalAction, default=True,
-                   help="run the layer benchmark (part 7) after the checks")
+                   help="run the layer benchmark (part 8) after the checks")
     args = p.parse_args()
     # NOTE: cuBLAS is deterministic only with this workspace setting (read when a handle is made).
     os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
