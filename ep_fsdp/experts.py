@@ -206,9 +206,12 @@ def _loop_linear(x: torch.Tensor, w: torch.Tensor, counts: list[int]) -> torch.T
     # each w[g] is a zero [G, M, K] tensor with one slice filled, G of them summed (O(G^2) memory
     # traffic: 9x the dense floor at 128 experts on an H200), where unbind's backward stacks the
     # G slices once.
+    if len(counts) != w.shape[0]:
+        raise ValueError(f"grouped_linear: counts has {len(counts)} entries for {w.shape[0]} experts (w: "
+                         f"{tuple(w.shape)}); pass one row count per expert of w, in expert order.")
     chunks = torch.split(x, counts, dim=0)
     mats = w.unbind(0)  # G x [M, K]
-    return torch.cat([chunk @ mat.t() for chunk, mat in zip(chunks, mats, strict=True)], dim=0)  # [N, M]
+    return torch.cat([chunk @ mat.t() for chunk, mat in zip(chunks, mats)], dim=0)  # [N, M]
 
 
 def use_grouped_mm(device: torch.device, dtype: torch.dtype, dims: tuple[int, ...] = ()) -> bool:

@@ -65,18 +65,26 @@ def _check_shared_children_supported(sharded: list[tuple[str, str, nn.Module, in
     used, not imported at module level, so that ``import ep_fsdp`` works on an older torch (e.g. a
     GPU image's) for everything else.
     """
-    owners = [prefix for _, prefix, holder, _ in sharded if any(True for c in holder.children() for _ in c.parameters())]
-    if not owners:
+    shared = [f"{prefix}.{name}" for _, prefix, holder, _ in sharded for name, _ in _shared_params(holder)]
+    if not shared:
         return
     missing = [what for what, needed in (
         ("FSDP2's per-parameter mesh (ShardPlacementResult)", ep > 1 and not hasattr(_fsdp_common, "ShardPlacementResult")),
         ("FSDPModule.set_reduce_scatter_unused_params", not hasattr(FSDPModule, "set_reduce_scatter_unused_params")),
     ) if needed]
     if missing:
+        more = f" (and {len(shared) - 3} more)" if len(shared) > 3 else ""
         raise RuntimeError(
-            f"parallelize_moe: the experts module {owners[0]!r} has a child whose parameters all its experts "
-            f"share; sharding it needs {' and '.join(missing)}, which torch {torch.__version__} lacks: install "
-            "torch >= 2.13.")
+            f"parallelize_moe: {', '.join(repr(n) for n in shared[:3])}{more} belong to children of experts "
+            f"modules, shared by all their experts; sharding them needs {' and '.join(missing)}, which torch "
+            f"{torch.__version__} lacks: install torch >= 2.13.")
+
+
+def _shared_params(holder: nn.Module) -> list[tuple[str, nn.Parameter]]:
+    """``(name, parameter)`` held by the children of an experts module (one copy shared by all its
+    experts), not by the module itself; children already FSDP units shard themselves."""
+    return [(f"{child_name}.{name}", p) for child_name, child in holder.named_children()
+            if not isinstance(child, FSDPModule) for name, p in child.named_parameters()]
 
 
 def _shard_over_all_ranks(all_mesh: DeviceMesh) -> ShardPlacementResult:
@@ -303,7 +311,7 @@ def parallelize_moe(
         # every call of its forward: once per expert with rows, a different count on each rank,
         # which hung.)
         # At ep = 1 the experts' own mesh is already all ranks (one process group, one group).
-        shared = [p for child in holder.children() if not isinstance(child, FSDPModule) for p in child.parameters()]
+        shared = [p for _, p in _shared_params(holder)]
         if ep > 1 and shared:
             over_all_ranks = _shard_over_all_ranks(all_mesh)
             by_param.update({id(p): over_all_ranks for p in shared})

@@ -114,35 +114,47 @@ def test_loop_path_weight_gradient_is_one_stack_not_one_full_tensor_per_expert()
         start += c
 
 
+def test_loop_path_refuses_counts_that_do_not_match_the_experts():
+    w = torch.randn(3, 4, 8)  # [G, M, K]
+    with pytest.raises(ValueError, match=r"counts has 2 entries for 3 experts"):
+        experts_mod.grouped_linear(torch.randn(5, 8), w, torch.tensor([2, 3]), [2, 3], grouped=False)
+
+
 def test_routing_totals_follow_the_layer_to_another_device():
-    """A forward on one device, then the layer moved (``Module.to`` leaves the routing counters,
-    plain attributes, where they were): the next forward adds on the new device (it raised
-    "Expected all tensors to be on the same device" on a GPU)."""
-    from ep_fsdp.balancing import RoutingCounters
-
-    counters = RoutingCounters()
-    counters.add_forward(torch.tensor([1, 2]), torch.tensor([3, 0]), 5, torch.tensor(1))
-    counters.add_losses(torch.tensor([1.0, 2.0, 3.0], dtype=torch.float64))
-    counters.add_forward(torch.tensor([1, 1]), torch.tensor([0, 2]), 5, torch.tensor(2))
-    assert counters.tokens_per_expert.tolist() == [2, 3] and counters.expert_load.tolist() == [3, 2]
-    assert int(counters.dropped) == 3 and counters.a2a_bytes == 10
-    before = {name: getattr(counters, name) for name in TOTALS}
+    """A forward on one device, then the layer moved (``Module.to`` leaves the routing counters and
+    ``bias_load``, plain attributes, where they were): the next forward adds on the new device (it
+    raised "Expected all tensors to be on the same device" on a GPU)."""
+    torch.manual_seed(0)
+    layer = MoE(MoEConfig(dim=8, hidden_dim=8, num_experts=4, top_k=2, expert_bias=True, bias_update_rate=0.01,
+                          aux_loss_coef=0.01, capacity_factor=4.0))
+    layer(torch.randn(6, 8))  # training forwards on the CPU
+    layer(torch.randn(6, 8))
+    counters = layer.routing
+    assert int(counters.tokens_per_expert.sum()) == 24 and int(layer.bias_load.sum()) == 24
+    before = {name: getattr(counters, name) for name in TOTALS} | {"bias_load": layer.bias_load}
     meta = torch.device("meta")  # another device on a CPU-only machine (its tensors hold no values)
-    moved: list[tuple[torch.Tensor, torch.device]] = []  # (tensor, where .to sent it)
-    to = torch.Tensor.to
+    moved: list[tuple[torch.Tensor, torch.Tensor]] = []  # (tensor, what .to made of it)
+    added: list[torch.Tensor] = []  # left operands of every +
+    to, add = torch.Tensor.to, torch.Tensor.__add__
 
-    def spy(self: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+    def spy_to(self: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         out = to(self, *args, **kwargs)
-        moved.append((self, out.device))
+        moved.append((self, out))
         return out
 
-    with mock.patch.object(torch.Tensor, "to", spy):
-        counters.add_forward(torch.tensor([1, 2], device=meta), torch.tensor([3, 0], device=meta), 0,
-                             torch.tensor(1, device=meta))
+    def spy_add(self: torch.Tensor, other: object) -> torch.Tensor:
+        added.append(self)
+        return add(self, other)
+
+    # the next forward's statistics on the new device (a forward cannot run on meta)
+    slots, ids = torch.tensor([3, 2, 4, 3], device=meta), torch.zeros(6, 2, dtype=torch.long, device=meta)
+    with mock.patch.object(torch.Tensor, "to", spy_to), mock.patch.object(torch.Tensor, "__add__", spy_add):
+        layer._record_forward(slots, slots, ids, torch.ones(6, 2, dtype=torch.bool, device=meta), True, 0)
         counters.add_losses(torch.ones(3, dtype=torch.float64, device=meta))
-    for name in TOTALS:  # each old total was moved to the new device (then added to), not dropped
-        assert getattr(counters, name).device == meta, name
-        assert any(t is before[name] and d == meta for t, d in moved), name
+    for name, old in before.items():  # each old total was moved to the new device and added to, not dropped
+        now = layer.bias_load if name == "bias_load" else getattr(counters, name)
+        assert now.device == meta, name
+        assert any(src is old and out.device == meta and any(a is out for a in added) for src, out in moved), name
 
 
 TOTALS = ("tokens_per_expert", "expert_load", "rebalance_load", "losses", "pending_aux", "dropped")

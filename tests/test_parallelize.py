@@ -569,8 +569,31 @@ def test_an_older_torch_is_refused_up_front_for_an_experts_child(monkeypatch):
     monkeypatch.delattr(_fsdp_common, "ShardPlacementResult")
     _check_shared_children_supported(with_child, ep=1)  # only ep > 1 needs the per-parameter mesh
     _check_shared_children_supported(without_child, ep=2)
-    with pytest.raises(RuntimeError, match=r"'layers\.0\.experts'.*per-parameter mesh.*torch >= 2\.13"):
+    with pytest.raises(RuntimeError, match=r"'layers\.0\.experts\.post_norm\.weight'.*per-parameter mesh.*torch >= 2\.13"):
         _check_shared_children_supported(with_child, ep=2)
     monkeypatch.delattr(FSDPModule, "set_reduce_scatter_unused_params")
     with pytest.raises(RuntimeError, match=r"set_reduce_scatter_unused_params, which torch .* lacks"):
         _check_shared_children_supported(with_child, ep=1)
+
+
+def refused_without_new_fsdp() -> dict:
+    """parallelize_moe of the model with an experts child, where FSDPModule lacks
+    set_reduce_scatter_unused_params (as in torch 2.11): the error, and whether the model is untouched."""
+    saved = FSDPModule.set_reduce_scatter_unused_params
+    del FSDPModule.set_reduce_scatter_unused_params
+    try:
+        model = _ContractModel()
+        error = _error(lambda: ep_fsdp.parallelize_moe(model, worker_mesh(1, 2)))
+    finally:
+        FSDPModule.set_reduce_scatter_unused_params = saved
+    return {"error": error,
+            "untouched": not any(isinstance(p, DTensor) for p in model.parameters())
+            and not any(isinstance(m, FSDPModule) or hasattr(m, "dispatcher") for m in model.modules())}
+
+
+def test_parallelize_refuses_an_experts_child_on_an_older_torch_before_changing_anything(pools):
+    for r in pools(2).run(refused_without_new_fsdp):
+        kind, message = r["error"]
+        assert kind == "RuntimeError" and "'layers.0.experts.post_norm.weight'" in message, r
+        assert "(and 1 more)" in message and "torch >= 2.13" in message, r  # 4 shared parameters in 2 layers
+        assert r["untouched"], r
