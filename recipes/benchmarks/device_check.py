@@ -37,7 +37,9 @@
 7. transformers models (with transformers installed): each family of recipes/hf_tiny_model.py
    parallelized in place at world size 1 on the device, one AdamW step against the unparallelized
    model on the same batch (loss with transformers' balancing loss, every parameter; <= 1e-5).
-8. The layer benchmark figures (recipes/benchmarks/moe_layer.py) on the device.
+8. The layer benchmark figures (recipes/benchmarks/moe_layer.py) on the device; on CUDA (``--large``)
+   also at Qwen3-30B-A3B's expert shape (D=2048 H=768 E=128 k=8, 8192 tokens), eager, compiled
+   bf16, and a profile of the bf16 step (recipes/benchmarks/profile_layer.py).
 Each part runs even when an earlier one raised (the traceback is printed and counted as a failure).
 Prints PASS/FAIL lines and exits non-zero on any failure.
 """
@@ -540,10 +542,16 @@ def run_part(part: Callable[..., None], *args: object) -> None:
         check(f"{part.__name__} raised", False, f"{type(e).__name__}: {e}")
 
 
+LARGE = ("--dim", "2048", "--hidden-dim", "768", "--experts", "128", "--top-k", "8", "--tokens", "8192")
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--bench", action=argparse.BooleanOptionalAction, default=True,
                    help="run the layer benchmark (part 8) after the checks")
+    p.add_argument("--large", action=argparse.BooleanOptionalAction, default=torch.cuda.is_available(),
+                   help="with --bench, also the large shape (" + " ".join(LARGE) + "): eager and compiled "
+                        "rows and a profile (default: on CUDA)")
     args = p.parse_args()
     # NOTE: cuBLAS is deterministic only with this workspace setting (read when a handle is made).
     os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
@@ -553,12 +561,17 @@ def main() -> int:
     for part in (layer_check, zero_token_check, idle_expert_check, determinism_check, parallel_checks, compile_check):
         run_part(part, device)
     if args.bench:
-        bench = Path(__file__).with_name("moe_layer.py")
-        run = subprocess.run([sys.executable, str(bench), "--repeats", "20" if device.type == "cuda" else "3",
-                              "--dtypes", "float32", "bfloat16"] + ([] if device.type == "cuda" else ["--tokens", "1024"]),
-                             check=False)
-        if run.returncode != 0:
-            FAILURES.append(f"layer benchmark (moe_layer.py exited with {run.returncode})")
+        here = Path(__file__).parent
+        runs = [[str(here / "moe_layer.py"), "--repeats", "20" if device.type == "cuda" else "3",
+                 "--dtypes", "float32", "bfloat16"] + ([] if device.type == "cuda" else ["--tokens", "1024"])]
+        if args.large:  # the expert shape of Qwen3-30B-A3B: where a GPU is busy, not launch-bound
+            runs += [[str(here / "moe_layer.py"), *LARGE, "--repeats", "10", "--no-compile"],
+                     [str(here / "moe_layer.py"), *LARGE, "--repeats", "10", "--dtypes", "bfloat16", "--no-hf"],
+                     [str(here / "profile_layer.py"), *LARGE, "--dtype", "bfloat16"]]
+        for cmd in runs:
+            run = subprocess.run([sys.executable, *cmd], check=False)
+            if run.returncode != 0:
+                FAILURES.append(f"{Path(cmd[0]).name} exited with {run.returncode}")
     print(f"{len(FAILURES)} failed: {FAILURES}" if FAILURES else "all device checks passed", flush=True)
     return 1 if FAILURES else 0
 
