@@ -127,6 +127,17 @@ def _record(model: nn.Module, stats_group: dist.ProcessGroup | None, grad_factor
                     stacklevel=2,
                 )
                 state.logits.clear()
+            elif state.logits and state.logits[0].device != logits.device:
+                # NOTE: the model moved since those forwards (their graphs hold the parameters' old
+                # storage, which a backward could not reach any more): their logits are dropped
+                warnings.warn(
+                    f"moe_aux_loss: the router logits of {len(state.logits)} training forward(s) of "
+                    f"{type(model).__name__} on {state.logits[0].device} were not followed by "
+                    f"ep_fsdp.moe_aux_loss(model) before the model moved to {logits.device}; they are dropped. "
+                    "Call it after each forward (its value is the balancing loss to add to your loss).",
+                    stacklevel=2,
+                )
+                state.logits.clear()
             state.logits.append(logits)  # type: ignore[arg-type]
 
     for router in routers:

@@ -453,3 +453,24 @@ def aux_loss_of_a_family_without_one() -> dict:
 def test_no_balancing_loss_for_a_family_that_has_none(pools):
     r = pools(1).run(aux_loss_of_a_family_without_one)[0]
     assert r["coef"] > 0 and r["without"] == 0.0 and r["with"] > 0, r
+
+
+def test_router_logits_recorded_before_the_model_moved_are_dropped_with_a_warning():
+    """A training forward whose balancing loss was never taken, then the model moved (meta stands
+    for another device here): the next forward drops the old logits with a warning, and
+    moe_aux_loss uses the new device's forward alone (it raised "not on the expected device")."""
+    from ep_fsdp.aux_loss import _ATTR, record_router_logits
+
+    model = build_hf("qwen3_moe").train()
+    assert model.config.router_aux_loss_coef > 0
+    assert record_router_logits(model, stats_group=None, grad_factor=1.0)  # what parallelize_moe does
+    (state,) = getattr(model, _ATTR)
+    ids = torch.randint(0, 256, (2, SEQ), generator=torch.Generator().manual_seed(3))
+    model(ids)  # on the CPU, its loss not taken
+    assert len(state.logits) == state.routers
+    model.to("meta", torch.bfloat16)  # (a forward runs on meta in bfloat16)
+    with pytest.warns(UserWarning, match=r"before the model moved to meta; they are dropped"):
+        model(ids.to("meta"))
+    assert len(state.logits) == state.routers and all(t.device.type == "meta" for t in state.logits)
+    loss = ep_fsdp.moe_aux_loss(model)
+    assert loss.device.type == "meta" and loss.dim() == 0
