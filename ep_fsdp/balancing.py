@@ -69,7 +69,7 @@ class RoutingCounters:
     def add_forward(self, counts: torch.Tensor, load: torch.Tensor, a2a_bytes: int,
                     dropped: torch.Tensor | int = 0) -> None:
         counts, load = counts.detach(), load.detach()
-        self.dropped = accumulate(self.dropped, dropped) if isinstance(dropped, torch.Tensor) else self.dropped + dropped
+        self.dropped = accumulate(self.dropped, dropped)
         self.rebalance_load = accumulate(self.rebalance_load, counts)
         self.tokens_per_expert = accumulate(self.tokens_per_expert, counts)
         self.expert_load = accumulate(self.expert_load, load)
@@ -98,16 +98,17 @@ class RoutingCounters:
         self.dropped = 0
 
 
-def accumulate(total: torch.Tensor | int | None, value: torch.Tensor) -> torch.Tensor:
-    """``total + value`` on ``value``'s device (a copy of ``value`` when nothing is there yet).
+def accumulate(total: torch.Tensor | int | None, value: torch.Tensor | int) -> torch.Tensor | int:
+    """``total + value``, on ``value``'s device when it is a tensor (a copy of ``value`` when
+    nothing is there yet).
 
     NOTE: the totals follow the layer: after ``model.to("cuda")`` following a forward on the CPU
     (the counters are plain attributes, which ``Module.to`` does not move), the next forward's
     values are on the GPU and the CPU totals move there (adding across devices raised).
     """
     if total is None:
-        return value.clone()
-    if isinstance(total, torch.Tensor) and total.device != value.device:
+        return value.clone() if isinstance(value, torch.Tensor) else value
+    if isinstance(total, torch.Tensor) and isinstance(value, torch.Tensor) and total.device != value.device:
         total = total.to(value.device)
     return total + value
 

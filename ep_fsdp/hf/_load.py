@@ -22,11 +22,11 @@ from typing import Any
 import torch
 import torch.nn as nn
 from safetensors import safe_open
-from torch.distributed.fsdp import FSDPModule
 from torch.distributed.tensor import DTensor
 from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
 from ..checkpoint._format import hub_weight_map
+from ..expert_modules import original_class
 
 __all__ = ["load_hub_weights", "LoadStats"]
 
@@ -41,11 +41,6 @@ class LoadStats:
     local_bytes: int = 0
     full_bytes: int = 0
     full_reads: list[str] = field(default_factory=list)
-
-
-def _class_name(model: nn.Module) -> str:
-    """The user's class of ``model``, not FSDP2's wrapper class (``FSDPQwen3MoeForCausalLM``)."""
-    return next(c.__name__ for c in type(model).__mro__ if not issubclass(c, FSDPModule))
 
 
 class _Files:
@@ -140,7 +135,7 @@ def load_hub_weights(model: nn.Module, directory: str | Path, *, api: str = "fro
     missing = sorted(k for k in state if k not in sources and k not in tied)
     if missing:
         raise ValueError(
-            f"{api}: {directory} lacks {len(missing)} tensors of {_class_name(model)}, e.g. {missing[:4]}; "
+            f"{api}: {directory} lacks {len(missing)} tensors of {original_class(model).__name__}, e.g. {missing[:4]}; "
             "the directory and its config.json do not describe the same model."
         )
     problems = _problems(files, sources, by_pattern, state, allow_cast)
@@ -151,13 +146,13 @@ def load_hub_weights(model: nn.Module, directory: str | Path, *, api: str = "fro
     problems = sorted({p for rank_problems in _gather(problems) for p in rank_problems})
     if problems:
         raise ValueError(
-            f"{api}: {directory} does not match {_class_name(model)}, nothing was loaded: "
+            f"{api}: {directory} does not match {original_class(model).__name__}, nothing was loaded: "
             + "; ".join(problems[:8]) + ". The directory and its config.json do not describe the same model"
             + ("" if allow_cast else ", or pass allow_cast=True to convert dtypes") + "."
         )
     if unused:
         warnings.warn(
-            f"{api}: {len(unused)} tensors of {directory} map to no parameter of {_class_name(model)} and were "
+            f"{api}: {len(unused)} tensors of {directory} map to no parameter of {original_class(model).__name__} and were "
             f"not loaded, e.g. {unused[:4]}.", stacklevel=2,
         )
     with torch.no_grad():

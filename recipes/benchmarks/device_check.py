@@ -318,10 +318,7 @@ def compare_exchange(name: str, layer: ep_fsdp.MoE, x: torch.Tensor, want: list[
     except Exception as e:  # noqa: BLE001 - reported as a failure
         check(f"{name}: forward+backward", False, f"{type(e).__name__}: {e}")
         return
-    errs = [rel(a, b) for a, b in zip(got, want)]
-    worst = max(range(len(errs)), key=errs.__getitem__)
-    where = f", worst: {RESULTS[worst]}" if errs[worst] > 0 else ""
-    check(f"{name}: vs local", errs[worst] <= tol, f"rel err {errs[worst]:.2e} (tol {tol:.0e}{where})")
+    worst_name(f"{name}: vs local", {what: rel(a, b) for what, a, b in zip(RESULTS, got, want)}, tol)
     if x.shape[0] == 0:
         check(f"{name}: [0, D] out, expert grads == 0", tuple(got[0].shape) == (0, 64)
               and all(exactly_zero(g) for g in got[3:]), f"shape {list(got[0].shape)}")
@@ -528,9 +525,7 @@ def compile_check(device: torch.device) -> None:
         except Exception as e:  # noqa: BLE001 - reported as a failure
             check(f"{name}: forward+backward", False, f"{type(e).__name__}: {e}")
             continue
-        errs = [rel(a, b) for a, b in zip(got, want)]
-        worst = max(range(len(errs)), key=errs.__getitem__)
-        check(f"{name}: vs eager", errs[worst] <= tol, f"rel err {errs[worst]:.2e} (tol {tol:.0e}, worst: {RESULTS[worst]})")
+        worst_name(f"{name}: vs eager", {what: rel(a, b) for what, a, b in zip(RESULTS, got, want)}, tol)
 
 
 def run_part(part: Callable[..., None], *args: object) -> None:
