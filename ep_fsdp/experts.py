@@ -16,6 +16,7 @@ from torch.autograd.function import once_differentiable
 from torch.distributed.tensor import DTensor
 
 from ._blocks import row_blocks
+from ._padded_experts import batched_linears, pad_rows, padded_capacity, unpad_rows
 from ._row_windows import rows_mm, rows_weight_grad, windows_apply
 from .config import MoEConfig
 
@@ -35,9 +36,12 @@ def _grouped_mm(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor) -> torch.T
     return torch._grouped_mm(a, b, offs=offs)
 
 
-def _host_counts(offs: torch.Tensor, counts_host: list[int] | None) -> list[int]:
-    """Rows per group as a Python list (read from ``offs`` when not given; CPU only, no device sync)."""
-    return counts_host if counts_host is not None else torch.diff(offs, prepend=offs.new_zeros(1)).tolist()
+def _host_counts(offs: torch.Tensor, counts_host: list[int] | None, cumulative: bool = True) -> list[int]:
+    """Rows per group as a Python list (read from ``offs``, cumulative row ends unless
+    ``cumulative=False``, when not given; CPU only, no device sync)."""
+    if counts_host is not None:
+        return counts_host
+    return (torch.diff(offs, prepend=offs.new_zeros(1)) if cumulative else offs).tolist()
 
 
 def _rows_mm(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor, counts_host: list[int] | None) -> torch.Tensor:
@@ -301,6 +305,16 @@ class GroupedExperts(nn.Module):
             counts_host = counts.tolist()  # once for the three matmuls
         w1, w3, w2 = self.local_weights()  # [G, H, D], [G, H, D], [G, D, H]
         w1, w3, w2 = w1.to(x.dtype), w3.to(x.dtype), w2.to(x.dtype)
+        if grouped and windows_apply(x):  # bf16/float16 on CPU, eager
+            counts_host = _host_counts(counts, counts_host, cumulative=False)
+            capacity = padded_capacity(counts_host)
+            if capacity is not None:  # balanced enough: batched matmuls over padded blocks
+                G = len(counts_host)
+                blocks = pad_rows(x, counts_host, capacity)  # [G, C, D]
+                gate, up = batched_linears(blocks, w1, w3)  # [G, C, H] each
+                hidden = swiglu(gate.view(G * capacity, -1), up.view(G * capacity, -1))  # [G*C, H]
+                (out,) = batched_linears(hidden.view(G, capacity, -1), w2)  # [G, C, D]
+                return unpad_rows(out, counts_host)  # [N, D]
         # NOTE: two matmuls instead of one over cat([w1, w3]): a concatenated weight copy would be
         # made every forward and kept alive until the backward.
         gate = grouped_linear(x, w1, counts, counts_host, grouped=grouped)  # [N, H]

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 
 import ep_fsdp
 from ep_fsdp import _blocks as blocks_mod
+from ep_fsdp import _padded_experts as padded_mod
 from ep_fsdp import _row_windows as windows_mod
 from ep_fsdp import experts as experts_mod
 from ep_fsdp.config import MoEConfig
@@ -574,6 +575,83 @@ def test_row_window_weight_gradient_leaves_non_contiguous_operands_alone():
     starts = [sum(counts[:g]) for g in range(len(counts))]
     for g, (s, m) in enumerate(zip(starts, counts)):
         torch.testing.assert_close(got[g], grad[s:s + m].t() @ x[s:s + m], rtol=0, atol=0)
+
+
+def test_padded_capacity_pads_to_the_largest_expert_only_when_routing_is_balanced_enough():
+    assert padded_mod.PAD_ROWS == 32 and padded_mod.MAX_PADDING == 0.25
+    assert padded_mod.padded_capacity([120, 110, 115, 125]) == 128  # 4 * 128 = 512 <= 1.25 * 470
+    assert padded_mod.padded_capacity([100, 90, 97, 130]) is None  # 4 * 160 = 640 > 1.25 * 417
+    assert padded_mod.padded_capacity([0, 0, 0]) is None  # no rows
+    assert padded_mod.padded_capacity([5, 3]) is None  # 2 * 32 rows for 8
+    assert padded_mod.padded_capacity([32]) == 32
+
+
+# Row counts for the padded-experts tests: balanced (with an expert of exact capacity), with an
+# idle expert, and a capacity that is not a multiple of the counts.
+_PADDED_COUNTS = [[30, 25, 32, 28], [64, 0, 64, 62, 60, 64, 63, 61], [64, 60, 57]]
+
+
+@pytest.mark.parametrize("counts", _PADDED_COUNTS)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_padded_experts_equal_the_per_expert_path_and_a_float64_reference(monkeypatch, dtype, counts):
+    """bf16/float16 experts on CPU with balanced counts run as batched matmuls over zero-padded
+    blocks: output and every gradient equal the per-expert row-window path to the dtype's
+    rounding (kernels sum in another order), and a float64 per-expert reference; an expert
+    without rows gets an exact zero gradient; weight gradients come out contiguous."""
+    assert padded_mod.padded_capacity(counts) is not None
+    torch.manual_seed(21)
+    D, H = 16, 32
+    experts = experts_mod.GroupedExperts(MoEConfig(dim=D, hidden_dim=H, num_experts=len(counts), top_k=1)).to(dtype)
+    x0 = torch.randn(sum(counts), D, dtype=dtype)
+    grad = torch.randn(sum(counts), D, dtype=dtype)
+    counts_t = torch.tensor(counts)
+    bmm_calls = []
+    real_bmm = torch.bmm
+    monkeypatch.setattr(torch, "bmm", lambda *a, **k: bmm_calls.append(1) or real_bmm(*a, **k))
+
+    def run(counts_host: list[int] | None) -> list[torch.Tensor]:
+        experts.zero_grad(set_to_none=True)
+        x = x0.clone().requires_grad_()
+        out = experts(x, counts_t, counts_host)  # None: counts read from the tensor (the local path)
+        out.backward(grad)
+        return [out, x.grad, experts.w1.grad, experts.w3.grad, experts.w2.grad]
+
+    padded = run(None)
+    assert len(bmm_calls) == 3 + 5  # forward: gate, up, down; backward: 3 weight and 2 input gradients (up's is a baddbmm_ into gate's)
+    assert all(g.is_contiguous() for g in padded[2:])
+    assert torch.equal(torch.stack(run(counts)[0:1]), torch.stack(padded[0:1]))  # host counts given: the same path
+    monkeypatch.setattr(experts_mod, "padded_capacity", lambda counts: None)
+    bmm_calls.clear()
+    per_expert = run(counts)
+    assert not bmm_calls
+    eps = torch.finfo(dtype).eps
+    for got, want in zip(padded, per_expert):
+        torch.testing.assert_close(got.float(), want.float(), rtol=4 * eps, atol=4 * eps * float(want.detach().abs().max()))
+    # float64 reference, expert by expert
+    w1, w3, w2 = (w.detach().double().requires_grad_() for w in (experts.w1, experts.w3, experts.w2))
+    x = x0.double().requires_grad_()
+    out = torch.cat([F.linear(F.silu(F.linear(part, w1[g])) * F.linear(part, w3[g]), w2[g])
+                     for g, part in enumerate(torch.split(x, counts))])
+    out.backward(grad.double())
+    for got, want in zip(padded, [out, x.grad, w1.grad, w3.grad, w2.grad]):
+        torch.testing.assert_close(got.double(), want, rtol=16 * eps, atol=16 * eps * float(want.abs().max()))
+    for g, c in enumerate(counts):
+        if c == 0:
+            assert all(torch.count_nonzero(w[g]) == 0 for w in padded[2:])
+
+
+def test_padded_experts_are_skipped_for_uneven_routing_float32_and_under_compile_paths(monkeypatch):
+    """Too uneven for padding (one expert with most rows), float32 (BLAS, no gain measured) and no
+    rows at all take the per-expert path: no batched matmul."""
+    bmm_calls = []
+    real_bmm = torch.bmm
+    monkeypatch.setattr(torch, "bmm", lambda *a, **k: bmm_calls.append(1) or real_bmm(*a, **k))
+    for dtype, counts in ((torch.bfloat16, [90, 5, 3, 2]), (torch.float32, [30, 25, 32, 28]), (torch.bfloat16, [0, 0, 0, 0])):
+        experts = experts_mod.GroupedExperts(MoEConfig(dim=16, hidden_dim=32, num_experts=4, top_k=1)).to(dtype)
+        x = torch.randn(sum(counts), 16, dtype=dtype, requires_grad=True)
+        experts(x, torch.tensor(counts)).sum().backward()
+        assert x.grad.shape == x.shape
+        assert not bmm_calls, (dtype, counts)
 
 
 @pytest.mark.parametrize("weight_dtype", [torch.float32, torch.bfloat16])
