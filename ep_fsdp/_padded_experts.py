@@ -28,7 +28,10 @@ __all__ = ["MAX_PADDING", "PAD_ROWS", "batched_linears", "pad_rows", "padded_cap
 # (it builds a kernel per shape, 0.1-0.3 ms each for bf16), and AMX tiles see whole 16-row blocks.
 PAD_ROWS = 32
 # Padded rows allowed beyond the N real ones, as a fraction of N; above it the per-expert path runs.
-MAX_PADDING = 0.25
+# NOTE: the padded blocks are what the backward keeps (input rows and the SwiGLU's pre-activations
+# and output), so this bounds the layer's saved bytes to 1.125x those of the per-expert path
+# (recipes/benchmarks/memory.py: 1.094x of the minimum at its default shape).
+MAX_PADDING = 0.125
 
 
 def padded_capacity(counts: list[int]) -> int | None:

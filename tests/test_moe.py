@@ -578,9 +578,9 @@ def test_row_window_weight_gradient_leaves_non_contiguous_operands_alone():
 
 
 def test_padded_capacity_pads_to_the_largest_expert_only_when_routing_is_balanced_enough():
-    assert padded_mod.PAD_ROWS == 32 and padded_mod.MAX_PADDING == 0.25
-    assert padded_mod.padded_capacity([120, 110, 115, 125]) == 128  # 4 * 128 = 512 <= 1.25 * 470
-    assert padded_mod.padded_capacity([100, 90, 97, 130]) is None  # 4 * 160 = 640 > 1.25 * 417
+    assert padded_mod.PAD_ROWS == 32 and padded_mod.MAX_PADDING == 0.125
+    assert padded_mod.padded_capacity([120, 110, 115, 125]) == 128  # 4 * 128 = 512 <= 1.125 * 470
+    assert padded_mod.padded_capacity([120, 100, 110, 115]) is None  # 4 * 128 = 512 > 1.125 * 445
     assert padded_mod.padded_capacity([0, 0, 0]) is None  # no rows
     assert padded_mod.padded_capacity([5, 3]) is None  # 2 * 32 rows for 8
     assert padded_mod.padded_capacity([32]) == 32
@@ -588,7 +588,7 @@ def test_padded_capacity_pads_to_the_largest_expert_only_when_routing_is_balance
 
 # Row counts for the padded-experts tests: balanced (with an expert of exact capacity), with an
 # idle expert, and a capacity that is not a multiple of the counts.
-_PADDED_COUNTS = [[30, 25, 32, 28], [64, 0, 64, 62, 60, 64, 63, 61], [64, 60, 57]]
+_PADDED_COUNTS = [[30, 29, 32, 28], [64, 0, 64, 64, 64, 64, 64, 64, 64, 63], [64, 60, 57]]
 
 
 @pytest.mark.parametrize("counts", _PADDED_COUNTS)
@@ -634,13 +634,13 @@ def test_padded_experts_equal_the_per_expert_path_and_a_float64_reference(monkey
                      for g, part in enumerate(torch.split(x, counts))])
     out.backward(grad.double())
     for got, want in zip(padded, [out, x.grad, w1.grad, w3.grad, w2.grad]):
-        torch.testing.assert_close(got.double(), want, rtol=16 * eps, atol=16 * eps * float(want.abs().max()))
+        torch.testing.assert_close(got.double(), want, rtol=16 * eps, atol=16 * eps * float(want.detach().abs().max()))
     for g, c in enumerate(counts):
         if c == 0:
             assert all(torch.count_nonzero(w[g]) == 0 for w in padded[2:])
 
 
-def test_padded_experts_are_skipped_for_uneven_routing_float32_and_under_compile_paths(monkeypatch):
+def test_padded_experts_are_skipped_for_uneven_routing_float32_and_no_rows(monkeypatch):
     """Too uneven for padding (one expert with most rows), float32 (BLAS, no gain measured) and no
     rows at all take the per-expert path: no batched matmul."""
     bmm_calls = []
