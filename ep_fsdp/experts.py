@@ -36,12 +36,9 @@ def _grouped_mm(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor) -> torch.T
     return torch._grouped_mm(a, b, offs=offs)
 
 
-def _host_counts(offs: torch.Tensor, counts_host: list[int] | None, cumulative: bool = True) -> list[int]:
-    """Rows per group as a Python list (read from ``offs``, cumulative row ends unless
-    ``cumulative=False``, when not given; CPU only, no device sync)."""
-    if counts_host is not None:
-        return counts_host
-    return (torch.diff(offs, prepend=offs.new_zeros(1)) if cumulative else offs).tolist()
+def _host_counts(offs: torch.Tensor, counts_host: list[int] | None) -> list[int]:
+    """Rows per group as a Python list (read from ``offs`` when not given; CPU only, no device sync)."""
+    return counts_host if counts_host is not None else torch.diff(offs, prepend=offs.new_zeros(1)).tolist()
 
 
 def _rows_mm(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor, counts_host: list[int] | None) -> torch.Tensor:
@@ -306,7 +303,8 @@ class GroupedExperts(nn.Module):
         w1, w3, w2 = self.local_weights()  # [G, H, D], [G, H, D], [G, D, H]
         w1, w3, w2 = w1.to(x.dtype), w3.to(x.dtype), w2.to(x.dtype)
         if grouped and windows_apply(x):  # bf16/float16 on CPU, eager
-            counts_host = _host_counts(counts, counts_host, cumulative=False)
+            if counts_host is None:
+                counts_host = counts.tolist()  # on the CPU: no device sync
             capacity = padded_capacity(counts_host)
             if capacity is not None:  # balanced enough: batched matmuls over padded blocks
                 G = len(counts_host)
