@@ -298,13 +298,12 @@ class GroupedExperts(nn.Module):
         Returns ``[N, D]`` in x's dtype.
         """
         grouped = use_grouped_mm(x.device, x.dtype, (self.w1.shape[2], self.w1.shape[1]))  # D, H
-        if counts_host is None and not grouped:
-            counts_host = counts.tolist()  # once for the three matmuls
+        on_cpu_paths = grouped and windows_apply(x)  # bf16/float16 on CPU, eager: padded blocks or row windows
+        if counts_host is None and (not grouped or on_cpu_paths):
+            counts_host = counts.tolist()  # once for the three matmuls (on the CPU paths: no device sync)
         w1, w3, w2 = self.local_weights()  # [G, H, D], [G, H, D], [G, D, H]
         w1, w3, w2 = w1.to(x.dtype), w3.to(x.dtype), w2.to(x.dtype)
-        if grouped and windows_apply(x):  # bf16/float16 on CPU, eager
-            if counts_host is None:
-                counts_host = counts.tolist()  # on the CPU: no device sync
+        if on_cpu_paths:
             capacity = padded_capacity(counts_host)
             if capacity is not None:  # balanced enough: batched matmuls over padded blocks
                 G = len(counts_host)
