@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 from torch.distributed.tensor import DTensor
 
+from . import _fused
 from ._blocks import row_blocks
 from ._padded_experts import batched_linears, pad_rows, padded_capacity, unpad_rows
 from ._row_windows import rows_mm, rows_weight_grad, windows_apply
@@ -163,6 +164,10 @@ class _SwiGLU(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
         ctx.save_for_backward(gate, up)
+        if _fused.fused_available(gate, gate.numel()):
+            fused = _fused.swiglu_forward(gate, up)  # [N, H] in one pass
+            if fused is not None:
+                return fused
         blocks = row_blocks(gate.shape[0], gate.device, gate.shape[1] * gate.element_size())
         if len(blocks) == 1:
             return F.silu(gate) * up  # [N, H]
@@ -178,6 +183,10 @@ class _SwiGLU(torch.autograd.Function):
     @once_differentiable
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         gate, up = ctx.saved_tensors
+        if _fused.fused_available(gate, gate.numel()):
+            fused = _fused.swiglu_backward(grad, gate, up)  # [N, H] each, in one pass
+            if fused is not None:
+                return fused
         blocks = row_blocks(gate.shape[0], gate.device, gate.shape[1] * gate.element_size())
         if len(blocks) == 1:
             grad_up = grad * F.silu(gate)  # [N, H] (silu recomputed: one pass instead of a saved tensor)

@@ -22,6 +22,7 @@ from typing import Any
 import torch
 from torch.autograd.function import once_differentiable
 
+from .. import _fused
 from .._blocks import row_blocks
 
 __all__ = ["Segments", "ordered_segment_sum", "gather_rows", "weighted_segment_sum", "inverse_permutation", "expert_counts"]
@@ -97,6 +98,11 @@ def ordered_segment_sum(
     if seg.uniform == 1 and weights is None:  # one row per segment: a permutation, nothing is summed
         rows = x.index_select(0, order)  # [R, D]
         return rows.to(out_dtype) if out is None else out.copy_(rows)
+    if seg.uniform is not None and _fused.fused_available(x, order.shape[0] * x.shape[1]):
+        # one fused pass on CPU: gather, widen, weight and sum each segment's k rows
+        fused_out = out if out is not None else x.new_empty((seg.num, x.shape[1]), dtype=out_dtype)  # [R, D]
+        if _fused.segment_sum(fused_out, x, order, weights, seg.uniform):
+            return fused_out
     if seg.uniform == 2 and weights is None and out_dtype == x.dtype:
         # NOTE: two rows per segment (k = 2): one add in x's dtype, which computes a narrower dtype
         # in float32 and rounds once, so the bits equal the float32 sum below (0 + a + b) rounded
@@ -232,6 +238,16 @@ class _WeightedSegmentSum(torch.autograd.Function):
         want_w = ctx.has_weights and ctx.needs_input_grad[1]
         if not (want_w or ctx.needs_input_grad[0]):
             return None, None, None, None, None, None, None
+        if seg.uniform is not None and _fused.fused_available(y, N * D):
+            # one fused pass on CPU over the rows of y: gather the segment's gradient, dot, scale
+            fused = _fused.segment_sum_backward(
+                grad, y, inverse, weights if ctx.has_weights else None, seg.uniform,
+                want_rows=ctx.needs_input_grad[0], want_weights=want_w,
+            )
+            if fused is not None:
+                grad_y, per_row = fused
+                grad_w = per_row.index_select(0, order).to(weights.dtype) if per_row is not None else None  # [N] segment order
+                return grad_y, grad_w, None, None, None, None, None
         position_segment = seg.expand(torch.arange(seg.num, device=grad.device), N)  # [N] segment of each position
         row_segment = position_segment.index_select(0, inverse)  # [N] segment of each row of y
         # NOTE: row i of y sits at position inverse[i]: one gather gives every row its segment's
