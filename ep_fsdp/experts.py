@@ -295,32 +295,59 @@ class GroupedExperts(nn.Module):
         w1, w3, w2 = (w.to_local() if isinstance(w, DTensor) else w for w in (self.w1, self.w3, self.w2))
         return w1, w3, w2
 
+    def _on_cpu_paths(self, x: torch.Tensor) -> tuple[bool, bool]:
+        """``(grouped, on_cpu_paths)``: whether grouped matmuls apply to ``x``, and whether that
+        is on the CPU paths (bf16/float16 on CPU, eager: padded blocks or row windows)."""
+        grouped = use_grouped_mm(x.device, x.dtype, (self.w1.shape[2], self.w1.shape[1]))  # D, H
+        return grouped, grouped and windows_apply(x)
+
+    def block_capacity(self, x: torch.Tensor, counts: torch.Tensor) -> tuple[int, list[int]] | None:
+        """``(C, counts on the host)`` when rows like ``x`` with these ``[G]`` counts run as
+        batched matmuls over zero-padded blocks of ``C`` rows per expert (see
+        :mod:`ep_fsdp._padded_experts`); ``None`` when they run as given. A dispatcher may then
+        hand :meth:`forward` the blocks themselves (``capacity=C``)."""
+        if not self._on_cpu_paths(x)[1]:
+            return None
+        counts_host = counts.tolist()  # on the CPU: no device sync
+        capacity = padded_capacity(counts_host)
+        return (capacity, counts_host) if capacity is not None else None
+
+    def _blocks_forward(self, blocks: torch.Tensor, w1: torch.Tensor, w3: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:
+        """``[G, C, D] -> [G, C, D]``: the SwiGLU experts as batched matmuls over padded blocks."""
+        G, C = blocks.shape[:2]
+        gate, up = batched_linears(blocks, w1, w3)  # [G, C, H] each
+        hidden = swiglu(gate.view(G * C, -1), up.view(G * C, -1))  # [G*C, H]
+        (out,) = batched_linears(hidden.view(G, C, -1), w2)  # [G, C, D]
+        return out
+
     def forward(
-        self, x: torch.Tensor, counts: torch.Tensor, counts_host: list[int] | None = None
+        self, x: torch.Tensor, counts: torch.Tensor, counts_host: list[int] | None = None,
+        capacity: int | None = None,
     ) -> torch.Tensor:
         """Run the experts on rows grouped by expert.
 
         Args:
-            x: ``[N, D]`` rows, expert ``g``'s rows contiguous and in expert order.
+            x: ``[N, D]`` rows, expert ``g``'s rows contiguous and in expert order; or, with
+                ``capacity``, ``[G*C, D]`` zero-padded blocks (expert ``g``'s rows first in rows
+                ``g*C ..``, zeros after them), as :meth:`block_capacity` asked for.
             counts: ``[G]`` rows per local expert.
             counts_host: optional host copy of ``counts``.
-        Returns ``[N, D]`` in x's dtype.
+            capacity: ``C`` when ``x`` holds padded blocks.
+        Returns ``[N, D]`` (or ``[G*C, D]``, zero rows after each expert's) in x's dtype.
         """
-        grouped = use_grouped_mm(x.device, x.dtype, (self.w1.shape[2], self.w1.shape[1]))  # D, H
-        on_cpu_paths = grouped and windows_apply(x)  # bf16/float16 on CPU, eager: padded blocks or row windows
+        grouped, on_cpu_paths = self._on_cpu_paths(x)
         if counts_host is None and (not grouped or on_cpu_paths):
             counts_host = counts.tolist()  # once for the three matmuls (on the CPU paths: no device sync)
         w1, w3, w2 = self.local_weights()  # [G, H, D], [G, H, D], [G, D, H]
         w1, w3, w2 = w1.to(x.dtype), w3.to(x.dtype), w2.to(x.dtype)
+        if capacity is not None:
+            G = w1.shape[0]
+            return self._blocks_forward(x.view(G, capacity, -1), w1, w3, w2).view(G * capacity, -1)  # [G*C, D]
         if on_cpu_paths:
             capacity = padded_capacity(counts_host)
             if capacity is not None:  # balanced enough: batched matmuls over padded blocks
-                G = len(counts_host)
                 blocks = pad_rows(x, counts_host, capacity)  # [G, C, D]
-                gate, up = batched_linears(blocks, w1, w3)  # [G, C, H] each
-                hidden = swiglu(gate.view(G * capacity, -1), up.view(G * capacity, -1))  # [G*C, H]
-                (out,) = batched_linears(hidden.view(G, capacity, -1), w2)  # [G, C, D]
-                return unpad_rows(out, counts_host)  # [N, D]
+                return unpad_rows(self._blocks_forward(blocks, w1, w3, w2), counts_host)  # [N, D]
         # NOTE: two matmuls instead of one over cat([w1, w3]): a concatenated weight copy would be
         # made every forward and kept alive until the backward.
         gate = grouped_linear(x, w1, counts, counts_host, grouped=grouped)  # [N, H]

@@ -654,6 +654,57 @@ def test_padded_experts_are_skipped_for_uneven_routing_float32_and_no_rows(monke
         assert not bmm_calls, (dtype, counts)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("fused", [True, False])
+def test_local_dispatcher_gathers_into_padded_blocks_and_combines_from_them(monkeypatch, dtype, fused):
+    """With the padded experts, the local dispatcher gathers the tokens straight into the experts'
+    zero-padded blocks and combines straight from them: bitwise the results of gathering rows,
+    padding them in the experts and unpadding after (output, token, gate-weight and expert
+    gradients), with the fused kernels and with the eager ops; an expert without rows gets exact
+    zero gradients; float32 takes the plain rows."""
+    from ep_fsdp import _fused
+    from ep_fsdp.dispatch.local import LocalDispatcher
+    from ep_fsdp.placement import ExpertPlacement
+
+    monkeypatch.setattr(padded_mod, "MAX_PADDING", 10.0)  # pad these small uneven counts too
+    monkeypatch.setattr(_fused, "FUSED_MIN_ELEMENTS", 1 if fused else 1 << 60)
+    torch.manual_seed(22)
+    T, D, H, E, k = 37, 16, 32, 5, 2
+    experts = experts_mod.GroupedExperts(MoEConfig(dim=D, hidden_dim=H, num_experts=E, top_k=k)).to(dtype)
+    dispatcher = LocalDispatcher(ExpertPlacement.contiguous(E, 1))
+    ids = torch.stack([torch.randperm(E - 1)[:k] for _ in range(T)])  # [T, k], expert E - 1 gets no rows
+    x0, w0 = torch.randn(T, D, dtype=dtype), torch.rand(T, k)
+    grad = torch.randn(T, D, dtype=dtype)
+    capacities = []
+    forward = experts.forward
+
+    def recording(rows, counts, counts_host=None, capacity=None):
+        capacities.append(capacity)
+        return forward(rows, counts, counts_host, capacity=capacity)
+
+    monkeypatch.setattr(experts, "forward", recording)
+
+    def run() -> list[torch.Tensor]:
+        experts.zero_grad(set_to_none=True)
+        x, w = x0.clone().requires_grad_(), w0.clone().requires_grad_()
+        out, stats = dispatcher.run(x, ids, w, experts)
+        out.backward(grad)
+        assert torch.equal(stats.counts, torch.bincount(ids.flatten(), minlength=E))
+        return [out, x.grad, w.grad, experts.w1.grad, experts.w3.grad, experts.w2.grad]
+
+    blocks = run()
+    assert capacities == [padded_mod.padded_capacity(torch.bincount(ids.flatten(), minlength=E).tolist())]
+    monkeypatch.setattr(experts_mod.GroupedExperts, "block_capacity", lambda self, x, counts: None)
+    rows = run()
+    assert capacities[-1] is None  # the experts padded the rows themselves
+    for got, want in zip(blocks, rows):
+        assert torch.equal(got, want)
+    assert all(torch.count_nonzero(g[E - 1]) == 0 for g in blocks[3:])
+    monkeypatch.undo()
+    experts32 = experts_mod.GroupedExperts(MoEConfig(dim=D, hidden_dim=H, num_experts=E, top_k=k))
+    assert experts32.block_capacity(x0.float(), torch.tensor([8, 8, 8, 8, 8])) is None
+
+
 @pytest.mark.parametrize("weight_dtype", [torch.float32, torch.bfloat16])
 def test_router_logits_in_row_blocks_equal_one_pass(monkeypatch, weight_dtype):
     """The float32 router matmul of a bf16 input over CPU row blocks (each block widened in cache,

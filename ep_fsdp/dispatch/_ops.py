@@ -181,22 +181,35 @@ class _GatherRows(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx: Any, x: torch.Tensor, index: torch.Tensor, back_order: torch.Tensor, back_seg: Segments) -> torch.Tensor:  # type: ignore[override]
+    def forward(  # type: ignore[override]
+        ctx: Any, x: torch.Tensor, index: torch.Tensor, back_order: torch.Tensor, back_seg: Segments,
+        zero_rows: list[tuple[int, int]] | None,
+    ) -> torch.Tensor:
         ctx.save_for_backward(back_order, *back_seg.save(ctx))
-        return x.index_select(0, index)  # [N, D]
+        out = x.index_select(0, index)  # [N, D]
+        for start, end in zero_rows or ():
+            out[start:end].zero_()
+        return out
 
     @staticmethod
     @once_differentiable
-    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None, None, None]:
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None, None, None, None]:
         back_order, *seg_saved = ctx.saved_tensors
         back_seg = Segments.restore(ctx, tuple(seg_saved), back_order.shape[0])
         summed = ordered_segment_sum(grad, back_order, back_seg, out_dtype=grad.dtype)  # [R, D] copies of each source row, in order
-        return summed, None, None, None
+        return summed, None, None, None, None
 
 
-def gather_rows(x: torch.Tensor, index: torch.Tensor, back_order: torch.Tensor, back_seg: Segments) -> torch.Tensor:
-    """``[R, D] -> [N, D]`` copies ``x[index]``; the gradient of a row is the ordered sum of its copies."""
-    return _GatherRows.apply(x, index, back_order, back_seg)
+def gather_rows(
+    x: torch.Tensor, index: torch.Tensor, back_order: torch.Tensor, back_seg: Segments,
+    zero_rows: list[tuple[int, int]] | None = None,
+) -> torch.Tensor:
+    """``[R, D] -> [N, D]`` copies ``x[index]``; the gradient of a row is the ordered sum of its copies.
+
+    ``zero_rows``: ``[start, end)`` ranges of the result set to zero (rows that are no copy:
+    their ``index`` entries are ignored, and ``back_order`` must not list them).
+    """
+    return _GatherRows.apply(x, index, back_order, back_seg, zero_rows)
 
 
 class _WeightedSegmentSum(torch.autograd.Function):
@@ -216,8 +229,9 @@ class _WeightedSegmentSum(torch.autograd.Function):
         seg: Segments,
         out_dtype: torch.dtype,
         out_shape: tuple[int, ...] | None,
+        unused_rows: list[tuple[int, int]] | None,
     ) -> torch.Tensor:
-        ctx.has_weights, ctx.y_dtype = weights is not None, y.dtype
+        ctx.has_weights, ctx.y_dtype, ctx.unused_rows = weights is not None, y.dtype, unused_rows
         ctx.save_for_backward(y, weights if weights is not None else y.new_empty(0), order, inverse, *seg.save(ctx))
         if out_shape is None:
             return ordered_segment_sum(y, order, seg, weights, out_dtype=out_dtype)  # [R, D] summed in float32
@@ -237,7 +251,7 @@ class _WeightedSegmentSum(torch.autograd.Function):
         grad = grad.reshape(-1, D)  # [R, D] in the output's dtype, widened per block below
         want_w = ctx.has_weights and ctx.needs_input_grad[1]
         if not (want_w or ctx.needs_input_grad[0]):
-            return None, None, None, None, None, None, None
+            return None, None, None, None, None, None, None, None
         if seg.uniform is not None and _fused.fused_available(y, N * D):
             # one fused pass on CPU over the rows of y: gather the segment's gradient, dot, scale
             fused = _fused.segment_sum_backward(
@@ -247,7 +261,7 @@ class _WeightedSegmentSum(torch.autograd.Function):
             if fused is not None:
                 grad_y, per_row = fused
                 grad_w = per_row.index_select(0, order).to(weights.dtype) if per_row is not None else None  # [N] segment order
-                return grad_y, grad_w, None, None, None, None, None
+                return _zeroed(grad_y, ctx.unused_rows), grad_w, None, None, None, None, None, None
         position_segment = seg.expand(torch.arange(seg.num, device=grad.device), N)  # [N] segment of each position
         row_segment = position_segment.index_select(0, inverse)  # [N] segment of each row of y
         # NOTE: row i of y sits at position inverse[i]: one gather gives every row its segment's
@@ -267,7 +281,15 @@ class _WeightedSegmentSum(torch.autograd.Function):
             elif grad_y is not None:
                 grad_y[s:e] = row_grad
         grad_w = per_row.index_select(0, order).to(weights.dtype) if per_row is not None else None  # [N] segment order
-        return grad_y, grad_w, None, None, None, None, None
+        return _zeroed(grad_y, ctx.unused_rows), grad_w, None, None, None, None, None, None
+
+
+def _zeroed(x: torch.Tensor | None, rows: list[tuple[int, int]] | None) -> torch.Tensor | None:
+    """``x`` with the ``[start, end)`` row ranges ``rows`` set to zero (in place)."""
+    if x is not None and rows:
+        for start, end in rows:
+            x[start:end].zero_()
+    return x
 
 
 def weighted_segment_sum(
@@ -278,10 +300,13 @@ def weighted_segment_sum(
     seg: Segments,
     out_dtype: torch.dtype | None = None,
     out_shape: tuple[int, ...] | None = None,
+    unused_rows: list[tuple[int, int]] | None = None,
 ) -> torch.Tensor:
     """Sum the rows of ``y`` (taken in ``order``) per segment, each times its float32 weight.
 
     Returns ``[R, D]`` (or ``out_shape``, with ``R * D`` elements) in ``out_dtype`` (default
-    ``y.dtype``); the sum itself is float32.
+    ``y.dtype``); the sum itself is float32. ``unused_rows``: ``[start, end)`` ranges of rows of
+    ``y`` that ``order`` does not list (padding); they get a zero gradient, and their entries of
+    ``inverse`` may be any valid position.
     """
-    return _WeightedSegmentSum.apply(y, weights, order, inverse, seg, out_dtype or y.dtype, out_shape)
+    return _WeightedSegmentSum.apply(y, weights, order, inverse, seg, out_dtype or y.dtype, out_shape, unused_rows)

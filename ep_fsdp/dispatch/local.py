@@ -11,9 +11,9 @@ from dataclasses import dataclass
 import torch
 
 from ._ops import Segments, expert_counts, gather_rows, inverse_permutation, weighted_segment_sum
-from .base import DispatchHandle, DispatchResult, TokenDispatcher, check_handle, flat_tokens
+from .base import DispatchHandle, DispatchResult, ExpertsFn, RunStats, TokenDispatcher, check_handle, flat_tokens
 
-__all__ = ["LocalDispatcher", "SlotSort", "sort_slots"]
+__all__ = ["LocalDispatcher", "PaddedLayout", "SlotSort", "padded_layout", "sort_slots"]
 
 
 @dataclass
@@ -55,6 +55,32 @@ def combine_sorted(
 
 
 @dataclass
+class PaddedLayout:
+    """The sorted rows placed in ``G`` blocks of ``capacity`` rows: expert ``g``'s ``m_g`` rows
+    first in block ``g``, zero rows after them (padding), ``[G*C, D]`` in all."""
+
+    capacity: int  # C
+    token: torch.Tensor  # [G*C] token of each block row (0 for padding rows)
+    position: torch.Tensor  # [G*C] slot s = t*k + j of each block row (0 for padding rows)
+    slot_row: torch.Tensor  # [S] block row of each slot
+    padding: list[tuple[int, int]]  # [start, end) block rows that are padding
+
+
+def padded_layout(sort: SlotSort, counts_host: list[int], capacity: int) -> PaddedLayout:
+    """Where each of ``sort``'s rows goes in blocks of ``capacity`` rows (``counts_host``: its
+    counts on the host, every slot kept)."""
+    G, S = len(counts_host), sort.sort_idx.shape[0]
+    device = sort.sort_idx.device
+    starts = torch.cumsum(sort.counts, 0) - sort.counts  # [G] first sorted row of each expert
+    shift = torch.arange(G, device=device) * capacity - starts  # [G] block row - sorted row, per expert
+    row = torch.arange(S, device=device) + shift.repeat_interleave(sort.counts, output_size=S)  # [S] block row of sorted row i
+    token = torch.zeros(G * capacity, dtype=torch.long, device=device).index_copy_(0, row, sort.sort_idx // sort.top_k)
+    position = torch.zeros(G * capacity, dtype=torch.long, device=device).index_copy_(0, row, sort.sort_idx)
+    padding = [(g * capacity + m, (g + 1) * capacity) for g, m in enumerate(counts_host) if m < capacity]
+    return PaddedLayout(capacity, token, position, row.index_select(0, sort.inverse), padding)
+
+
+@dataclass
 class _LocalHandle(DispatchHandle):
     sort: SlotSort | None = None
     weights: torch.Tensor | None = None  # [T, k] float32
@@ -71,6 +97,13 @@ class LocalDispatcher(TokenDispatcher):
         shape = tuple(tokens.shape)
         tokens, expert_ids, weights = flat_tokens(tokens, expert_ids, weights)  # [T, D], [T, k], [T, k]
         sort = sort_slots(self.placement.to_physical(expert_ids), self.placement.num_experts)
+        return self._dispatch_sorted(shape, tokens, weights, sort, keep, in_flight)
+
+    def _dispatch_sorted(
+        self, shape: tuple[int, ...], tokens: torch.Tensor, weights: torch.Tensor, sort: SlotSort,
+        keep: torch.Tensor | None, in_flight: Callable[[], None] | None,
+    ) -> DispatchResult:
+        """:meth:`dispatch` once the slots are sorted (``tokens [T, D]``, ``weights [T, k]``)."""
         dropped = None
         if keep is not None:
             # NOTE: dropped slots are still computed here (no host sync to size the kept rows; only
@@ -83,6 +116,36 @@ class LocalDispatcher(TokenDispatcher):
         if in_flight is not None:
             in_flight()
         return DispatchResult(rows, sort.counts, handle)
+
+    def run(
+        self, tokens: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor, experts: ExpertsFn, *,
+        keep: torch.Tensor | None = None, in_flight: Callable[[], None] | None = None,
+    ) -> tuple[torch.Tensor, RunStats]:
+        """As :meth:`TokenDispatcher.run`; when ``experts`` take zero-padded blocks for these
+        counts (``experts.block_capacity``, see :meth:`ep_fsdp.experts.GroupedExperts.block_capacity`),
+        the tokens are gathered straight into the blocks and combined straight from them, with
+        no separate pad and unpad pass."""
+        block_capacity = getattr(experts, "block_capacity", None)
+        if keep is not None or block_capacity is None:
+            return super().run(tokens, expert_ids, weights, experts, keep=keep, in_flight=in_flight)
+        shape = tuple(tokens.shape)
+        flat, ids, w = flat_tokens(tokens, expert_ids, weights)  # [T, D], [T, k], [T, k]
+        sort = sort_slots(self.placement.to_physical(ids), self.placement.num_experts)
+        blocks = block_capacity(flat, sort.counts)  # (C, counts on the host) or None
+        if blocks is None or sum(blocks[1]) != sort.sort_idx.shape[0]:  # (a slot marked dropped: not in the blocks)
+            rows, counts, handle = self._dispatch_sorted(shape, flat, w, sort, None, in_flight)
+            return self.combine(experts(rows, counts, handle.counts_host), handle), RunStats(counts, False, 0)
+        capacity, counts_host = blocks
+        layout = padded_layout(sort, counts_host, capacity)
+        segments = Segments(flat.shape[0], uniform=sort.top_k)
+        rows = gather_rows(flat, layout.token, layout.slot_row, segments, layout.padding)  # [G*C, D]
+        if in_flight is not None:
+            in_flight()
+        y = experts(rows, sort.counts, counts_host, capacity=capacity)  # [G*C, D]
+        out = weighted_segment_sum(
+            y, w.reshape(-1).float(), layout.slot_row, layout.position, segments, flat.dtype, shape, layout.padding
+        )  # [..., D]
+        return out, RunStats(sort.counts, False, 0)
 
     def combine(self, expert_out: torch.Tensor, handle: DispatchHandle) -> torch.Tensor:
         check_handle(handle, _LocalHandle, type(self).__name__)
