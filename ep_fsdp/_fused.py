@@ -24,6 +24,7 @@ bit of the output dtype. Every reduction sums in a fixed order, so results repea
 from __future__ import annotations
 
 import os
+import types
 import warnings
 from collections.abc import Callable
 from typing import Any
@@ -54,21 +55,35 @@ def fused_available(x: torch.Tensor, elements: int) -> bool:
 
 
 class _Kernel:
-    """A plain-torch function compiled on its first call (``dynamic=True``: any row count)."""
+    """A plain-torch function compiled on its first call (``dynamic=True``: any row count), once
+    per specialization: the dtypes of its tensor arguments and the values of the others.
+
+    NOTE: each specialization compiles its own copy of the function's code object. Dynamo keeps
+    its compiled graphs per code object and stops compiling one after ``recompile_limit`` (8)
+    variants; dtypes, ``k`` and the flags would reach that in one process (the tests do), and
+    with ``fullgraph=True`` that is a hard failure.
+    """
 
     def __init__(self, fn: Callable[..., Any]) -> None:
         self.fn = fn
-        self.compiled: Callable[..., Any] | None = None
+        self.compiled: dict[tuple[Any, ...], Callable[..., Any]] = {}
+
+    def _compiled_for(self, args: tuple[Any, ...]) -> Callable[..., Any]:
+        key = tuple(a.dtype if isinstance(a, torch.Tensor) else a for a in args)
+        compiled = self.compiled.get(key)
+        if compiled is None:
+            fn = self.fn
+            copy = types.FunctionType(fn.__code__.replace(), fn.__globals__, fn.__name__, fn.__defaults__, fn.__closure__)
+            compiled = self.compiled[key] = torch.compile(copy, dynamic=True, fullgraph=True)
+        return compiled
 
     def __call__(self, *args: Any) -> Any:
         """The compiled function's result, or ``None`` when it cannot run here: then the caller
         runs its eager ops. A compile failure disables every kernel of this process with one
         warning; an error the eager function raises as well is the caller's and propagates."""
         global _disabled
-        if self.compiled is None:
-            self.compiled = torch.compile(self.fn, dynamic=True, fullgraph=True)
         try:
-            return self.compiled(*args)
+            return self._compiled_for(args)(*args)
         except Exception as e:  # noqa: BLE001 - decided below: the compiler's failure or the input's
             self.fn(*args)  # raises the caller's own error (bad input) unchanged
             _disabled = f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"

@@ -142,7 +142,7 @@ def test_a_failed_compile_warns_once_and_the_eager_ops_run(kernel_calls, monkeyp
         raise RuntimeError("InvalidCxxCompiler: no working C++ compiler found")
 
     for kernel in (_fused._SWIGLU_FORWARD, _fused._SWIGLU_BACKWARD, _fused._SEGMENT_SUM, _fused._SEGMENT_SUM_BACKWARD):
-        monkeypatch.setattr(kernel, "compiled", no_compiler)
+        monkeypatch.setattr(kernel, "_compiled_for", lambda args: no_compiler)
     torch.manual_seed(9)
     layer = MoE(MoEConfig(dim=16, hidden_dim=32, num_experts=4, top_k=2))
     x, grad = torch.randn(30, 16), torch.randn(30, 16)
@@ -170,3 +170,18 @@ def test_a_bad_input_raises_its_own_error_and_keeps_the_kernels(kernel_calls):
     with pytest.raises(RuntimeError, match="size of tensor a"):
         _fused.swiglu_forward(torch.randn(8, 6), torch.randn(8, 5))
     assert _fused._disabled is None and _fused.fused_available(torch.randn(1), 10**9)
+
+
+def test_each_specialization_compiles_on_its_own(kernel_calls, monkeypatch):
+    """Every dtype (and ``k``, flag) of a kernel compiles its own copy of the function, so the
+    variants of one process never run into dynamo's recompile limit (which would switch the
+    kernels off): here with a limit of one compiled graph per code object."""
+    import torch._dynamo
+
+    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 1)
+    kernel = _fused._Kernel(_fused._swiglu_forward)  # a fresh one: no graphs of other tests' shapes
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        gate, up = torch.randn(64, 8, dtype=dtype), torch.randn(64, 8, dtype=dtype)
+        got = kernel(gate, up)
+        assert got is not None and _fused._disabled is None, dtype
+        torch.testing.assert_close(got, F.silu(gate.float()).mul(up.float()).to(dtype), **_tolerance(dtype, got.float()))
