@@ -33,3 +33,14 @@ def source(pools, tmp_path_factory) -> str:
     root = str(tmp_path_factory.mktemp("ckpt"))
     pools(4).run(save_source, root)
     return root
+
+
+@pytest.fixture(autouse=True)
+def fused_kernels_stay_on() -> Iterator[None]:
+    """No test may switch the fused CPU kernels off for the tests after it (a failed compile
+    does that for the rest of the process): tests that provoke one patch the state themselves."""
+    from ep_fsdp import _fused
+
+    yield
+    disabled, _fused._disabled = _fused._disabled, None
+    assert disabled is None, f"the fused CPU kernels were switched off: {disabled}"

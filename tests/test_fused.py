@@ -172,16 +172,17 @@ def test_a_bad_input_raises_its_own_error_and_keeps_the_kernels(kernel_calls):
     assert _fused._disabled is None and _fused.fused_available(torch.randn(1), 10**9)
 
 
-def test_each_specialization_compiles_on_its_own(kernel_calls, monkeypatch):
+def test_each_specialization_compiles_on_its_own(kernel_calls):
     """Every dtype (and ``k``, flag) of a kernel compiles its own copy of the function, so the
     variants of one process never run into dynamo's recompile limit (which would switch the
     kernels off): here with a limit of one compiled graph per code object."""
     import torch._dynamo
 
-    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 1)
     kernel = _fused._Kernel(_fused._swiglu_forward)  # a fresh one: no graphs of other tests' shapes
     for dtype in (torch.float32, torch.bfloat16, torch.float16):
         gate, up = torch.randn(64, 8, dtype=dtype), torch.randn(64, 8, dtype=dtype)
-        got = kernel(gate, up)
+        with torch._dynamo.config.patch(recompile_limit=1):
+            got = kernel(gate, up)
         assert got is not None and _fused._disabled is None, dtype
         torch.testing.assert_close(got, F.silu(gate.float()).mul(up.float()).to(dtype), **_tolerance(dtype, got.float()))
+    assert torch._dynamo.config.recompile_limit == 8
