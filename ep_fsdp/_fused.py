@@ -32,12 +32,15 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-__all__ = ["FUSED_MIN_ELEMENTS", "fused_available", "segment_sum", "segment_sum_backward", "swiglu_backward",
-           "swiglu_forward"]
+__all__ = ["FUSED_MIN_ELEMENTS", "MAX_RAGGED", "fused_available", "ragged_segment_sum", "segment_sum",
+           "segment_sum_backward", "swiglu_backward", "swiglu_forward"]
 
 # Elements of the widest operand from which a fused kernel replaces the eager ops.
 FUSED_MIN_ELEMENTS = 1 << 17
 ENV_SWITCH = "EP_FSDP_FUSED_KERNELS"
+# Longest segment the ragged segment sum takes (it makes one pass per row of the longest segment;
+# the exchanges' segments hold at most top_k rows).
+MAX_RAGGED = 8
 
 # why the fused kernels are off for the rest of this process (a failed compile), or None
 _disabled: str | None = None
@@ -127,12 +130,30 @@ def _segment_sum(out: torch.Tensor, x: torch.Tensor, order: torch.Tensor, weight
     return out.copy_(total)
 
 
+def _ragged_segment_sum(
+    out: torch.Tensor, x: torch.Tensor, order: torch.Tensor, weights: torch.Tensor | None,
+    starts: torch.Tensor, lengths: torch.Tensor, longest: int,
+) -> torch.Tensor:
+    acc = _acc(x.dtype)
+    last = order.shape[0] - 1
+    total = None
+    for j in range(longest):  # in order within each segment; past its end a segment adds exact zeros
+        valid = (lengths > j).unsqueeze(1)  # [R, 1]
+        p = (starts + j).clamp(max=last)  # [R] position (clamped: read, then masked)
+        row = x[order[p]].to(acc)  # [R, D]
+        if weights is not None:
+            row = row * weights[p].to(acc).unsqueeze(1)
+        row = torch.where(valid, row, 0.0)
+        total = row if total is None else total + row
+    return out.copy_(total)
+
+
 def _segment_sum_backward(
-    grad: torch.Tensor, y: torch.Tensor, position: torch.Tensor, weights: torch.Tensor | None, k: int,
-    want_rows: bool, want_weights: bool,
+    grad: torch.Tensor, y: torch.Tensor, segment: torch.Tensor, position: torch.Tensor,
+    weights: torch.Tensor | None, want_rows: bool, want_weights: bool,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     acc = _acc(y.dtype)
-    row_grad = grad[position // k].to(acc)  # [N, D] the gradient of each row's segment
+    row_grad = grad[segment].to(acc)  # [N, D] the gradient of each row's segment
     per_row = (row_grad * y.to(acc)).sum(1) if want_weights else None  # [N] <segment grad, row>
     grad_y = None
     if want_rows:
@@ -144,6 +165,7 @@ def _segment_sum_backward(
 _SWIGLU_FORWARD = _Kernel(_swiglu_forward)
 _SWIGLU_BACKWARD = _Kernel(_swiglu_backward)
 _SEGMENT_SUM = _Kernel(_segment_sum)
+_RAGGED_SEGMENT_SUM = _Kernel(_ragged_segment_sum)
 _SEGMENT_SUM_BACKWARD = _Kernel(_segment_sum_backward)
 
 
@@ -165,13 +187,26 @@ def segment_sum(
     return _SEGMENT_SUM(out, x, order, weights, k) is not None
 
 
+def ragged_segment_sum(
+    out: torch.Tensor, x: torch.Tensor, order: torch.Tensor, weights: torch.Tensor | None,
+    starts: torch.Tensor, lengths: torch.Tensor,
+) -> bool:
+    """:func:`segment_sum` for segments of any length: segment ``r`` is positions ``starts[r] ..
+    starts[r] + lengths[r] - 1`` of ``order`` (``[R]`` each); ``False`` when the kernel cannot
+    run, or the longest segment has more than :data:`MAX_RAGGED` rows (one pass per row of it)."""
+    longest = int(lengths.max()) if lengths.numel() else 0
+    if longest == 0 or longest > MAX_RAGGED:
+        return False
+    return _RAGGED_SEGMENT_SUM(out, x, order, weights, starts, lengths, longest) is not None
+
+
 def segment_sum_backward(
-    grad: torch.Tensor, y: torch.Tensor, position: torch.Tensor, weights: torch.Tensor | None, k: int, *,
-    want_rows: bool, want_weights: bool,
+    grad: torch.Tensor, y: torch.Tensor, segment: torch.Tensor, position: torch.Tensor,
+    weights: torch.Tensor | None, *, want_rows: bool, want_weights: bool,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None] | None:
-    """The backward of :func:`segment_sum` by rows of ``y [N, D]``: row ``i`` sits at position
-    ``position[i]`` of the segments (segment ``position[i] // k``). Returns ``grad_y [N, D]``
-    (its segment's gradient times its weight, in y's dtype; when ``want_rows``) and ``per_row
-    [N]`` (float32 dot product of its segment's gradient with the row, the weight's gradient;
-    when ``want_weights``), or ``None`` when the kernel cannot run."""
-    return _SEGMENT_SUM_BACKWARD(grad.contiguous(), y, position, weights, k, want_rows, want_weights)
+    """The backward of a weighted segment sum by rows of ``y [N, D]``: row ``i`` sits at
+    position ``position[i]`` (its weight ``weights[position[i]]``) of segment ``segment[i]``.
+    Returns ``grad_y [N, D]`` (its segment's gradient times its weight, in y's dtype; when
+    ``want_rows``) and ``per_row [N]`` (float32 dot product of its segment's gradient with the
+    row, the weight's gradient; when ``want_weights``), or ``None`` when the kernel cannot run."""
+    return _SEGMENT_SUM_BACKWARD(grad.contiguous(), y, segment, position, weights, want_rows, want_weights)

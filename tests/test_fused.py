@@ -12,6 +12,7 @@ import torch.nn.functional as F
 
 from ep_fsdp import _fused
 from ep_fsdp.config import MoEConfig
+from ep_fsdp.dispatch._ops import Segments, weighted_segment_sum
 from ep_fsdp.dispatch.local import combine_sorted, gather_sorted, sort_slots
 from ep_fsdp.experts import swiglu
 from ep_fsdp.moe import MoE
@@ -106,6 +107,41 @@ def test_fused_gather_and_combine_equal_the_eager_segment_sums(kernel_calls, mon
     out.backward(grad_out.double())
     for got, want in zip(fused[1:], [x.grad, out.detach(), y.grad, w.grad]):
         torch.testing.assert_close(got.double(), want, **_tolerance(torch.float32 if got.dtype == torch.float32 else dtype, want))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("weighted", [True, False])
+def test_fused_ragged_segment_sums_equal_the_eager_ones(kernel_calls, monkeypatch, dtype, weighted):
+    """Segments of uneven length (the exchanges' rows per token and slots per row), empty ones
+    included: the fused sum and its backward equal the eager segment sums to the dtype's
+    rounding; segments longer than MAX_RAGGED take the eager ops."""
+    torch.manual_seed(11)
+    lengths = torch.tensor([2, 0, 1, 3, 2, 0, 1, 1, 3, 2, 0])  # [R]
+    N, R, D = int(lengths.sum()), lengths.numel(), 20
+    order = torch.randperm(N)  # [N]
+    inverse = torch.empty_like(order)
+    inverse[order] = torch.arange(N)
+    y0, w0 = torch.randn(N, D, dtype=dtype), torch.rand(N)
+    grad = torch.randn(R, D, dtype=dtype)
+
+    def run(seg: Segments) -> list[torch.Tensor]:
+        y, w = y0.clone().requires_grad_(), w0.clone().requires_grad_()
+        out = weighted_segment_sum(y, w if weighted else None, order, inverse, seg)  # [R, D]
+        out.backward(grad)
+        return [out.detach(), y.grad] + ([w.grad] if weighted else [])
+
+    fused = run(Segments(R, lengths=lengths))
+    assert kernel_calls == {"_ragged_segment_sum": 1, "_segment_sum_backward": 1}
+    monkeypatch.setenv(_fused.ENV_SWITCH, "0")
+    eager = run(Segments(R, lengths=lengths))
+    for got, want in zip(fused, eager):
+        torch.testing.assert_close(got, want, **_tolerance(dtype, want.float()))
+    assert torch.count_nonzero(fused[0][lengths == 0]) == 0
+    monkeypatch.delenv(_fused.ENV_SWITCH)
+    monkeypatch.setattr(_fused, "MAX_RAGGED", 2)  # the longest segment has 3 rows: eager forward
+    kernel_calls.clear()
+    run(Segments(R, lengths=lengths))
+    assert kernel_calls == {"_segment_sum_backward": 1}
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -98,10 +98,14 @@ def ordered_segment_sum(
     if seg.uniform == 1 and weights is None:  # one row per segment: a permutation, nothing is summed
         rows = x.index_select(0, order)  # [R, D]
         return rows.to(out_dtype) if out is None else out.copy_(rows)
-    if seg.uniform is not None and _fused.fused_available(x, order.shape[0] * x.shape[1]):
-        # one fused pass on CPU: gather, widen, weight and sum each segment's k rows
+    if _fused.fused_available(x, order.shape[0] * x.shape[1]):
+        # one fused pass on CPU: gather, widen, weight and sum each segment's rows
         fused_out = out if out is not None else x.new_empty((seg.num, x.shape[1]), dtype=out_dtype)  # [R, D]
-        if _fused.segment_sum(fused_out, x, order, weights, seg.uniform):
+        if seg.uniform is not None:
+            done = _fused.segment_sum(fused_out, x, order, weights, seg.uniform)
+        else:
+            done = _fused.ragged_segment_sum(fused_out, x, order, weights, seg.offsets(x.device), seg.lengths)
+        if done:
             return fused_out
     if seg.uniform == 2 and weights is None and out_dtype == x.dtype:
         # NOTE: two rows per segment (k = 2): one add in x's dtype, which computes a narrower dtype
@@ -252,10 +256,12 @@ class _WeightedSegmentSum(torch.autograd.Function):
         want_w = ctx.has_weights and ctx.needs_input_grad[1]
         if not (want_w or ctx.needs_input_grad[0]):
             return None, None, None, None, None, None, None, None
-        if seg.uniform is not None and _fused.fused_available(y, N * D):
+        if _fused.fused_available(y, N * D):
             # one fused pass on CPU over the rows of y: gather the segment's gradient, dot, scale
+            segment = (inverse // seg.uniform if seg.uniform is not None
+                       else seg.expand(torch.arange(seg.num, device=grad.device), N).index_select(0, inverse))  # [N]
             fused = _fused.segment_sum_backward(
-                grad, y, inverse, weights if ctx.has_weights else None, seg.uniform,
+                grad, y, segment, inverse, weights if ctx.has_weights else None,
                 want_rows=ctx.needs_input_grad[0], want_weights=want_w,
             )
             if fused is not None:
