@@ -174,3 +174,75 @@ def test_compiled_expert_dropout_and_jitter_draw_what_eager_draws():
         assert graphs[2] == graphs[-1], graphs  # after one recompile (dynamic shapes), a new salt compiles nothing
     finally:
         torch._dynamo.reset()
+
+
+def test_compiled_bf16_cpu_layer_runs_dispatch_and_padded_experts_eagerly(monkeypatch):
+    """bf16 on CPU under ``torch.compile``: the local dispatch with its experts runs eagerly
+    behind a graph break (the padded blocks' capacity is a host value), so the compiled layer
+    takes the padded blocks; equal to eager to bf16 rounding, and new routing every step (new
+    capacities) compiles nothing new."""
+    from torch._dynamo.utils import counters
+
+    from ep_fsdp import _padded_experts, experts as experts_mod
+
+    monkeypatch.setattr(_padded_experts, "MAX_PADDING", 10.0)  # pad these small uneven counts too
+    capacities = []
+    forward = experts_mod.GroupedExperts.forward
+
+    def recording(self, x, counts, counts_host=None, capacity=None):
+        capacities.append(capacity)
+        return forward(self, x, counts, counts_host, capacity)
+
+    monkeypatch.setattr(experts_mod.GroupedExperts, "forward", recording)
+    torch.manual_seed(4)
+    eager = ep_fsdp.MoE(ep_fsdp.MoEConfig(dim=32, hidden_dim=64, num_experts=4, top_k=2)).to(torch.bfloat16)
+    compiled = copy.deepcopy(eager)
+    compiled.compile()
+
+    def step(layer, seed):
+        layer.zero_grad(set_to_none=True)
+        x = torch.randn(48, 32, generator=torch.Generator().manual_seed(seed)).to(torch.bfloat16).requires_grad_()
+        out = layer(x)
+        out.float().square().mean().backward()
+        return [out.detach().float(), x.grad.float()] + [p.grad.float() for p in layer.parameters()]
+
+    torch._dynamo.reset()
+    counters.clear()
+    for seed in range(3):
+        capacities.clear()
+        got, want = step(compiled, seed), step(eager, seed)
+        assert capacities[0] is not None and capacities[0] == capacities[1]  # padded blocks, compiled and eager
+        errors = {i: rel_err(g, w) for i, (g, w) in enumerate(zip(got, want))}
+        assert worst(errors)[1] <= BF16_REL_TOL, worst(errors)
+        if seed == 0:
+            graphs = counters["stats"]["unique_graphs"]
+    assert counters["stats"]["unique_graphs"] == graphs
+
+
+def test_compiled_bf16_cpu_experts_run_eagerly_behind_a_graph_break(monkeypatch):
+    """The experts alone under ``torch.compile`` (as an exchange calls them on arriving rows),
+    bf16 on CPU: they run eagerly, with the padded blocks (batched matmuls), and equal eager."""
+    from ep_fsdp import _padded_experts, experts as experts_mod
+
+    monkeypatch.setattr(_padded_experts, "MAX_PADDING", 10.0)
+    torch.manual_seed(6)
+    experts = experts_mod.GroupedExperts(ep_fsdp.MoEConfig(dim=32, hidden_dim=64, num_experts=4, top_k=1)).to(torch.bfloat16)
+    counts = torch.tensor([9, 0, 14, 11])
+    x0, grad = torch.randn(34, 32, dtype=torch.bfloat16), torch.randn(34, 32, dtype=torch.bfloat16)
+    bmm_calls = []
+    real_bmm = torch.bmm
+    monkeypatch.setattr(torch, "bmm", lambda *a, **k: bmm_calls.append(1) or real_bmm(*a, **k))
+
+    def run(fn):
+        experts.zero_grad(set_to_none=True)
+        x = x0.clone().requires_grad_()
+        out = fn(x, counts)
+        out.backward(grad)
+        return [out.detach(), x.grad] + [p.grad for p in experts.parameters()]
+
+    want = run(experts)
+    bmm_calls.clear()
+    got = run(torch.compile(experts))
+    assert len(bmm_calls) == 8  # the padded path's batched matmuls, run eagerly
+    for g, w in zip(got, want):
+        assert torch.equal(g, w)

@@ -128,6 +128,8 @@ class LocalDispatcher(TokenDispatcher):
         block_capacity = getattr(experts, "block_capacity", None)
         if keep is not None or block_capacity is None:
             return super().run(tokens, expert_ids, weights, experts, keep=keep, in_flight=in_flight)
+        if torch.compiler.is_compiling() and tokens.device.type == "cpu" and tokens.dtype in (torch.bfloat16, torch.float16):
+            return _run_eagerly(self, tokens, expert_ids, weights, experts, in_flight)  # NOTE: a graph break, see there
         shape = tuple(tokens.shape)
         flat, ids, w = flat_tokens(tokens, expert_ids, weights)  # [T, D], [T, k], [T, k]
         sort = sort_slots(self.placement.to_physical(ids), self.placement.num_experts)
@@ -152,3 +154,19 @@ class LocalDispatcher(TokenDispatcher):
         if handle.dropped is not None:
             expert_out = expert_out.masked_fill(handle.dropped.unsqueeze(1), 0)  # [S, D]
         return combine_sorted(expert_out, handle.weights, handle.sort, handle.out_dtype, handle.out_shape)
+
+
+@torch.compiler.disable
+def _run_eagerly(
+    dispatcher: LocalDispatcher, tokens: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor,
+    experts: ExpertsFn, in_flight: Callable[[], None] | None,
+) -> tuple[torch.Tensor, RunStats]:
+    """:meth:`LocalDispatcher.run` eagerly from a compiled graph (bf16/float16 on CPU).
+
+    NOTE: a graph break, like the host sync it stands for: whether the experts take padded
+    blocks, and their capacity, come from the counts on the host (free on the CPU); eagerly the
+    tokens go straight into the blocks and the fused kernels run (docs/performance.md: the
+    compiled layer against the compiled row windows).
+    """
+    return dispatcher.run(tokens, expert_ids, weights, experts, in_flight=in_flight)
+
