@@ -13,12 +13,14 @@ forward+backward 2.0 -> 0.5 ms (docs/performance.md).
 When they run: on CPU, in eager mode (a compiled model fuses the plain ops itself), for at
 least :data:`FUSED_MIN_ELEMENTS` elements (below it the call overhead of a compiled function is
 not worth it), unless ``EP_FSDP_FUSED_KERNELS=0``. Each kernel compiles once per process and
-dtype on its first call (a few seconds; shapes are dynamic, so new row counts reuse it). If
-compiling fails (no C++ compiler, say), one warning says so and the eager ops run from then on.
+specialization (dtypes, ``k``, flags) on its first call (a few seconds; shapes are dynamic, so
+new row counts reuse it). If compiling fails (no C++ compiler, say), one warning says so and the
+eager ops run from then on.
 
 Numerics: every function computes in float32 (float64 for float64 inputs) and rounds once to the
-output dtype, where the eager chain rounds each intermediate to bf16; results agree to the last
-bit of the output dtype. Every reduction sums in a fixed order, so results repeat run to run.
+output dtype, where the eager chain rounds each intermediate to bf16; results agree with the
+eager ops to a few roundings of the output dtype (tested), bf16 ones no farther from the exact
+values. Every reduction sums in a fixed order, so results repeat run to run.
 """
 
 from __future__ import annotations

@@ -169,4 +169,3 @@ def _run_eagerly(
     compiled layer against the compiled row windows).
     """
     return dispatcher.run(tokens, expert_ids, weights, experts, in_flight=in_flight)
-
