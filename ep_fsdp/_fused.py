@@ -34,11 +34,15 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-__all__ = ["FUSED_MIN_ELEMENTS", "MAX_RAGGED", "fused_available", "ragged_segment_sum", "segment_sum",
-           "segment_sum_backward", "swiglu_backward", "swiglu_forward"]
+__all__ = ["FUSED_MIN_ELEMENTS", "FUSED_MIN_SOFTMAX_ELEMENTS", "MAX_RAGGED", "fused_available", "ragged_segment_sum",
+           "segment_sum", "segment_sum_backward", "softmax_backward", "softmax_forward", "swiglu_backward",
+           "swiglu_forward"]
 
 # Elements of the widest operand from which a fused kernel replaces the eager ops.
 FUSED_MIN_ELEMENTS = 1 << 17
+# The same for the router's softmax over a narrow last dim (E scores a row), which ATen computes
+# row by row: 0.29 ms eagerly for 4096 x 8 scores against 0.07 ms fused (2 cores, AMX Xeon).
+FUSED_MIN_SOFTMAX_ELEMENTS = 1 << 14
 ENV_SWITCH = "EP_FSDP_FUSED_KERNELS"
 # Longest segment the ragged segment sum takes (it makes one pass per row of the longest segment;
 # the exchanges' segments hold at most top_k rows).
@@ -48,11 +52,12 @@ MAX_RAGGED = 8
 _disabled: str | None = None
 
 
-def fused_available(x: torch.Tensor, elements: int) -> bool:
-    """Whether the fused kernels run for ``x`` (``elements``: the widest operand's count)."""
+def fused_available(x: torch.Tensor, elements: int, min_elements: int | None = None) -> bool:
+    """Whether the fused kernels run for ``x`` (``elements``: the widest operand's count; from
+    ``min_elements``, default :data:`FUSED_MIN_ELEMENTS`)."""
     return (
         x.device.type == "cpu"
-        and elements >= max(1, FUSED_MIN_ELEMENTS)
+        and elements >= max(1, FUSED_MIN_ELEMENTS if min_elements is None else min_elements)
         and _disabled is None
         and not torch.compiler.is_compiling()
         and os.environ.get(ENV_SWITCH, "1") != "0"
@@ -164,11 +169,31 @@ def _segment_sum_backward(
     return grad_y, per_row
 
 
+def _softmax_forward(logits: torch.Tensor) -> torch.Tensor:
+    return torch.softmax(logits, dim=-1)  # [T, E]
+
+
+def _softmax_backward(grad: torch.Tensor, probs: torch.Tensor) -> torch.Tensor:
+    return probs * (grad - (grad * probs).sum(-1, keepdim=True))  # [T, E]
+
+
+_SOFTMAX_FORWARD = _Kernel(_softmax_forward)
+_SOFTMAX_BACKWARD = _Kernel(_softmax_backward)
 _SWIGLU_FORWARD = _Kernel(_swiglu_forward)
 _SWIGLU_BACKWARD = _Kernel(_swiglu_backward)
 _SEGMENT_SUM = _Kernel(_segment_sum)
 _RAGGED_SEGMENT_SUM = _Kernel(_ragged_segment_sum)
 _SEGMENT_SUM_BACKWARD = _Kernel(_segment_sum_backward)
+
+
+def softmax_forward(logits: torch.Tensor) -> torch.Tensor | None:
+    """``softmax(logits, -1)`` (``[T, E]``, float32), or ``None`` when the kernel cannot run."""
+    return _SOFTMAX_FORWARD(logits)
+
+
+def softmax_backward(grad: torch.Tensor, probs: torch.Tensor) -> torch.Tensor | None:
+    """The softmax's input gradient from its output ``probs`` (``[T, E]``), or ``None``."""
+    return _SOFTMAX_BACKWARD(grad.contiguous(), probs)
 
 
 def swiglu_forward(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor | None:

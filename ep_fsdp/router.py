@@ -14,6 +14,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
+from . import _fused
 from ._blocks import row_blocks
 from .config import MoEConfig
 from .selection import Salt, expert_dropout_mask, group_limited_mask, jitter_noise, random_salt
@@ -105,6 +106,35 @@ def float32_logits(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         return _Float32Linear.apply(x, weight)
 
 
+class _Softmax(torch.autograd.Function):
+    """``softmax(logits, -1)`` through the fused CPU kernels (:mod:`ep_fsdp._fused`)."""
+
+    @staticmethod
+    def forward(ctx: Any, logits: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        probs = _fused.softmax_forward(logits)
+        if probs is None:  # the kernels could not be built: eager
+            probs = torch.softmax(logits, dim=-1)
+        ctx.save_for_backward(probs)
+        return probs  # [T, E]
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:
+        (probs,) = ctx.saved_tensors
+        fused = (_fused.softmax_backward(grad, probs)
+                 if _fused.fused_available(probs, probs.numel(), _fused.FUSED_MIN_SOFTMAX_ELEMENTS) else None)
+        return fused if fused is not None else torch._softmax_backward_data(grad, probs, -1, probs.dtype)
+
+
+def softmax(logits: torch.Tensor) -> torch.Tensor:
+    """``torch.softmax(logits, dim=-1)`` for router logits ``[T, E]``; on CPU in eager mode from
+    :data:`ep_fsdp._fused.FUSED_MIN_SOFTMAX_ELEMENTS` scores one fused pass each way (ATen's
+    softmax over a narrow last dim works row by row)."""
+    if _fused.fused_available(logits, logits.numel(), _fused.FUSED_MIN_SOFTMAX_ELEMENTS):
+        return _Softmax.apply(logits)
+    return torch.softmax(logits, dim=-1)
+
+
 class Router(nn.Module):
     """Linear gate ``D -> E`` computed in float32, then softmax/sigmoid scores and top-k.
 
@@ -160,7 +190,7 @@ class Router(nn.Module):
         if cfg.temperature != 1.0:
             logits = logits / cfg.temperature
         if cfg.score_func == "softmax":
-            scores = torch.softmax(logits, dim=-1)  # [T, E]
+            scores = softmax(logits)  # [T, E]
             probs = scores
         else:
             scores = torch.sigmoid(logits)  # [T, E]

@@ -22,6 +22,7 @@ from ep_fsdp.moe import MoE
 def kernel_calls(monkeypatch) -> Counter:
     """The fused kernels run at any size; counts each kernel's calls by function name."""
     monkeypatch.setattr(_fused, "FUSED_MIN_ELEMENTS", 1)
+    monkeypatch.setattr(_fused, "FUSED_MIN_SOFTMAX_ELEMENTS", 1)
     monkeypatch.setattr(_fused, "_disabled", None)
     monkeypatch.delenv(_fused.ENV_SWITCH, raising=False)
     calls: Counter = Counter()
@@ -144,6 +145,33 @@ def test_fused_ragged_segment_sums_equal_the_eager_ones(kernel_calls, monkeypatc
     assert kernel_calls == {"_segment_sum_backward": 1}
 
 
+def test_fused_router_softmax_equals_torch_softmax(kernel_calls, monkeypatch):
+    """The router's softmax over a narrow last dim, fused both ways: equal to ``torch.softmax``
+    and its gradient to float32 rounding; below FUSED_MIN_SOFTMAX_ELEMENTS scores it is
+    ``torch.softmax`` itself."""
+    from ep_fsdp.router import softmax
+
+    torch.manual_seed(12)
+    logits0, grad = torch.randn(300, 8) * 4, torch.randn(300, 8)
+
+    def run(fn) -> list[torch.Tensor]:
+        logits = logits0.clone().requires_grad_()
+        probs = fn(logits)
+        probs.backward(grad)
+        return [probs.detach(), logits.grad]
+
+    fused = run(softmax)
+    assert kernel_calls == {"_softmax_forward": 1, "_softmax_backward": 1}
+    eps = torch.finfo(torch.float32).eps
+    for got, want in zip(fused, run(lambda t: torch.softmax(t, dim=-1))):
+        # the gradient subtracts each row's sum of grad * probs (up to max |grad| in size): a few
+        # roundings of that, whatever the element's own size
+        torch.testing.assert_close(got, want, rtol=4 * eps, atol=8 * eps * float(grad.abs().max()))
+    monkeypatch.setattr(_fused, "FUSED_MIN_SOFTMAX_ELEMENTS", 300 * 8 + 1)
+    probs = softmax(logits0.clone().requires_grad_())
+    assert probs.grad_fn.name() == "SoftmaxBackward0" and kernel_calls["_softmax_forward"] == 1
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_moe_layer_with_fused_kernels_equals_the_eager_layer(kernel_calls, monkeypatch, dtype):
     """A whole layer forward+backward runs every fused kernel and matches the eager layer (the
@@ -161,7 +189,8 @@ def test_moe_layer_with_fused_kernels_equals_the_eager_layer(kernel_calls, monke
         return [out.detach(), x.grad] + [p.grad for p in layer.parameters()]
 
     fused = run()
-    assert set(kernel_calls) == {"_swiglu_forward", "_swiglu_backward", "_segment_sum", "_segment_sum_backward"}
+    assert set(kernel_calls) == {"_swiglu_forward", "_swiglu_backward", "_segment_sum", "_segment_sum_backward",
+                                 "_softmax_forward", "_softmax_backward"}
     monkeypatch.setenv(_fused.ENV_SWITCH, "0")
     calls = sum(kernel_calls.values())
     eager = run()
@@ -177,7 +206,7 @@ def test_a_failed_compile_warns_once_and_the_eager_ops_run(kernel_calls, monkeyp
     def no_compiler(*args):
         raise RuntimeError("InvalidCxxCompiler: no working C++ compiler found")
 
-    for kernel in (_fused._SWIGLU_FORWARD, _fused._SWIGLU_BACKWARD, _fused._SEGMENT_SUM, _fused._SEGMENT_SUM_BACKWARD):
+    for kernel in [k for k in vars(_fused).values() if isinstance(k, _fused._Kernel)]:
         monkeypatch.setattr(kernel, "_compiled_for", lambda args: no_compiler)
     torch.manual_seed(9)
     layer = MoE(MoEConfig(dim=16, hidden_dim=32, num_experts=4, top_k=2))
