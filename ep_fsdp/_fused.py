@@ -68,7 +68,9 @@ def fused_available(x: torch.Tensor, elements: int, min_elements: int | None = N
 
 class _Kernel:
     """A plain-torch function compiled on its first call (``dynamic=True``: any row count), once
-    per specialization: the dtypes of its tensor arguments and the values of the others.
+    per specialization: the dtypes of its tensor arguments, the values of the others, and whether
+    torch runs one thread or several (Inductor leaves the OpenMP loop out of a kernel compiled
+    for one thread, which would then stay serial after ``torch.set_num_threads(2)``).
 
     NOTE: each specialization compiles its own copy of the function's code object. Dynamo keeps
     its compiled graphs per code object and stops compiling one after ``recompile_limit`` (8)
@@ -81,7 +83,7 @@ class _Kernel:
         self.compiled: dict[tuple[Any, ...], Callable[..., Any]] = {}
 
     def _compiled_for(self, args: tuple[Any, ...]) -> Callable[..., Any]:
-        key = tuple(a.dtype if isinstance(a, torch.Tensor) else a for a in args)
+        key = (*(a.dtype if isinstance(a, torch.Tensor) else a for a in args), torch.get_num_threads() > 1)
         compiled = self.compiled.get(key)
         if compiled is None:
             fn = self.fn

@@ -251,3 +251,12 @@ def test_each_specialization_compiles_on_its_own(kernel_calls):
         assert got is not None and _fused._disabled is None, dtype
         torch.testing.assert_close(got, F.silu(gate.float()).mul(up.float()).to(dtype), **_tolerance(dtype, got.float()))
     assert torch._dynamo.config.recompile_limit == 8
+    threads = torch.get_num_threads()
+    try:  # one thread and several are two specializations (a serial kernel has no OpenMP loop)
+        torch.set_num_threads(1)
+        kernel(gate, up)
+        torch.set_num_threads(2)
+        kernel(gate, up)
+    finally:
+        torch.set_num_threads(threads)
+    assert len(kernel.compiled) == 4 and {key[-1] for key in kernel.compiled} == {False, True}
