@@ -25,10 +25,15 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["ROW_WINDOW", "rows_mm", "rows_weight_grad", "windows_apply"]
+__all__ = ["ROW_WINDOW", "cpu_low_precision", "rows_mm", "rows_weight_grad", "windows_apply"]
 
 # Row granularity of the windows: oneDNN's bf16 kernels work in blocks of 16 or 32 rows.
 ROW_WINDOW = 32
+
+
+def cpu_low_precision(t: torch.Tensor) -> bool:
+    """Whether ``t`` is a bf16 or float16 tensor on CPU (oneDNN's matmuls, see :func:`windows_apply`)."""
+    return t.device.type == "cpu" and t.dtype in (torch.bfloat16, torch.float16)
 
 
 def windows_apply(t: torch.Tensor) -> bool:
@@ -39,7 +44,7 @@ def windows_apply(t: torch.Tensor) -> bool:
     each call: 10.98 against 10.94 ms with fixed ones), so windows would only add rows there.
     A compiled graph calls :func:`ep_fsdp.experts._grouped_mm_op`, which applies the same test.
     """
-    return t.device.type == "cpu" and t.dtype in (torch.bfloat16, torch.float16) and not torch.compiler.is_compiling()
+    return cpu_low_precision(t) and not torch.compiler.is_compiling()
 
 
 def _window(start: int, count: int, total: int) -> tuple[int, int] | None:

@@ -18,7 +18,7 @@ from torch.distributed.tensor import DTensor
 from . import _fused
 from ._blocks import row_blocks
 from ._padded_experts import batched_linears, pad_rows, padded_capacity, unpad_rows
-from ._row_windows import rows_mm, rows_weight_grad, windows_apply
+from ._row_windows import cpu_low_precision, rows_mm, rows_weight_grad, windows_apply
 from .config import MoEConfig
 
 __all__ = ["GroupedExperts", "SharedExperts", "grouped_linear", "swiglu", "use_grouped_mm"]
@@ -336,7 +336,7 @@ class GroupedExperts(nn.Module):
         Returns ``[N, D]`` (or ``[G*C, D]``, zero rows after each expert's) in x's dtype.
         """
         grouped, on_cpu_paths = self._on_cpu_paths(x)
-        if grouped and torch.compiler.is_compiling() and x.device.type == "cpu" and x.dtype in (torch.bfloat16, torch.float16):
+        if grouped and torch.compiler.is_compiling() and cpu_low_precision(x):
             return _experts_eagerly(self, x, counts, counts_host, capacity)  # NOTE: a graph break, see there
         if counts_host is None and (not grouped or on_cpu_paths):
             counts_host = counts.tolist()  # once for the three matmuls (on the CPU paths: no device sync)

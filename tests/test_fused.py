@@ -36,6 +36,15 @@ def kernel_calls(monkeypatch) -> Counter:
     return calls
 
 
+def _layer_step(layer: MoE, x0: torch.Tensor, grad: torch.Tensor) -> list[torch.Tensor]:
+    """One forward+backward of ``layer`` on a copy of ``x0``: output, input and parameter gradients."""
+    layer.zero_grad(set_to_none=True)
+    x = x0.clone().requires_grad_()
+    out = layer(x)
+    out.backward(grad)
+    return [out.detach(), x.grad] + [p.grad for p in layer.parameters()]
+
+
 def _tolerance(dtype: torch.dtype, want: torch.Tensor) -> dict[str, float]:
     eps = torch.finfo(dtype).eps
     return {"rtol": 4 * eps, "atol": 4 * eps * float(want.abs().max())}
@@ -181,19 +190,12 @@ def test_moe_layer_with_fused_kernels_equals_the_eager_layer(kernel_calls, monke
     x0 = torch.randn(2, 40, 32, dtype=dtype)
     grad = torch.randn_like(x0)
 
-    def run() -> list[torch.Tensor]:
-        layer.zero_grad(set_to_none=True)
-        x = x0.clone().requires_grad_()
-        out = layer(x)
-        out.backward(grad)
-        return [out.detach(), x.grad] + [p.grad for p in layer.parameters()]
-
-    fused = run()
+    fused = _layer_step(layer, x0, grad)
     assert set(kernel_calls) == {"_swiglu_forward", "_swiglu_backward", "_segment_sum", "_segment_sum_backward",
                                  "_softmax_forward", "_softmax_backward"}
     monkeypatch.setenv(_fused.ENV_SWITCH, "0")
     calls = sum(kernel_calls.values())
-    eager = run()
+    eager = _layer_step(layer, x0, grad)
     assert sum(kernel_calls.values()) == calls
     eps = torch.finfo(dtype).eps
     for got, want in zip(fused, eager):
@@ -212,20 +214,13 @@ def test_a_failed_compile_warns_once_and_the_eager_ops_run(kernel_calls, monkeyp
     layer = MoE(MoEConfig(dim=16, hidden_dim=32, num_experts=4, top_k=2))
     x, grad = torch.randn(30, 16), torch.randn(30, 16)
 
-    def run() -> list[torch.Tensor]:
-        layer.zero_grad(set_to_none=True)
-        xx = x.clone().requires_grad_()
-        out = layer(xx)
-        out.backward(grad)
-        return [out.detach(), xx.grad] + [p.grad for p in layer.parameters()]
-
     with pytest.warns(RuntimeWarning, match="could not build the fused CPU kernels") as caught:
-        first = run()
+        first = _layer_step(layer, x, grad)
     assert len([w for w in caught if "fused CPU kernels" in str(w.message)]) == 1
     assert "InvalidCxxCompiler" in _fused._disabled
     assert sum(kernel_calls.values()) == 1 and not _fused.fused_available(x, 10**9)
     monkeypatch.setenv(_fused.ENV_SWITCH, "0")
-    for got, want in zip(first, run()):
+    for got, want in zip(first, _layer_step(layer, x, grad)):
         assert torch.equal(got, want)
 
 

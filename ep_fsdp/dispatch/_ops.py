@@ -256,22 +256,20 @@ class _WeightedSegmentSum(torch.autograd.Function):
         want_w = ctx.has_weights and ctx.needs_input_grad[1]
         if not (want_w or ctx.needs_input_grad[0]):
             return None, None, None, None, None, None, None, None
+        # row i of y sits at position inverse[i], in that position's segment
+        row_segment = (inverse // seg.uniform if seg.uniform is not None
+                       else seg.expand(torch.arange(seg.num, device=grad.device), N).index_select(0, inverse))  # [N]
         if _fused.fused_available(y, N * D):
             # one fused pass on CPU over the rows of y: gather the segment's gradient, dot, scale
-            segment = (inverse // seg.uniform if seg.uniform is not None
-                       else seg.expand(torch.arange(seg.num, device=grad.device), N).index_select(0, inverse))  # [N]
             fused = _fused.segment_sum_backward(
-                grad, y, segment, inverse, weights if ctx.has_weights else None,
+                grad, y, row_segment, inverse, weights if ctx.has_weights else None,
                 want_rows=ctx.needs_input_grad[0], want_weights=want_w,
             )
             if fused is not None:
                 grad_y, per_row = fused
                 grad_w = per_row.index_select(0, order).to(weights.dtype) if per_row is not None else None  # [N] segment order
                 return _zeroed(grad_y, ctx.unused_rows), grad_w, None, None, None, None, None, None
-        position_segment = seg.expand(torch.arange(seg.num, device=grad.device), N)  # [N] segment of each position
-        row_segment = position_segment.index_select(0, inverse)  # [N] segment of each row of y
-        # NOTE: row i of y sits at position inverse[i]: one gather gives every row its segment's
-        # gradient, shared by both results. On CPU it runs over cache-sized blocks of rows, so
+        # NOTE: one gather by row_segment gives every row its segment's gradient, shared by both results. On CPU it runs over cache-sized blocks of rows, so
         # the gathered block is still in cache for the dot products and the scaling.
         need_y = ctx.needs_input_grad[0]
         row_weight = weights.index_select(0, inverse).to(acc) if ctx.has_weights and need_y else None  # [N]

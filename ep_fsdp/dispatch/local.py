@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .._row_windows import cpu_low_precision
 from ._ops import Segments, expert_counts, gather_rows, inverse_permutation, weighted_segment_sum
 from .base import DispatchHandle, DispatchResult, ExpertsFn, RunStats, TokenDispatcher, check_handle, flat_tokens
 
@@ -128,7 +129,7 @@ class LocalDispatcher(TokenDispatcher):
         block_capacity = getattr(experts, "block_capacity", None)
         if keep is not None or block_capacity is None:
             return super().run(tokens, expert_ids, weights, experts, keep=keep, in_flight=in_flight)
-        if torch.compiler.is_compiling() and tokens.device.type == "cpu" and tokens.dtype in (torch.bfloat16, torch.float16):
+        if torch.compiler.is_compiling() and cpu_low_precision(tokens):
             return _run_eagerly(self, tokens, expert_ids, weights, experts, in_flight)  # NOTE: a graph break, see there
         shape = tuple(tokens.shape)
         flat, ids, w = flat_tokens(tokens, expert_ids, weights)  # [T, D], [T, k], [T, k]
