@@ -372,3 +372,77 @@ def test_functional_collectives_and_one_host_copy_per_forward(pools, kind, group
         assert r["error"] is None, r["error"]
         assert r["forward"] == 1, r  # the size exchange's one copy, also on the loop path
         assert r["backward"] == 0, r
+
+
+def exchange_blocks_case(kind: str, case: str, chunks: int) -> dict:
+    """One bf16 dispatcher run (dispatch, GroupedExperts, combine) forward+backward twice: once
+    with the experts' padded blocks gathered by the exchange, once with the experts padding the
+    rows themselves; outputs and gradients of both, and the capacities the experts were given."""
+    import torch.distributed as dist
+
+    from dist_pool import worker_mesh
+    from ep_fsdp import _padded_experts as padded_mod
+    from ep_fsdp import experts as experts_mod
+    from ep_fsdp.config import MoEConfig
+
+    ep, E, k, D, H = 2, 6, 2, 16, 32
+    G = E // ep
+    group = worker_mesh(1, ep)["ep"].get_group()
+    rank = dist.get_rank()
+    g = torch.Generator().manual_seed(7 + rank)
+    T = 0 if case == "no_tokens_on_rank0" and rank == 0 else 29
+    first = G if case == "all_to_rank0_experts" else E - 1  # rank 1's experts receive no rows; or expert E-1 idle
+    ids = torch.stack([torch.randperm(first, generator=g)[:k] for _ in range(T)] or [torch.zeros(0, k, dtype=torch.long)])
+    ids = ids.reshape(T, k)  # [T, k]
+    x0 = torch.randn(T, D, generator=g).bfloat16()
+    w0 = torch.rand(T, k, generator=g)
+    grad = torch.randn(T, D, generator=g).bfloat16()
+    torch.manual_seed(3 + rank)
+    experts = experts_mod.GroupedExperts(MoEConfig(dim=D, hidden_dim=H, num_experts=G, top_k=k)).bfloat16()
+    cls = {"plain": AllToAllDispatcher, "dedup": DedupAllToAllDispatcher}[kind]
+    dispatcher = cls(ExpertPlacement.contiguous(E, ep), group, chunks=chunks)
+    capacities: list[int | None] = []
+    forward = experts.forward
+
+    def recording(rows, counts, counts_host=None, capacity=None):
+        capacities.append(capacity)
+        return forward(rows, counts, counts_host, capacity=capacity)
+
+    def run() -> list[torch.Tensor]:
+        experts.zero_grad(set_to_none=True)
+        x, w = x0.clone().requires_grad_(), w0.clone().requires_grad_()
+        out, _ = dispatcher.run(x, ids, w, experts)
+        out.backward(grad)
+        zero = torch.zeros_like
+        return [out.detach(), x.grad, w.grad] + [p.grad if p.grad is not None else zero(p) for p in (experts.w1, experts.w3, experts.w2)]
+
+    saved = padded_mod.MAX_PADDING
+    padded_mod.MAX_PADDING = 10.0  # pad these small uneven counts too
+    experts.forward = recording
+    try:
+        blocks = run()
+        block_capacities = list(capacities)
+        experts.block_capacity = lambda x, counts: None  # the experts pad the rows themselves
+        capacities.clear()
+        rows = run()
+    finally:
+        padded_mod.MAX_PADDING = saved
+    return {"blocks": blocks, "rows": rows, "block_capacities": block_capacities, "row_capacities": capacities}
+
+
+@pytest.mark.parametrize("kind", ["plain", "dedup"])
+@pytest.mark.parametrize("case,chunks", [("random", 1), ("random", 2), ("no_tokens_on_rank0", 2),
+                                         ("all_to_rank0_experts", 1)])
+def test_exchange_gathers_into_the_experts_padded_blocks(pools, kind, case, chunks):
+    """bf16 on CPU: the exchanges gather the arriving rows straight into the experts' zero-padded
+    blocks and send the results back from them: bitwise the results of the experts padding and
+    unpadding the rows themselves (outputs, token, gate-weight and expert gradients), including
+    an idle expert, a rank without tokens, a rank whose experts receive no rows, and chunks."""
+    for rank, r in enumerate(pools(2).run(exchange_blocks_case, kind, case, chunks)):
+        assert all(c is None for c in r["row_capacities"]), r["row_capacities"]
+        receives_rows = not (case == "all_to_rank0_experts" and rank == 1)
+        assert len(r["block_capacities"]) == chunks
+        assert any(c is not None for c in r["block_capacities"]) == receives_rows, r["block_capacities"]
+        for got, want in zip(r["blocks"], r["rows"]):
+            assert torch.equal(got, want)
+        assert any(torch.count_nonzero(t) for t in r["blocks"][3:]) == receives_rows

@@ -258,7 +258,7 @@ class _WeightedSegmentSum(torch.autograd.Function):
             return None, None, None, None, None, None, None, None
         # row i of y sits at position inverse[i], in that position's segment
         row_segment = (inverse // seg.uniform if seg.uniform is not None
-                       else seg.expand(torch.arange(seg.num, device=grad.device), N).index_select(0, inverse))  # [N]
+                       else seg.expand(torch.arange(seg.num, device=grad.device), order.shape[0]).index_select(0, inverse))  # [N]
         if _fused.fused_available(y, N * D):
             # one fused pass on CPU over the rows of y: gather the segment's gradient, dot, scale
             fused = _fused.segment_sum_backward(

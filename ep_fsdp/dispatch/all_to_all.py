@@ -16,9 +16,9 @@ import torch
 import torch.distributed as dist
 
 from ._comm import RowsInFlight
-from ._ops import Segments, gather_rows, inverse_permutation
-from .base import DispatchHandle, DispatchResult, ExchangeDispatcher, SizePlan, check_handle, flat_tokens
-from .local import SlotSort, combine_sorted, gather_sorted, sort_slots
+from ._ops import Segments, gather_rows, inverse_permutation, weighted_segment_sum
+from .base import DispatchHandle, DispatchResult, ExchangeDispatcher, ExpertsFn, SizePlan, check_handle, flat_tokens
+from .local import PaddedLayout, SlotSort, combine_sorted, experts_layout, gather_sorted, sort_slots
 
 __all__ = ["AllToAllDispatcher", "regroup_by_expert"]
 
@@ -45,6 +45,7 @@ class _AllToAllHandle(DispatchHandle):
     regroup: torch.Tensor | None = None  # [R]
     regroup_inverse: torch.Tensor | None = None  # [R]
     dropped: int = 0  # dropped slots, sorted last and not sent
+    blocks: PaddedLayout | None = None  # the experts' padded blocks, when they take them
 
 
 @dataclass
@@ -98,16 +99,29 @@ class AllToAllDispatcher(ExchangeDispatcher):
         )
         return _Issued(received, recv, handle)
 
-    def _arrive(self, pending: object) -> DispatchResult:
+    def _arrive(self, pending: object, experts: ExpertsFn | None) -> DispatchResult:
         p: _Issued = pending  # type: ignore[assignment]
         h = p.handle
         R = p.received.rows
-        rows = gather_rows(p.received.arrive(), h.regroup, h.regroup_inverse, Segments(R, uniform=1))  # [R, D]
-        return DispatchResult(rows.to(h.out_dtype), p.recv.sum(0), h)
+        counts = p.recv.sum(0)  # [G]
+        like = torch.empty((0, h.out_shape[-1]), dtype=h.out_dtype, device=counts.device)  # rows of the compute dtype
+        h.blocks = experts_layout(experts, like, counts, h.counts_host, h.regroup, h.regroup_inverse, h.regroup)
+        received = p.received.arrive()  # [R, D] in the wire dtype (waits for the rows)
+        if h.blocks is None:
+            rows = gather_rows(received, h.regroup, h.regroup_inverse, Segments(R, uniform=1))  # [R, D]
+            return DispatchResult(rows.to(h.out_dtype), counts, h)
+        h.capacity = h.blocks.capacity
+        rows = gather_rows(received, h.blocks.source, h.blocks.slot_row, Segments(R, uniform=1), h.blocks.padding)  # [G*C, D]
+        return DispatchResult(rows.to(h.out_dtype), counts, h)
 
     def _send_back(self, expert_out: torch.Tensor, handle: DispatchHandle) -> RowsInFlight:
         h = handle
         check_handle(h, _AllToAllHandle, type(self).__name__)
+        if h.blocks is not None:  # each received row's block row, read back in received order
+            R = h.blocks.slot_row.shape[0]
+            y_received = weighted_segment_sum(expert_out, None, h.blocks.slot_row, h.blocks.position, Segments(R, uniform=1),
+                                              self.wire(expert_out.dtype), unused_rows=h.blocks.padding)  # [R, D]
+            return self._send_rows(y_received, h.input_splits, h.output_splits)
         R = expert_out.shape[0]
         y = expert_out.to(self.wire(expert_out.dtype))  # [R, D]
         y_received = gather_rows(y, h.regroup_inverse, h.regroup, Segments(R, uniform=1))  # [R, D]

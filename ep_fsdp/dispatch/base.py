@@ -26,7 +26,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import NamedTuple
 
 import torch
@@ -37,10 +37,11 @@ from ._comm import RowsInFlight, exchange_sizes, send_rows
 
 __all__ = [
     "TokenDispatcher", "ExchangeDispatcher", "DispatchResult", "DispatchHandle", "RunStats", "ExpertsFn",
-    "flat_tokens", "check_handle",
+    "flat_tokens", "check_handle", "run_experts",
 ]
 
-# experts(rows [N, D], counts [G], counts_host list[int] | None) -> [N, D]
+# experts(rows [N, D], counts [G], counts_host list[int] | None) -> [N, D]; experts with a
+# ``block_capacity`` method also take ``capacity=C`` and rows in zero-padded blocks ([G*C, D] -> [G*C, D])
 ExpertsFn = Callable[[torch.Tensor, torch.Tensor, "list[int] | None"], torch.Tensor]
 
 
@@ -55,6 +56,8 @@ class DispatchHandle:
     out_dtype: torch.dtype
     counts_host: list[int] | None  # [G] rows per local expert on the host, when already known
     sent_bytes: int  # bytes this rank sends to other ranks in dispatch + combine
+    # C when the rows are the experts' zero-padded blocks of C rows per local slot (set by ``_arrive``)
+    capacity: int | None = field(default=None, init=False)
 
 
 class DispatchResult(NamedTuple):
@@ -175,7 +178,7 @@ class ExchangeDispatcher(TokenDispatcher):
         keep: torch.Tensor | None = None, in_flight: Callable[[], None] | None = None,
     ) -> DispatchResult:
         (pending,) = self._send_all([self._plan(tokens, expert_ids, weights, keep)], in_flight)
-        return self._arrive(pending)
+        return self._arrive(pending, None)
 
     def _send_all(self, plans: list[SizePlan], in_flight: Callable[[], None] | None) -> list[object]:
         """Exchange the sizes of every plan in one collective, bring every size the sends need to
@@ -214,7 +217,10 @@ class ExchangeDispatcher(TokenDispatcher):
         weight gradients sum their rows in another order. In the backward the transfers are
         issued asynchronously as well (see ``_comm._ReceiveRows``)."""
         if self.chunks == 1:
-            return super().run(tokens, expert_ids, weights, experts, keep=keep, in_flight=in_flight)
+            (pending,) = self._send_all([self._plan(tokens, expert_ids, weights, keep)], in_flight)
+            rows, counts, handle = self._arrive(pending, experts)
+            out = self.combine(run_experts(experts, rows, counts, handle), handle)
+            return out, RunStats(counts, handle.counts_host is not None, handle.sent_bytes)
         shape = tuple(tokens.shape)
         flat, ids, w = flat_tokens(tokens, expert_ids, weights)  # [T, D], [T, k], [T, k]
         parts = zip(flat.tensor_split(self.chunks), ids.tensor_split(self.chunks), w.tensor_split(self.chunks),
@@ -222,8 +228,8 @@ class ExchangeDispatcher(TokenDispatcher):
         issued = self._send_all([self._plan(*part) for part in parts], in_flight)
         back = []
         for pending in issued:  # NOTE: chunk i computes while chunks > i are still arriving
-            rows, counts, handle = self._arrive(pending)
-            back.append((self._send_back(experts(rows, counts, handle.counts_host), handle), handle, counts))
+            rows, counts, handle = self._arrive(pending, experts)
+            back.append((self._send_back(run_experts(experts, rows, counts, handle), handle), handle, counts))
         out = torch.cat([self._merge(returned, handle) for returned, handle, _ in back])  # [T, D]
         if out.shape != shape:
             # NOTE: a fresh tensor, not a reshaped view (FSDP2 warns about module outputs that are
@@ -250,8 +256,10 @@ class ExchangeDispatcher(TokenDispatcher):
         :meth:`_host_sizes`."""
 
     @abstractmethod
-    def _arrive(self, pending: object) -> DispatchResult:
-        """Wait for the rows of :meth:`_send` and group them by local slot."""
+    def _arrive(self, pending: object, experts: ExpertsFn | None) -> DispatchResult:
+        """Wait for the rows of :meth:`_send` and group them by local slot: into the zero-padded
+        blocks that ``experts`` take, when they take blocks for these counts (see
+        :func:`~ep_fsdp.dispatch.local.experts_layout`; the handle's ``capacity`` then says so)."""
 
     @abstractmethod
     def _send_back(self, expert_out: torch.Tensor, handle: DispatchHandle) -> object:
@@ -279,6 +287,13 @@ def check_wire_dtype(dtype: object, api: str, name: str = "dispatch_dtype") -> N
             f"{api}: {name} must be None or one of {list(WIRE_DTYPES)}, got {dtype!r}; "
             "use torch.bfloat16 to send activations and their gradients in half the bytes."
         )
+
+
+def run_experts(experts: ExpertsFn, rows: torch.Tensor, counts: torch.Tensor, handle: DispatchHandle) -> torch.Tensor:
+    """``experts(rows, counts, counts_host)``, with ``capacity=C`` when the rows are padded blocks."""
+    if handle.capacity is None:
+        return experts(rows, counts, handle.counts_host)
+    return experts(rows, counts, handle.counts_host, capacity=handle.capacity)  # type: ignore[call-arg]
 
 
 def flat_tokens(tokens: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor) -> tuple[torch.Tensor, ...]:
