@@ -50,7 +50,8 @@ def test_ep_layer_benchmark_prints_every_row_on_two_processes():
     expected = ["no exchange (E/ep local)", "EP, 1 chunk", "EP, 2 chunks", "EP, 4 chunks", "EP, row per expert",
                 "all-to-all alone, same bytes"]
     assert set(expected + ["EP, bf16 wire", "EP, bf16 wire, 2 chunks"]) <= set(f32), f32
-    assert set(expected) <= set(bf16), bf16
+    assert set(expected + ["EP, experts pad arrivals"]) <= set(bf16), bf16
+    assert bf16["EP, experts pad arrivals"][2] == bf16["EP, 1 chunk"][2]  # the same exchange
     for table in (f32, bf16):
         for name, (ms, ratio, mb, *_) in table.items():
             assert ms > 0 and ratio > 0, (name, table[name])

@@ -19,6 +19,9 @@ do the reference's work under EP too and the ratio is the exchange's own cost. R
 medians, the slowest rank per step):
 
 * ``EP`` with ``dispatch_chunks`` 1, 2 and 4, and ``dispatch_dtype=bfloat16`` (float32 compute);
+  in bf16 on CPU also ``EP, experts pad arrivals``: one chunk with the experts' ``block_capacity``
+  hidden, so the exchange hands them the arriving rows as they are and they pad them into their
+  blocks themselves (what the exchange's gather straight into the blocks saves);
   all with ``parallelize_moe``'s default exchange (a token sent at most once to each rank), and
   ``EP, row per expert`` with ``dedup_tokens=False`` (one row per (token, expert): more bytes,
   less index work and one message fewer);
@@ -50,6 +53,7 @@ from torch.profiler import ProfilerActivity, profile
 
 import ep_fsdp
 from bench_util import OneBlock, add_layer_args, shuffled_rounds
+from ep_fsdp._row_windows import cpu_low_precision
 from ep_fsdp.launch import exit_process
 from ep_fsdp.router import RouterOutput
 
@@ -177,6 +181,8 @@ def main() -> None:
                                      "EP, 4 chunks": {"dispatch_chunks": 4}}
         if k > 1:  # with top_k == 1 both exchanges are the same
             variants["EP, row per expert"] = {"dedup_tokens": False}
+        if cpu_low_precision(torch.empty(0, device=device, dtype=dtype)):
+            variants["EP, experts pad arrivals"] = {}
         if dtype == torch.float32:
             variants["EP, bf16 wire"] = {"dispatch_dtype": torch.bfloat16}
             variants["EP, bf16 wire, 2 chunks"] = {"dispatch_dtype": torch.bfloat16, "dispatch_chunks": 2}
@@ -185,6 +191,9 @@ def main() -> None:
             torch.manual_seed(0)
             model = OneBlock(ep_fsdp.MoE(cfg)).to(device=device, dtype=dtype)
             ep_fsdp.parallelize_moe(model, mesh, **options)
+            if key == "EP, experts pad arrivals":  # the exchange leaves the padding to the experts
+                for _, layer in ep_fsdp.moe_layers(model):
+                    layer.experts.block_capacity = lambda x, counts: None
             models[key] = model
         if args.balanced:
             for m in (reference, *models.values()):
