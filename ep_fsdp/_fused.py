@@ -160,16 +160,16 @@ def _ragged_segment_sum(
 
 
 def _segment_sum_backward(
-    grad: torch.Tensor, y: torch.Tensor, segment: torch.Tensor, position: torch.Tensor,
-    weights: torch.Tensor | None, want_rows: bool, want_weights: bool,
+    grad: torch.Tensor, y: torch.Tensor | None, segment: torch.Tensor, position: torch.Tensor,
+    weights: torch.Tensor | None, want_rows: bool, want_weights: bool, y_dtype: torch.dtype,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-    acc = _acc(y.dtype)
+    acc = _acc(y_dtype)
     row_grad = grad[segment].to(acc)  # [N, D] the gradient of each row's segment
     per_row = (row_grad * y.to(acc)).sum(1) if want_weights else None  # [N] <segment grad, row>
     grad_y = None
     if want_rows:
         scaled = row_grad * weights[position].to(acc).unsqueeze(1) if weights is not None else row_grad
-        grad_y = scaled.to(y.dtype)  # [N, D]
+        grad_y = scaled.to(y_dtype)  # [N, D]
     return grad_y, per_row
 
 
@@ -232,12 +232,13 @@ def ragged_segment_sum(
 
 
 def segment_sum_backward(
-    grad: torch.Tensor, y: torch.Tensor, segment: torch.Tensor, position: torch.Tensor,
-    weights: torch.Tensor | None, *, want_rows: bool, want_weights: bool,
+    grad: torch.Tensor, y: torch.Tensor | None, segment: torch.Tensor, position: torch.Tensor,
+    weights: torch.Tensor | None, *, want_rows: bool, want_weights: bool, y_dtype: torch.dtype,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None] | None:
-    """The backward of a weighted segment sum by rows of ``y [N, D]``: row ``i`` sits at
-    position ``position[i]`` (its weight ``weights[position[i]]``) of segment ``segment[i]``.
-    Returns ``grad_y [N, D]`` (its segment's gradient times its weight, in y's dtype; when
-    ``want_rows``) and ``per_row [N]`` (float32 dot product of its segment's gradient with the
-    row, the weight's gradient; when ``want_weights``), or ``None`` when the kernel cannot run."""
-    return _SEGMENT_SUM_BACKWARD(grad.contiguous(), y, segment, position, weights, want_rows, want_weights)
+    """The backward of a weighted segment sum by rows of ``y [N, D]`` (dtype ``y_dtype``): row
+    ``i`` sits at position ``position[i]`` (its weight ``weights[position[i]]``) of segment
+    ``segment[i]``. Returns ``grad_y [N, D]`` (its segment's gradient times its weight, in
+    ``y_dtype``; when ``want_rows``) and ``per_row [N]`` (float32 dot product of its segment's
+    gradient with the row, the weight's gradient; when ``want_weights``, which needs ``y``; else
+    ``y`` may be ``None``), or ``None`` when the kernel cannot run."""
+    return _SEGMENT_SUM_BACKWARD(grad.contiguous(), y, segment, position, weights, want_rows, want_weights, y_dtype)

@@ -63,6 +63,23 @@ def test_bf16_rows_are_summed_in_float32():
     assert abs(float(out) - expected) < 256 * 2.0**-24 * expected
 
 
+def test_weighted_segment_sum_keeps_its_input_only_for_the_weights_gradient():
+    """Without weights the backward is a gather of the output gradient: no copy of ``y`` is kept
+    (the plain exchange's return and the deduplicated exchange's merge); with weights ``y`` is
+    kept for their gradient."""
+    order = torch.tensor([2, 0, 1, 5, 3, 4])
+    inverse = torch.argsort(order)
+    for weights in (None, torch.rand(6, requires_grad=True)):
+        y = torch.randn(6, 4, requires_grad=True)
+        saved: list[torch.Tensor] = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+            out = weighted_segment_sum(y, weights, order, inverse, Segments(3, uniform=2))  # [3, 4]
+        assert any(t is y for t in saved) == (weights is not None)
+        out.backward(torch.ones_like(out))
+        w = torch.ones(6) if weights is None else weights.detach()
+        torch.testing.assert_close(y.grad, w[inverse].unsqueeze(1).expand(6, 4))
+
+
 def test_weighted_segment_sum_uneven_segments_and_gradients():
     y = torch.tensor([[1.0], [2.0], [3.0], [4.0]], requires_grad=True)
     order = torch.tensor([2, 0, 3, 1])  # segment order: y2, y0 | (empty) | y3, y1
@@ -374,13 +391,15 @@ def test_functional_collectives_and_one_host_copy_per_forward(pools, kind, group
         assert r["backward"] == 0, r
 
 
-def exchange_blocks_case(kind: str, case: str, chunks: int) -> dict:
+def exchange_blocks_case(kind: str, case: str, chunks: int, fused: bool = False, wire: torch.dtype | None = None) -> dict:
     """One bf16 dispatcher run (dispatch, GroupedExperts, combine) forward+backward twice: once
     with the experts' padded blocks gathered by the exchange, once with the experts padding the
-    rows themselves; outputs and gradients of both, and the capacities the experts were given."""
+    rows themselves; outputs and gradients of both, and the capacities the experts were given.
+    ``fused``: with the fused CPU kernels (from one element); ``wire``: the exchange's wire dtype."""
     import torch.distributed as dist
 
     from dist_pool import worker_mesh
+    from ep_fsdp import _fused
     from ep_fsdp import _padded_experts as padded_mod
     from ep_fsdp import experts as experts_mod
     from ep_fsdp.config import MoEConfig
@@ -397,10 +416,11 @@ def exchange_blocks_case(kind: str, case: str, chunks: int) -> dict:
     x0 = torch.randn(T, D, generator=g).bfloat16()
     w0 = torch.rand(T, k, generator=g)
     grad = torch.randn(T, D, generator=g).bfloat16()
+    keep = torch.rand(T, k, generator=g) > 0.25 if case == "dropped_slots" else None  # [T, k]
     torch.manual_seed(3 + rank)
     experts = experts_mod.GroupedExperts(MoEConfig(dim=D, hidden_dim=H, num_experts=G, top_k=k)).bfloat16()
     cls = {"plain": AllToAllDispatcher, "dedup": DedupAllToAllDispatcher}[kind]
-    dispatcher = cls(ExpertPlacement.contiguous(E, ep), group, chunks=chunks)
+    dispatcher = cls(ExpertPlacement.contiguous(E, ep), group, chunks=chunks, wire_dtype=wire)
     capacities: list[int | None] = []
     forward = experts.forward
 
@@ -411,13 +431,15 @@ def exchange_blocks_case(kind: str, case: str, chunks: int) -> dict:
     def run() -> list[torch.Tensor]:
         experts.zero_grad(set_to_none=True)
         x, w = x0.clone().requires_grad_(), w0.clone().requires_grad_()
-        out, _ = dispatcher.run(x, ids, w, experts)
+        out, _ = dispatcher.run(x, ids, w, experts, keep=keep)
         out.backward(grad)
         zero = torch.zeros_like
         return [out.detach(), x.grad, w.grad] + [p.grad if p.grad is not None else zero(p) for p in (experts.w1, experts.w3, experts.w2)]
 
-    saved = padded_mod.MAX_PADDING
+    saved = padded_mod.MAX_PADDING, _fused.FUSED_MIN_ELEMENTS
     padded_mod.MAX_PADDING = 10.0  # pad these small uneven counts too
+    if fused:
+        _fused.FUSED_MIN_ELEMENTS = 1
     experts.forward = recording
     try:
         blocks = run()
@@ -426,19 +448,23 @@ def exchange_blocks_case(kind: str, case: str, chunks: int) -> dict:
         capacities.clear()
         rows = run()
     finally:
-        padded_mod.MAX_PADDING = saved
+        padded_mod.MAX_PADDING, _fused.FUSED_MIN_ELEMENTS = saved
     return {"blocks": blocks, "rows": rows, "block_capacities": block_capacities, "row_capacities": capacities}
 
 
 @pytest.mark.parametrize("kind", ["plain", "dedup"])
-@pytest.mark.parametrize("case,chunks", [("random", 1), ("random", 2), ("no_tokens_on_rank0", 2),
-                                         ("all_to_rank0_experts", 1)])
-def test_exchange_gathers_into_the_experts_padded_blocks(pools, kind, case, chunks):
+@pytest.mark.parametrize("case,chunks,options", [
+    ("random", 1, {}), ("random", 2, {}), ("no_tokens_on_rank0", 2, {}), ("all_to_rank0_experts", 1, {}),
+    ("dropped_slots", 1, {}), ("random", 1, {"fused": True}), ("random", 2, {"wire": torch.float32}),
+], ids=["random", "2-chunks", "no-tokens-on-rank0", "all-to-rank0-experts", "dropped-slots", "fused-kernels",
+        "float32-wire"])
+def test_exchange_gathers_into_the_experts_padded_blocks(pools, kind, case, chunks, options):
     """bf16 on CPU: the exchanges gather the arriving rows straight into the experts' zero-padded
     blocks and send the results back from them: bitwise the results of the experts padding and
     unpadding the rows themselves (outputs, token, gate-weight and expert gradients), including
-    an idle expert, a rank without tokens, a rank whose experts receive no rows, and chunks."""
-    for rank, r in enumerate(pools(2).run(exchange_blocks_case, kind, case, chunks)):
+    an idle expert, a rank without tokens, a rank whose experts receive no rows, chunks, dropped
+    slots, the fused CPU kernels and a float32 wire."""
+    for rank, r in enumerate(pools(2).run(exchange_blocks_case, kind, case, chunks, **options)):
         assert all(c is None for c in r["row_capacities"]), r["row_capacities"]
         receives_rows = not (case == "all_to_rank0_experts" and rank == 1)
         assert len(r["block_capacities"]) == chunks

@@ -220,7 +220,8 @@ class _WeightedSegmentSum(torch.autograd.Function):
     """``out[r] = sum_{j in segment r} w[j] * y[order[j]]`` accumulated in float32 (or float64).
 
     ``order`` is a permutation of ``y``'s rows that makes the segments contiguous; ``inverse`` is
-    its inverse. Saves ``y`` in its own dtype (needed for the gate-weight gradient) and the indices.
+    its inverse. Saves the indices, and ``y`` in its own dtype when there are weights (the gate-weight
+    gradient needs it; without weights the backward is a gather of the output gradient).
     """
 
     @staticmethod
@@ -236,7 +237,7 @@ class _WeightedSegmentSum(torch.autograd.Function):
         unused_rows: list[tuple[int, int]] | None,
     ) -> torch.Tensor:
         ctx.has_weights, ctx.y_dtype, ctx.unused_rows = weights is not None, y.dtype, unused_rows
-        ctx.save_for_backward(y, weights if weights is not None else y.new_empty(0), order, inverse, *seg.save(ctx))
+        ctx.save_for_backward(y if weights is not None else None, weights, order, inverse, *seg.save(ctx))
         if out_shape is None:
             return ordered_segment_sum(y, order, seg, weights, out_dtype=out_dtype)  # [R, D] summed in float32
         # NOTE: written into a fresh tensor of the caller's shape, not returned as a reshaped view
@@ -250,8 +251,8 @@ class _WeightedSegmentSum(torch.autograd.Function):
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[Any, ...]:
         y, weights, order, inverse, *seg_saved = ctx.saved_tensors
         seg = Segments.restore(ctx, tuple(seg_saved), order.shape[0])
-        acc = accumulation_dtype(y.dtype)
-        N, D = y.shape
+        acc = accumulation_dtype(ctx.y_dtype)
+        N, D = inverse.shape[0], grad.shape[-1]  # y's rows (padding included) and width
         grad = grad.reshape(-1, D)  # [R, D] in the output's dtype, widened per block below
         want_w = ctx.has_weights and ctx.needs_input_grad[1]
         if not (want_w or ctx.needs_input_grad[0]):
@@ -259,11 +260,11 @@ class _WeightedSegmentSum(torch.autograd.Function):
         # row i of y sits at position inverse[i], in that position's segment
         row_segment = (inverse // seg.uniform if seg.uniform is not None
                        else seg.expand(torch.arange(seg.num, device=grad.device), order.shape[0]).index_select(0, inverse))  # [N]
-        if _fused.fused_available(y, N * D):
+        if _fused.fused_available(grad, N * D):
             # one fused pass on CPU over the rows of y: gather the segment's gradient, dot, scale
             fused = _fused.segment_sum_backward(
-                grad, y, row_segment, inverse, weights if ctx.has_weights else None,
-                want_rows=ctx.needs_input_grad[0], want_weights=want_w,
+                grad, y, row_segment, inverse, weights, want_rows=ctx.needs_input_grad[0], want_weights=want_w,
+                y_dtype=ctx.y_dtype,
             )
             if fused is not None:
                 grad_y, per_row = fused
@@ -274,8 +275,8 @@ class _WeightedSegmentSum(torch.autograd.Function):
         need_y = ctx.needs_input_grad[0]
         row_weight = weights.index_select(0, inverse).to(acc) if ctx.has_weights and need_y else None  # [N]
         per_row = grad.new_empty(N, dtype=acc) if want_w else None  # [N] gate-weight gradient in y's row order
-        grad_y = y.new_empty((N, D), dtype=ctx.y_dtype) if need_y else None  # [N, D]
-        for s, e in row_blocks(N, y.device, D * acc.itemsize):
+        grad_y = grad.new_empty((N, D), dtype=ctx.y_dtype) if need_y else None  # [N, D]
+        for s, e in row_blocks(N, grad.device, D * acc.itemsize):
             row_grad = grad.index_select(0, row_segment[s:e]).to(acc)  # [b, D] each row's segment gradient
             if per_row is not None:  # b dot products: the products in acc (y widened on the fly), summed per row
                 # NOTE: one batched mat-vec (bmm of [b, 1, D] x [b, D, 1]) took ~30% longer here
