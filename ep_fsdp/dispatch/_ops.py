@@ -25,7 +25,8 @@ from torch.autograd.function import once_differentiable
 from .. import _fused
 from .._blocks import row_blocks
 
-__all__ = ["Segments", "ordered_segment_sum", "gather_rows", "weighted_segment_sum", "inverse_permutation", "expert_counts"]
+__all__ = ["Segments", "ordered_segment_sum", "gather_rows", "weighted_segment_sum", "inverse_permutation", "expert_counts",
+           "PaddedLayout", "padded_layout"]
 
 
 @dataclass
@@ -177,6 +178,40 @@ def expert_counts(ids: torch.Tensor, num_bins: int) -> torch.Tensor:
     return torch.zeros(num_bins, dtype=torch.long, device=flat.device).scatter_add_(0, flat, torch.ones_like(flat))
 
 
+@dataclass
+class PaddedLayout:
+    """Rows sorted by local slot placed in ``G`` blocks of ``capacity`` rows: slot ``g``'s ``m_g``
+    rows first in block ``g``, zero rows after them (padding), ``[G*C, D]`` in all."""
+
+    capacity: int  # C
+    counts_host: list[int]  # [G] rows of each slot
+    source: torch.Tensor  # [G*C] source row each block row copies (0 for padding rows)
+    position: torch.Tensor  # [G*C] input position (slot) of each block row (0 for padding rows)
+    slot_row: torch.Tensor  # [S] block row of each input position
+    padding: list[tuple[int, int]]  # [start, end) block rows that are padding
+
+
+def padded_layout(
+    order: torch.Tensor, inverse: torch.Tensor, source: torch.Tensor, counts: torch.Tensor, counts_host: list[int],
+    capacity: int,
+) -> PaddedLayout:
+    """Where ``S`` rows sorted by local slot go in blocks of ``capacity`` rows.
+
+    ``order [S]``: the input position of the ``i``-th sorted row (``inverse``: its inverse);
+    ``source [S]``: the row of the gathered tensor that the ``i``-th sorted row copies;
+    ``counts [G]`` rows per local slot (``counts_host``: the same on the host, summing to ``S``).
+    """
+    G, S = len(counts_host), order.shape[0]
+    device = order.device
+    starts = torch.cumsum(counts, 0) - counts  # [G] first sorted row of each slot
+    shift = torch.arange(G, device=device) * capacity - starts  # [G] block row - sorted row, per slot
+    row = torch.arange(S, device=device) + shift.repeat_interleave(counts, output_size=S)  # [S] block row of sorted row i
+    source_rows = torch.zeros(G * capacity, dtype=torch.long, device=device).index_copy_(0, row, source)
+    position = torch.zeros(G * capacity, dtype=torch.long, device=device).index_copy_(0, row, order)
+    padding = [(g * capacity + m, (g + 1) * capacity) for g, m in enumerate(counts_host) if m < capacity]
+    return PaddedLayout(capacity, counts_host, source_rows, position, row.index_select(0, inverse), padding)
+
+
 class _GatherRows(torch.autograd.Function):
     """``x[index]`` whose backward sums the copies of each source row deterministically.
 
@@ -190,10 +225,7 @@ class _GatherRows(torch.autograd.Function):
         zero_rows: list[tuple[int, int]] | None,
     ) -> torch.Tensor:
         ctx.save_for_backward(back_order, *back_seg.save(ctx))
-        out = x.index_select(0, index)  # [N, D]
-        for start, end in zero_rows or ():
-            out[start:end].zero_()
-        return out
+        return _zeroed(x.index_select(0, index), zero_rows)  # [N, D]
 
     @staticmethod
     @once_differentiable

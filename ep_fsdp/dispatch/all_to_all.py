@@ -18,7 +18,7 @@ import torch.distributed as dist
 from ._comm import RowsInFlight
 from ._ops import Segments, gather_rows, inverse_permutation, weighted_segment_sum
 from .base import DispatchHandle, DispatchResult, ExchangeDispatcher, ExpertsFn, SizePlan, check_handle, flat_tokens
-from .local import PaddedLayout, SlotSort, combine_sorted, experts_layout, gather_sorted, sort_slots
+from .local import SlotSort, combine_sorted, experts_layout, gather_sorted, sort_slots
 
 __all__ = ["AllToAllDispatcher", "regroup_by_expert"]
 
@@ -45,7 +45,6 @@ class _AllToAllHandle(DispatchHandle):
     regroup: torch.Tensor | None = None  # [R]
     regroup_inverse: torch.Tensor | None = None  # [R]
     dropped: int = 0  # dropped slots, sorted last and not sent
-    blocks: PaddedLayout | None = None  # the experts' padded blocks, when they take them
 
 
 @dataclass
@@ -104,13 +103,11 @@ class AllToAllDispatcher(ExchangeDispatcher):
         h = p.handle
         R = p.received.rows
         counts = p.recv.sum(0)  # [G]
-        like = torch.empty((0, h.out_shape[-1]), dtype=h.out_dtype, device=counts.device)  # rows of the compute dtype
-        h.blocks = experts_layout(experts, like, counts, h.counts_host, h.regroup, h.regroup_inverse, h.regroup)
+        h.blocks = experts_layout(experts, h.out_dtype, counts, h.counts_host, h.regroup, h.regroup_inverse, h.regroup)
         received = p.received.arrive()  # [R, D] in the wire dtype (waits for the rows)
         if h.blocks is None:
             rows = gather_rows(received, h.regroup, h.regroup_inverse, Segments(R, uniform=1))  # [R, D]
             return DispatchResult(rows.to(h.out_dtype), counts, h)
-        h.capacity = h.blocks.capacity
         rows = gather_rows(received, h.blocks.source, h.blocks.slot_row, Segments(R, uniform=1), h.blocks.padding)  # [G*C, D]
         return DispatchResult(rows.to(h.out_dtype), counts, h)
 

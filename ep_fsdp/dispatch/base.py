@@ -34,6 +34,7 @@ import torch.distributed as dist
 
 from ..placement import ExpertPlacement
 from ._comm import RowsInFlight, exchange_sizes, send_rows
+from ._ops import PaddedLayout
 
 __all__ = [
     "TokenDispatcher", "ExchangeDispatcher", "DispatchResult", "DispatchHandle", "RunStats", "ExpertsFn",
@@ -56,8 +57,8 @@ class DispatchHandle:
     out_dtype: torch.dtype
     counts_host: list[int] | None  # [G] rows per local expert on the host, when already known
     sent_bytes: int  # bytes this rank sends to other ranks in dispatch + combine
-    # C when the rows are the experts' zero-padded blocks of C rows per local slot (set by ``_arrive``)
-    capacity: int | None = field(default=None, init=False)
+    # the experts' zero-padded blocks when the rows are those (set by an exchange's ``_arrive``)
+    blocks: PaddedLayout | None = field(default=None, init=False)
 
 
 class DispatchResult(NamedTuple):
@@ -259,7 +260,7 @@ class ExchangeDispatcher(TokenDispatcher):
     def _arrive(self, pending: object, experts: ExpertsFn | None) -> DispatchResult:
         """Wait for the rows of :meth:`_send` and group them by local slot: into the zero-padded
         blocks that ``experts`` take, when they take blocks for these counts (see
-        :func:`~ep_fsdp.dispatch.local.experts_layout`; the handle's ``capacity`` then says so)."""
+        :func:`~ep_fsdp.dispatch.local.experts_layout`; the handle's ``blocks`` then say so)."""
 
     @abstractmethod
     def _send_back(self, expert_out: torch.Tensor, handle: DispatchHandle) -> object:
@@ -291,9 +292,9 @@ def check_wire_dtype(dtype: object, api: str, name: str = "dispatch_dtype") -> N
 
 def run_experts(experts: ExpertsFn, rows: torch.Tensor, counts: torch.Tensor, handle: DispatchHandle) -> torch.Tensor:
     """``experts(rows, counts, counts_host)``, with ``capacity=C`` when the rows are padded blocks."""
-    if handle.capacity is None:
+    if handle.blocks is None:
         return experts(rows, counts, handle.counts_host)
-    return experts(rows, counts, handle.counts_host, capacity=handle.capacity)  # type: ignore[call-arg]
+    return experts(rows, counts, handle.counts_host, capacity=handle.blocks.capacity)  # type: ignore[call-arg]
 
 
 def flat_tokens(tokens: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor) -> tuple[torch.Tensor, ...]:

@@ -25,7 +25,7 @@ import torch.distributed as dist
 from ._comm import RowsInFlight, exchange_records
 from ._ops import Segments, expert_counts, gather_rows, inverse_permutation, weighted_segment_sum
 from .base import DispatchHandle, DispatchResult, ExchangeDispatcher, ExpertsFn, SizePlan, check_handle, flat_tokens
-from .local import PaddedLayout, experts_layout
+from .local import experts_layout
 
 __all__ = ["DedupAllToAllDispatcher"]
 
@@ -43,7 +43,6 @@ class _DedupHandle(DispatchHandle):
     group_order: torch.Tensor | None = None  # [Sr] arrival slot of each expert-ordered slot
     group_inverse: torch.Tensor | None = None  # [Sr]
     slots_per_row: torch.Tensor | None = None  # [R]
-    blocks: PaddedLayout | None = None  # the experts' padded blocks, when they take them
 
 
 @dataclass
@@ -148,13 +147,11 @@ class DedupAllToAllDispatcher(ExchangeDispatcher):
         h.weights_in = p.weights_in
         counts = p.slots_recv.sum(0)  # [G]
         source = row_abs[h.group_order]  # [Sr] received row of each expert-ordered slot
-        like = torch.empty((0, h.out_shape[-1]), dtype=h.out_dtype, device=device)  # rows of the compute dtype
-        h.blocks = experts_layout(experts, like, counts, h.counts_host, h.group_order, h.group_inverse, source)
+        h.blocks = experts_layout(experts, h.out_dtype, counts, h.counts_host, h.group_order, h.group_inverse, source)
         per_row = Segments(R, lengths=h.slots_per_row)
         rows_in = p.rows_in.arrive().to(h.out_dtype)  # [R, D] back in the compute dtype (waits for the rows)
         if h.blocks is None:
             return DispatchResult(gather_rows(rows_in, source, h.group_inverse, per_row), counts, h)  # [Sr, D]
-        h.capacity = h.blocks.capacity
         x = gather_rows(rows_in, h.blocks.source, h.blocks.slot_row, per_row, h.blocks.padding)  # [G*C, D]
         return DispatchResult(x, counts, h)
 

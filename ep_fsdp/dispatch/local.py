@@ -11,10 +11,10 @@ from dataclasses import dataclass
 import torch
 
 from .._row_windows import cpu_low_precision
-from ._ops import Segments, expert_counts, gather_rows, inverse_permutation, weighted_segment_sum
+from ._ops import PaddedLayout, Segments, expert_counts, gather_rows, inverse_permutation, padded_layout, weighted_segment_sum
 from .base import DispatchHandle, DispatchResult, ExpertsFn, RunStats, TokenDispatcher, check_handle, flat_tokens
 
-__all__ = ["LocalDispatcher", "PaddedLayout", "SlotSort", "experts_layout", "padded_layout", "sort_slots"]
+__all__ = ["LocalDispatcher", "SlotSort", "experts_layout", "sort_slots"]
 
 
 @dataclass
@@ -55,54 +55,22 @@ def combine_sorted(
     )
 
 
-@dataclass
-class PaddedLayout:
-    """Rows sorted by local slot placed in ``G`` blocks of ``capacity`` rows: slot ``g``'s ``m_g``
-    rows first in block ``g``, zero rows after them (padding), ``[G*C, D]`` in all."""
-
-    capacity: int  # C
-    counts_host: list[int]  # [G] rows of each slot
-    source: torch.Tensor  # [G*C] source row each block row copies (0 for padding rows)
-    position: torch.Tensor  # [G*C] input position (slot) of each block row (0 for padding rows)
-    slot_row: torch.Tensor  # [S] block row of each input position
-    padding: list[tuple[int, int]]  # [start, end) block rows that are padding
-
-
-def padded_layout(
-    order: torch.Tensor, inverse: torch.Tensor, source: torch.Tensor, counts: torch.Tensor, counts_host: list[int],
-    capacity: int,
-) -> PaddedLayout:
-    """Where ``S`` rows sorted by local slot go in blocks of ``capacity`` rows.
-
-    ``order [S]``: the input position of the ``i``-th sorted row (``inverse``: its inverse);
-    ``source [S]``: the row of the gathered tensor that the ``i``-th sorted row copies;
-    ``counts [G]`` rows per local slot (``counts_host``: the same on the host, summing to ``S``).
-    """
-    G, S = len(counts_host), order.shape[0]
-    device = order.device
-    starts = torch.cumsum(counts, 0) - counts  # [G] first sorted row of each slot
-    shift = torch.arange(G, device=device) * capacity - starts  # [G] block row - sorted row, per slot
-    row = torch.arange(S, device=device) + shift.repeat_interleave(counts, output_size=S)  # [S] block row of sorted row i
-    source_rows = torch.zeros(G * capacity, dtype=torch.long, device=device).index_copy_(0, row, source)
-    position = torch.zeros(G * capacity, dtype=torch.long, device=device).index_copy_(0, row, order)
-    padding = [(g * capacity + m, (g + 1) * capacity) for g, m in enumerate(counts_host) if m < capacity]
-    return PaddedLayout(capacity, counts_host, source_rows, position, row.index_select(0, inverse), padding)
-
-
 def experts_layout(
-    experts: ExpertsFn, x: torch.Tensor, counts: torch.Tensor, counts_host: list[int] | None,
+    experts: ExpertsFn, dtype: torch.dtype, counts: torch.Tensor, counts_host: list[int] | None,
     order: torch.Tensor, inverse: torch.Tensor, source: torch.Tensor,
 ) -> PaddedLayout | None:
-    """The :class:`PaddedLayout` in which ``experts`` take rows like ``x`` with these ``[G]``
-    counts (their ``block_capacity``, see :meth:`ep_fsdp.experts.GroupedExperts.block_capacity`),
-    or ``None`` when they take the sorted rows as they are. Arguments as in :func:`padded_layout`.
+    """The :class:`~ep_fsdp.dispatch._ops.PaddedLayout` in which ``experts`` take rows of
+    ``dtype`` with these ``[G]`` counts (their ``block_capacity``, see
+    :meth:`ep_fsdp.experts.GroupedExperts.block_capacity`), or ``None`` when they take the sorted
+    rows as they are. Other arguments as in :func:`~ep_fsdp.dispatch._ops.padded_layout`.
 
     NOTE: never while compiling: the capacity is a host value (the experts pad behind their own
     graph break there)."""
     block_capacity = getattr(experts, "block_capacity", None)
     if block_capacity is None or torch.compiler.is_compiling():
         return None
-    blocks = block_capacity(x, counts)  # (C, counts on the host) or None
+    like = torch.empty(0, dtype=dtype, device=counts.device)  # what block_capacity reads of the rows: dtype, device
+    blocks = block_capacity(like, counts)  # (C, counts on the host) or None
     if blocks is None or sum(blocks[1]) != order.shape[0]:  # (a slot marked dropped: not in the blocks)
         return None
     capacity, host = blocks
@@ -161,7 +129,7 @@ class LocalDispatcher(TokenDispatcher):
         shape = tuple(tokens.shape)
         flat, ids, w = flat_tokens(tokens, expert_ids, weights)  # [T, D], [T, k], [T, k]
         sort = sort_slots(self.placement.to_physical(ids), self.placement.num_experts)
-        layout = experts_layout(experts, flat, sort.counts, None, sort.sort_idx, sort.inverse, sort.sort_idx // sort.top_k)
+        layout = experts_layout(experts, flat.dtype, sort.counts, None, sort.sort_idx, sort.inverse, sort.sort_idx // sort.top_k)
         if layout is None:
             rows, counts, handle = self._dispatch_sorted(shape, flat, w, sort, None, in_flight)
             return self.combine(experts(rows, counts, handle.counts_host), handle), RunStats(counts, False, 0)
